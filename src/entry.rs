@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use crate::types::{Epoch, EntryKind, Seq};
+use crate::types::{EntryKind, Epoch, Seq};
 
 /// One entry of a space's log.
 ///
@@ -49,10 +49,7 @@ pub fn entry_crc(seq: Seq, epoch: Epoch, timestamp_us: u64, kind: EntryKind, pay
 
 /// Current wall-clock time in microseconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 /// The per-space log digest: a 64-bit fingerprint chained over `(seq, kind, payload)` of every entry in

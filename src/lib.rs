@@ -32,4 +32,4 @@ pub mod types;
 pub mod wal;
 
 pub use entry::{Entry, LogDigest};
-pub use types::{Epoch, EntryKind, NodeId, Seq, SpaceId};
+pub use types::{EntryKind, Epoch, NodeId, Seq, SpaceId};

@@ -38,9 +38,8 @@ impl SpaceId {
         if s.len() > MAX_SPACE_ID_LEN {
             return Err(SpaceIdError::TooLong(s.len()));
         }
-        if let Some((i, c)) = s
-            .char_indices()
-            .find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        if let Some((i, c)) =
+            s.char_indices().find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
         {
             return Err(SpaceIdError::BadChar(c, i));
         }

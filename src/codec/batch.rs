@@ -1,0 +1,536 @@
+//! The batch frame: the unit a primary ships on a space's data stream and a replica validates before
+//! it persists.
+//!
+//! ```text
+//! header (64 bytes, little-endian)
+//!   0  magic u32 "WSB1"     4 version u8      5 codec u8         6 flags u16
+//!   8  primary node id u64 16 epoch u64      24 start seq u64
+//!  32  entry count u32     36 space tag u32  40 uncompressed len u32
+//!  44  payload len u32     48 payload crc32c u32
+//!  52  reserved (zero) 8 bytes               60 header crc32c u32 (over bytes 0..60)
+//! payload (payload len bytes, compressed with `codec`), which uncompresses to `count` entries:
+//!   timestamp_us u64 | kind u8 | len u32 | entry crc32c u32 | bytes[len]
+//! ```
+//! An entry's sequence is `start seq + its index`; its epoch is the batch's. The entry crc is the one
+//! the primary's WAL computed ([`crate::entry::entry_crc`]), so a replica verifies every entry on its own.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::compression::{Codec, Compression, Compressor, Decompressor, DEFAULT_MIN_COMPRESS_BYTES};
+use super::error::{DecodeError, EncodeError};
+use super::PROTOCOL_VERSION;
+use crate::entry::Entry;
+use crate::types::{Epoch, NodeId, Seq, SpaceId};
+
+/// `"WSB1"` read as a little-endian u32.
+pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"WSB1");
+/// Size of the fixed batch header.
+pub const BATCH_HEADER_LEN: usize = 64;
+/// Size of an entry's header inside the payload.
+pub const ENTRY_HEADER_LEN: usize = 17;
+/// Flag: a codec was configured but the batch went uncompressed (too small, or not smaller compressed).
+pub const FLAG_COMPRESSION_SKIPPED: u16 = 1;
+const KNOWN_FLAGS: u16 = FLAG_COMPRESSION_SKIPPED;
+
+/// Default bound on a batch's uncompressed payload: large enough for big catch-up batches, small
+/// enough that a hostile header cannot make a replica allocate much.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// Bounds a decoder enforces before it allocates anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameLimits {
+    /// Largest uncompressed payload accepted (and, since compression never grows a sent payload, the
+    /// largest payload on the wire).
+    pub max_batch_bytes: usize,
+}
+
+impl Default for FrameLimits {
+    fn default() -> Self {
+        FrameLimits { max_batch_bytes: DEFAULT_MAX_BATCH_BYTES }
+    }
+}
+
+/// A space id's 32-bit tag in batch headers, so a batch delivered to the wrong space is refused.
+pub fn space_tag(space: &SpaceId) -> u32 {
+    crc32c::crc32c(space.as_str().as_bytes())
+}
+
+/// The decoded fixed header of a batch frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchHeader {
+    /// Protocol version of the frame.
+    pub version: u8,
+    /// How the payload is compressed.
+    pub codec: Codec,
+    /// Flag bits (see `FLAG_*`).
+    pub flags: u16,
+    /// The primary that built the batch.
+    pub primary: NodeId,
+    /// Epoch the batch's entries were written in.
+    pub epoch: Epoch,
+    /// Sequence of the first entry.
+    pub start_seq: Seq,
+    /// Number of entries.
+    pub count: u32,
+    /// [`space_tag`] of the space the batch belongs to.
+    pub space_tag: u32,
+    /// Length of the payload once uncompressed.
+    pub uncompressed_len: u32,
+    /// Length of the payload as sent.
+    pub payload_len: u32,
+    /// CRC32C of the payload as sent.
+    pub payload_crc: u32,
+}
+
+impl BatchHeader {
+    /// Sequence of the last entry.
+    pub fn last_seq(&self) -> Seq {
+        Seq(self.start_seq.0 + u64::from(self.count) - 1)
+    }
+
+    fn write(&self, out: &mut [u8]) {
+        let out = &mut out[..BATCH_HEADER_LEN];
+        out[0..4].copy_from_slice(&BATCH_MAGIC.to_le_bytes());
+        out[4] = self.version;
+        out[5] = self.codec as u8;
+        out[6..8].copy_from_slice(&self.flags.to_le_bytes());
+        out[8..16].copy_from_slice(&self.primary.0.to_le_bytes());
+        out[16..24].copy_from_slice(&self.epoch.0.to_le_bytes());
+        out[24..32].copy_from_slice(&self.start_seq.0.to_le_bytes());
+        out[32..36].copy_from_slice(&self.count.to_le_bytes());
+        out[36..40].copy_from_slice(&self.space_tag.to_le_bytes());
+        out[40..44].copy_from_slice(&self.uncompressed_len.to_le_bytes());
+        out[44..48].copy_from_slice(&self.payload_len.to_le_bytes());
+        out[48..52].copy_from_slice(&self.payload_crc.to_le_bytes());
+        out[52..60].fill(0);
+        let crc = crc32c::crc32c(&out[..60]);
+        out[60..64].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Parses and validates a header: magic, checksum, version, codec, flags, and every length against
+    /// `limits`, so the caller can then read exactly `payload_len` bytes without further checks.
+    pub fn decode(bytes: &[u8], limits: &FrameLimits) -> Result<BatchHeader, DecodeError> {
+        let b: &[u8; BATCH_HEADER_LEN] = bytes
+            .get(..BATCH_HEADER_LEN)
+            .and_then(|s| s.try_into().ok())
+            .ok_or(DecodeError::Truncated { what: "batch header", need: BATCH_HEADER_LEN, have: bytes.len() })?;
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at =
+            |i: usize| u64::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]]);
+        let magic = u32_at(0);
+        if magic != BATCH_MAGIC {
+            return Err(DecodeError::BadMagic { what: "batch header", found: magic });
+        }
+        let (stored, computed) = (u32_at(60), crc32c::crc32c(&b[..60]));
+        if stored != computed {
+            return Err(DecodeError::Checksum { what: "batch header", stored, computed });
+        }
+        if b[4] != PROTOCOL_VERSION {
+            return Err(DecodeError::UnsupportedVersion { found: b[4], supported: PROTOCOL_VERSION });
+        }
+        let codec = Codec::from_u8(b[5])?;
+        let flags = u16::from_le_bytes([b[6], b[7]]);
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(DecodeError::UnknownFlags(flags & !KNOWN_FLAGS));
+        }
+        let header = BatchHeader {
+            version: b[4],
+            codec,
+            flags,
+            primary: NodeId(u64_at(8)),
+            epoch: Epoch(u64_at(16)),
+            start_seq: Seq(u64_at(24)),
+            count: u32_at(32),
+            space_tag: u32_at(36),
+            uncompressed_len: u32_at(40),
+            payload_len: u32_at(44),
+            payload_crc: u32_at(48),
+        };
+        let max = limits.max_batch_bytes;
+        for (what, len) in [("uncompressed payload", header.uncompressed_len), ("payload", header.payload_len)] {
+            if len as usize > max {
+                return Err(DecodeError::TooLarge { what, len: len as usize, max });
+            }
+        }
+        let min_len = u64::from(header.count) * ENTRY_HEADER_LEN as u64;
+        if header.count == 0 || min_len > u64::from(header.uncompressed_len) {
+            return Err(DecodeError::Inconsistent {
+                what: "entry count",
+                declared: header.count.into(),
+                actual: u64::from(header.uncompressed_len) / ENTRY_HEADER_LEN as u64,
+            });
+        }
+        if header.codec == Codec::None && header.payload_len != header.uncompressed_len {
+            return Err(DecodeError::Inconsistent {
+                what: "uncompressed payload length",
+                declared: header.uncompressed_len.into(),
+                actual: header.payload_len.into(),
+            });
+        }
+        if header.start_seq.0 == 0 || header.start_seq.0.checked_add(u64::from(header.count)).is_none() {
+            return Err(DecodeError::Inconsistent { what: "start sequence", declared: header.start_seq.0, actual: 0 });
+        }
+        Ok(header)
+    }
+}
+
+/// Builds batch frames. Keeps compression contexts and a scratch buffer between batches.
+pub struct BatchEncoder {
+    primary: NodeId,
+    compression: Compression,
+    min_compress_bytes: usize,
+    limits: FrameLimits,
+    compressor: Compressor,
+}
+
+impl BatchEncoder {
+    /// An encoder for batches sent by `primary`, compressing with `compression` above
+    /// [`DEFAULT_MIN_COMPRESS_BYTES`].
+    pub fn new(primary: NodeId, compression: Compression) -> BatchEncoder {
+        BatchEncoder {
+            primary,
+            compression,
+            min_compress_bytes: DEFAULT_MIN_COMPRESS_BYTES,
+            limits: FrameLimits::default(),
+            compressor: Compressor::new(),
+        }
+    }
+
+    /// Payloads smaller than this go uncompressed.
+    pub fn with_min_compress_bytes(mut self, min: usize) -> Self {
+        self.min_compress_bytes = min;
+        self
+    }
+
+    /// Bounds the batches this encoder will build (must match the receiver's limits).
+    pub fn with_limits(mut self, limits: FrameLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Uncompressed payload size of `entries` in a batch.
+    pub fn payload_len(entries: &[Entry]) -> usize {
+        entries.iter().map(|e| ENTRY_HEADER_LEN + e.payload.len()).sum()
+    }
+
+    /// Encodes contiguous entries of one epoch into one frame (header + payload) as a single `Bytes`.
+    pub fn encode(&mut self, space: &SpaceId, entries: &[Entry]) -> Result<Bytes, EncodeError> {
+        let first = entries.first().ok_or(EncodeError::Empty)?;
+        let raw_len = Self::payload_len(entries);
+        if raw_len > self.limits.max_batch_bytes || entries.len() > u32::MAX as usize {
+            return Err(EncodeError::TooLarge { len: raw_len, max: self.limits.max_batch_bytes });
+        }
+        let mut raw = BytesMut::with_capacity(BATCH_HEADER_LEN + raw_len);
+        raw.put_bytes(0, BATCH_HEADER_LEN);
+        for (i, e) in entries.iter().enumerate() {
+            let expected = first.seq.0 + i as u64;
+            if e.seq.0 != expected {
+                return Err(EncodeError::NotContiguous { expected, found: e.seq.0 });
+            }
+            if e.epoch != first.epoch {
+                return Err(EncodeError::MixedEpochs { first: first.epoch.0, other: e.epoch.0 });
+            }
+            raw.put_u64_le(e.timestamp_us);
+            raw.put_u8(e.kind);
+            raw.put_u32_le(e.payload.len() as u32);
+            raw.put_u32_le(e.crc);
+            raw.put_slice(&e.payload);
+        }
+
+        let mut header = BatchHeader {
+            version: PROTOCOL_VERSION,
+            codec: Codec::None,
+            flags: 0,
+            primary: self.primary,
+            epoch: first.epoch,
+            start_seq: first.seq,
+            count: entries.len() as u32,
+            space_tag: space_tag(space),
+            uncompressed_len: raw_len as u32,
+            payload_len: raw_len as u32,
+            payload_crc: 0,
+        };
+
+        let mut frame = raw;
+        if self.compression != Compression::None {
+            if raw_len >= self.min_compress_bytes {
+                let mut out = Vec::with_capacity(BATCH_HEADER_LEN + raw_len / 2);
+                out.resize(BATCH_HEADER_LEN, 0);
+                let n = self.compressor.compress(self.compression, &frame[BATCH_HEADER_LEN..], &mut out)?;
+                if n < raw_len {
+                    header.codec = self.compression.codec();
+                    header.payload_len = n as u32;
+                    frame = BytesMut::from(Bytes::from(out));
+                } else {
+                    header.flags |= FLAG_COMPRESSION_SKIPPED;
+                }
+            } else {
+                header.flags |= FLAG_COMPRESSION_SKIPPED;
+            }
+        }
+        header.payload_crc = crc32c::crc32c(&frame[BATCH_HEADER_LEN..]);
+        header.write(&mut frame[..BATCH_HEADER_LEN]);
+        Ok(frame.freeze())
+    }
+}
+
+/// A validated batch: its header and its entries, whose payloads are slices of one buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodedBatch {
+    /// The frame's header.
+    pub header: BatchHeader,
+    /// The entries, in sequence order, each with its checksum verified.
+    pub entries: Vec<Entry>,
+}
+
+/// Validates and decodes batch frames. Keeps a decompression context between batches.
+pub struct BatchDecoder {
+    limits: FrameLimits,
+    decompressor: Decompressor,
+}
+
+impl BatchDecoder {
+    /// A decoder enforcing `limits`.
+    pub fn new(limits: FrameLimits) -> BatchDecoder {
+        BatchDecoder { limits, decompressor: Decompressor::new() }
+    }
+
+    /// The limits this decoder enforces.
+    pub fn limits(&self) -> &FrameLimits {
+        &self.limits
+    }
+
+    /// Decodes a whole frame (header followed by exactly its payload).
+    pub fn decode(&mut self, frame: Bytes) -> Result<DecodedBatch, DecodeError> {
+        let header = BatchHeader::decode(&frame, &self.limits)?;
+        let payload = frame.slice(BATCH_HEADER_LEN..);
+        self.decode_payload(header, payload)
+    }
+
+    /// Decodes the payload that follows an already validated header (as read from a stream: header
+    /// first, then exactly `header.payload_len` bytes).
+    pub fn decode_payload(&mut self, header: BatchHeader, payload: Bytes) -> Result<DecodedBatch, DecodeError> {
+        if payload.len() != header.payload_len as usize {
+            return Err(DecodeError::Inconsistent {
+                what: "payload length",
+                declared: header.payload_len.into(),
+                actual: payload.len() as u64,
+            });
+        }
+        let computed = crc32c::crc32c(&payload);
+        if computed != header.payload_crc {
+            return Err(DecodeError::Checksum { what: "batch payload", stored: header.payload_crc, computed });
+        }
+        let raw = match header.codec {
+            Codec::None => payload,
+            codec => {
+                // Bounded: uncompressed_len was checked against the limits by BatchHeader::decode.
+                let mut out = BytesMut::zeroed(header.uncompressed_len as usize);
+                self.decompressor.decompress(codec, &payload, &mut out)?;
+                out.freeze()
+            }
+        };
+        let entries = parse_entries(&header, &raw)?;
+        Ok(DecodedBatch { header, entries })
+    }
+}
+
+fn parse_entries(header: &BatchHeader, raw: &Bytes) -> Result<Vec<Entry>, DecodeError> {
+    let mut entries = Vec::with_capacity(header.count as usize);
+    let mut pos = 0usize;
+    for i in 0..u64::from(header.count) {
+        let rest = &raw[pos..];
+        if rest.len() < ENTRY_HEADER_LEN {
+            return Err(DecodeError::Truncated { what: "entry header", need: ENTRY_HEADER_LEN, have: rest.len() });
+        }
+        let timestamp_us = u64::from_le_bytes(rest[0..8].try_into().unwrap_or_default());
+        let kind = rest[8];
+        let len = u32::from_le_bytes(rest[9..13].try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_le_bytes(rest[13..17].try_into().unwrap_or_default());
+        if len > rest.len() - ENTRY_HEADER_LEN {
+            return Err(DecodeError::Truncated {
+                what: "entry payload",
+                need: len,
+                have: rest.len() - ENTRY_HEADER_LEN,
+            });
+        }
+        let start = pos + ENTRY_HEADER_LEN;
+        let entry = Entry {
+            seq: Seq(header.start_seq.0 + i),
+            epoch: header.epoch,
+            timestamp_us,
+            kind,
+            payload: raw.slice(start..start + len),
+            crc,
+        };
+        if !entry.verify() {
+            return Err(DecodeError::EntryChecksum { seq: entry.seq.0 });
+        }
+        entries.push(entry);
+        pos = start + len;
+    }
+    if pos != raw.len() {
+        return Err(DecodeError::Inconsistent {
+            what: "payload length after the last entry",
+            declared: pos as u64,
+            actual: raw.len() as u64,
+        });
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn space() -> SpaceId {
+        SpaceId::new("space-1").unwrap()
+    }
+
+    fn entries(start: u64, payloads: &[Vec<u8>], kind: u8) -> Vec<Entry> {
+        payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Entry::new(Seq(start + i as u64), Epoch(3), 1_000 + i as u64, kind, Bytes::from(p.clone())))
+            .collect()
+    }
+
+    fn codecs() -> [Compression; 4] {
+        [Compression::None, Compression::Lz4, Compression::zstd(), Compression::Zstd { level: 5 }]
+    }
+
+    #[test]
+    fn round_trip_each_codec_and_compresses_repetitive_payloads() {
+        let payloads: Vec<Vec<u8>> =
+            (0..200).map(|i| format!("user={i} action=update field=name value=alice").into_bytes()).collect();
+        let es = entries(10, &payloads, 2);
+        for c in codecs() {
+            let frame = BatchEncoder::new(NodeId(7), c).encode(&space(), &es).unwrap();
+            let header = BatchHeader::decode(&frame, &FrameLimits::default()).unwrap();
+            assert_eq!(header.codec, c.codec());
+            if c != Compression::None {
+                assert!((header.payload_len as usize) < BatchEncoder::payload_len(&es) / 2);
+            }
+            let batch = BatchDecoder::new(FrameLimits::default()).decode(frame).unwrap();
+            assert_eq!(batch.entries, es);
+            assert_eq!(batch.header.space_tag, space_tag(&space()));
+            assert_eq!(batch.header.last_seq(), Seq(209));
+        }
+    }
+
+    #[test]
+    fn small_or_incompressible_batches_go_uncompressed() {
+        let es = entries(1, &[b"tiny".to_vec()], 0);
+        let frame = BatchEncoder::new(NodeId(1), Compression::Lz4).encode(&space(), &es).unwrap();
+        let h = BatchHeader::decode(&frame, &FrameLimits::default()).unwrap();
+        assert_eq!((h.codec, h.flags), (Codec::None, FLAG_COMPRESSION_SKIPPED));
+
+        let mut x = 0x1234_5678u64;
+        let noise: Vec<u8> = (0..8192)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let es = entries(1, &[noise], 0);
+        let frame = BatchEncoder::new(NodeId(1), Compression::Lz4).encode(&space(), &es).unwrap();
+        let h = BatchHeader::decode(&frame, &FrameLimits::default()).unwrap();
+        assert_eq!((h.codec, h.flags), (Codec::None, FLAG_COMPRESSION_SKIPPED));
+        assert_eq!(BatchDecoder::new(FrameLimits::default()).decode(frame).unwrap().entries, es);
+    }
+
+    #[test]
+    fn encoder_rejects_bad_entry_sets() {
+        let mut enc = BatchEncoder::new(NodeId(1), Compression::None);
+        assert_eq!(enc.encode(&space(), &[]), Err(EncodeError::Empty));
+        let mut es = entries(1, &[b"a".to_vec(), b"b".to_vec()], 0);
+        es[1] = Entry::new(Seq(3), Epoch(3), 0, 0, Bytes::new());
+        assert!(matches!(enc.encode(&space(), &es), Err(EncodeError::NotContiguous { .. })));
+        es[1] = Entry::new(Seq(2), Epoch(4), 0, 0, Bytes::new());
+        assert!(matches!(enc.encode(&space(), &es), Err(EncodeError::MixedEpochs { .. })));
+    }
+
+    #[test]
+    fn lying_lengths_are_refused_before_allocation() {
+        let es = entries(1, &[vec![b'a'; 10_000]], 0);
+        let frame = BatchEncoder::new(NodeId(1), Compression::Lz4).encode(&space(), &es).unwrap();
+        // Rewrite the uncompressed length to 4 GiB - 1 and fix up the header checksum: a decompression
+        // bomb announcement. It must be refused by the limit, not allocated.
+        let mut bomb = frame.to_vec();
+        bomb[40..44].copy_from_slice(&u32::MAX.to_le_bytes());
+        let crc = crc32c::crc32c(&bomb[..60]);
+        bomb[60..64].copy_from_slice(&crc.to_le_bytes());
+        let err = BatchDecoder::new(FrameLimits::default()).decode(Bytes::from(bomb)).unwrap_err();
+        assert!(matches!(err, DecodeError::TooLarge { .. }), "{err}");
+
+        // Declared slightly larger than the truth, within limits: decompression must fail cleanly.
+        let mut liar = frame.to_vec();
+        let real = u32::from_le_bytes(liar[40..44].try_into().unwrap());
+        liar[40..44].copy_from_slice(&(real + 100).to_le_bytes());
+        let crc = crc32c::crc32c(&liar[..60]);
+        liar[60..64].copy_from_slice(&crc.to_le_bytes());
+        assert!(BatchDecoder::new(FrameLimits::default()).decode(Bytes::from(liar)).is_err());
+    }
+
+    #[test]
+    fn unknown_version_and_codec_are_refused() {
+        let es = entries(1, &[b"x".to_vec()], 0);
+        let frame = BatchEncoder::new(NodeId(1), Compression::None).encode(&space(), &es).unwrap();
+        for (at, value) in [(4usize, 9u8), (5, 7)] {
+            let mut f = frame.to_vec();
+            f[at] = value;
+            let crc = crc32c::crc32c(&f[..60]);
+            f[60..64].copy_from_slice(&crc.to_le_bytes());
+            let err = BatchDecoder::new(FrameLimits::default()).decode(Bytes::from(f)).unwrap_err();
+            assert!(matches!(err, DecodeError::UnsupportedVersion { .. } | DecodeError::UnknownCodec(_)), "{err}");
+        }
+    }
+
+    fn arb_payloads() -> impl Strategy<Value = Vec<Vec<u8>>> {
+        prop::collection::vec(
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..300),
+                (0usize..400).prop_map(|n| b"key=value;".iter().cycle().take(n).copied().collect()),
+            ],
+            1..40,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn prop_round_trip(payloads in arb_payloads(), start in 1u64..1_000_000, kind: u8, c in 0usize..4, min in prop_oneof![Just(0usize), Just(4096)]) {
+            let es = entries(start, &payloads, kind);
+            let frame = BatchEncoder::new(NodeId(9), codecs()[c]).with_min_compress_bytes(min).encode(&space(), &es).unwrap();
+            let batch = BatchDecoder::new(FrameLimits::default()).decode(frame).unwrap();
+            prop_assert_eq!(batch.entries, es);
+        }
+
+        #[test]
+        fn prop_any_bit_flip_is_detected(payloads in arb_payloads(), c in 0usize..4, bit in any::<prop::sample::Index>()) {
+            let es = entries(1, &payloads, 1);
+            let frame = BatchEncoder::new(NodeId(9), codecs()[c]).with_min_compress_bytes(0).encode(&space(), &es).unwrap();
+            let mut f = frame.to_vec();
+            let bit = bit.index(f.len() * 8);
+            f[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(BatchDecoder::new(FrameLimits::default()).decode(Bytes::from(f)).is_err());
+        }
+
+        #[test]
+        fn prop_any_cut_is_detected(payloads in arb_payloads(), c in 0usize..4, cut in any::<prop::sample::Index>()) {
+            let es = entries(1, &payloads, 1);
+            let frame = BatchEncoder::new(NodeId(9), codecs()[c]).with_min_compress_bytes(0).encode(&space(), &es).unwrap();
+            let cut = cut.index(frame.len());
+            prop_assert!(BatchDecoder::new(FrameLimits::default()).decode(frame.slice(..cut)).is_err());
+        }
+
+        #[test]
+        fn prop_garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = BatchDecoder::new(FrameLimits::default()).decode(Bytes::from(bytes));
+        }
+    }
+}
