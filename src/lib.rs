@@ -19,6 +19,7 @@
 //! - [`entry`]: the log entry, its end-to-end checksum and the chained log digest.
 //! - [`codec`]: bytes <-> types without I/O: batch frames, compression, control messages, heartbeats.
 //! - [`wal`]: the segmented per-space log with crash recovery, retention and a memory tail.
+//! - [`payload`]: seeded realistic payloads for demos, load tests and benchmarks.
 //! - [`config`]: primary and replica settings with documented defaults.
 //! - [`protocol`]: sans-I/O replication bookkeeping: per-(space, replica) progress, lag, health.
 //! - [`net`]: the only code that touches quinn, rustls and tokio: TLS, endpoints, the primary and replica drivers.
@@ -27,6 +28,7 @@ pub mod codec;
 pub mod config;
 pub mod entry;
 pub mod net;
+pub mod payload;
 pub mod protocol;
 pub mod types;
 pub mod wal;

@@ -1,1 +1,15 @@
-//! TODO
+//! Sans-I/O replication logic: plain types that take events and the current time and answer with
+//! decisions, so all of it is unit-tested without sockets, disk or a runtime.
+//!
+//! - [`progress`]: what a primary knows of one replica's copy of one space (sent, durable, applied,
+//!   bytes in flight) and the lag it derives.
+//! - [`health`]: a replica's state from its lag: healthy, lagging, degraded, disconnected.
+//! - [`handshake`]: whether a replica's position can resume against the primary's log, and where.
+//! - [`liveness`]: heartbeat bookkeeping: RTT and dead-peer detection.
+//! - [`backoff`]: reconnect delays, exponential with jitter and a cap.
+
+pub mod backoff;
+pub mod handshake;
+pub mod health;
+pub mod liveness;
+pub mod progress;

@@ -1,0 +1,185 @@
+//! A primary's view of one replica's copy of one space, shaped like raft's `Progress`: it says what
+//! was sent, what the replica made durable and applied, and how much may still be sent.
+
+use std::collections::VecDeque;
+
+use crate::types::Seq;
+
+/// One batch sent and not yet durable on the replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct InFlight {
+    last_seq: Seq,
+    bytes: usize,
+}
+
+/// Progress of one (space, replica) pair.
+///
+/// Invariants: `durable <= sent`, `applied <= durable` as reported, `inflight_bytes` is the sum of
+/// the frames sent after `durable`. A catch-up ([`ReplicaProgress::restart_from`]) forgets what was
+/// in flight: those frames went down a stream that was reset.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicaProgress {
+    sent: Seq,
+    durable: Seq,
+    applied: Seq,
+    inflight: VecDeque<InFlight>,
+    inflight_bytes: usize,
+    batches_sent: u64,
+    bytes_sent: u64,
+    entries_sent: u64,
+}
+
+/// Lag of one (space, replica) pair at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Lag {
+    /// Entries written on the primary and not yet durable on the replica.
+    pub entries: u64,
+    /// Frame bytes sent and not yet durable, plus an estimate for entries not yet sent.
+    pub bytes: u64,
+    /// How long the oldest entry not yet durable on the replica has waited since its append, in ms.
+    /// Zero when caught up, not the time since the last write.
+    pub ms: u64,
+}
+
+impl ReplicaProgress {
+    /// Progress of a replica that holds everything up to `durable`.
+    pub fn new(durable: Seq) -> ReplicaProgress {
+        ReplicaProgress { sent: durable, durable, applied: durable, ..Default::default() }
+    }
+
+    /// Last sequence sent.
+    pub fn sent(&self) -> Seq {
+        self.sent
+    }
+    /// Last sequence the replica reported durable.
+    pub fn durable(&self) -> Seq {
+        self.durable
+    }
+    /// Last sequence the replica reported applied.
+    pub fn applied(&self) -> Seq {
+        self.applied
+    }
+    /// Frame bytes sent and not yet durable.
+    pub fn inflight_bytes(&self) -> usize {
+        self.inflight_bytes
+    }
+    /// Totals since this progress was created: (batches, entries, frame bytes).
+    pub fn totals(&self) -> (u64, u64, u64) {
+        (self.batches_sent, self.entries_sent, self.bytes_sent)
+    }
+
+    /// The next sequence to send.
+    pub fn next_to_send(&self) -> Seq {
+        self.sent.next()
+    }
+
+    /// True if another batch may be sent without exceeding `max_unacked_bytes` in flight. One batch is
+    /// always allowed when nothing is in flight, so an entry larger than the window still goes.
+    pub fn may_send(&self, max_unacked_bytes: usize) -> bool {
+        self.inflight.is_empty() || self.inflight_bytes < max_unacked_bytes
+    }
+
+    /// Records a frame of `bytes` carrying entries up to `last_seq`.
+    pub fn on_sent(&mut self, first_seq: Seq, last_seq: Seq, bytes: usize) {
+        debug_assert_eq!(first_seq, self.sent.next());
+        self.sent = last_seq;
+        self.inflight.push_back(InFlight { last_seq, bytes });
+        self.inflight_bytes += bytes;
+        self.batches_sent += 1;
+        self.entries_sent += last_seq.0 + 1 - first_seq.0;
+        self.bytes_sent += bytes as u64;
+    }
+
+    /// Records an ack. Positions only move forward: an older ack arriving late changes nothing.
+    pub fn on_ack(&mut self, durable: Seq, applied: Seq) {
+        if durable > self.durable {
+            self.durable = durable;
+        }
+        if applied > self.applied {
+            self.applied = applied.min(self.durable);
+        }
+        if self.durable > self.sent {
+            // The replica holds more than this session sent (it copied it earlier): skip ahead.
+            self.sent = self.durable;
+        }
+        while let Some(f) = self.inflight.front() {
+            if f.last_seq > self.durable {
+                break;
+            }
+            self.inflight_bytes -= f.bytes;
+            self.inflight.pop_front();
+        }
+    }
+
+    /// Restarts shipping from `from` (a catch-up request): what was in flight is forgotten.
+    pub fn restart_from(&mut self, from: Seq) {
+        self.sent = Seq(from.0.saturating_sub(1));
+        self.inflight.clear();
+        self.inflight_bytes = 0;
+    }
+
+    /// Lag against a primary whose log ends at `head`.
+    ///
+    /// `oldest_pending_age_ms` is the age of entry `durable + 1` (the caller reads its append time);
+    /// `mean_entry_bytes` estimates the size of entries not sent yet.
+    pub fn lag(&self, head: Seq, oldest_pending_age_ms: u64, mean_entry_bytes: u64) -> Lag {
+        let entries = head.0.saturating_sub(self.durable.0);
+        if entries == 0 {
+            return Lag::default();
+        }
+        let unsent = head.0.saturating_sub(self.sent.0);
+        Lag { entries, bytes: self.inflight_bytes as u64 + unsent * mean_entry_bytes, ms: oldest_pending_age_ms }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_opens_as_acks_arrive() {
+        let mut p = ReplicaProgress::new(Seq(0));
+        assert!(p.may_send(100));
+        p.on_sent(Seq(1), Seq(10), 60);
+        assert!(p.may_send(100));
+        p.on_sent(Seq(11), Seq(20), 60);
+        assert!(!p.may_send(100));
+        assert_eq!(p.inflight_bytes(), 120);
+        p.on_ack(Seq(10), Seq(5));
+        assert_eq!((p.durable(), p.applied(), p.inflight_bytes()), (Seq(10), Seq(5), 60));
+        assert!(p.may_send(100));
+        // A stale ack changes nothing.
+        p.on_ack(Seq(3), Seq(1));
+        assert_eq!((p.durable(), p.applied()), (Seq(10), Seq(5)));
+        p.on_ack(Seq(20), Seq(20));
+        assert_eq!(p.inflight_bytes(), 0);
+        assert_eq!(p.totals(), (2, 20, 120));
+    }
+
+    #[test]
+    fn oversized_batch_is_allowed_when_idle() {
+        let mut p = ReplicaProgress::new(Seq(0));
+        assert!(p.may_send(10));
+        p.on_sent(Seq(1), Seq(1), 1_000);
+        assert!(!p.may_send(10));
+    }
+
+    #[test]
+    fn restart_forgets_inflight() {
+        let mut p = ReplicaProgress::new(Seq(5));
+        p.on_sent(Seq(6), Seq(9), 40);
+        p.restart_from(Seq(7));
+        assert_eq!((p.next_to_send(), p.inflight_bytes()), (Seq(7), 0));
+    }
+
+    #[test]
+    fn lag_is_zero_when_caught_up_and_counts_unsent() {
+        let mut p = ReplicaProgress::new(Seq(0));
+        assert_eq!(p.lag(Seq(0), 999, 100), Lag::default());
+        p.on_sent(Seq(1), Seq(4), 400);
+        let lag = p.lag(Seq(10), 7, 100);
+        assert_eq!(lag, Lag { entries: 10, bytes: 400 + 6 * 100, ms: 7 });
+        p.on_ack(Seq(10), Seq(10));
+        assert_eq!(p.lag(Seq(10), 50, 100), Lag::default());
+    }
+}
