@@ -34,4 +34,5 @@ pub mod types;
 pub mod wal;
 
 pub use entry::{Entry, LogDigest};
+pub use net::{ApplyHook, Primary, Replica};
 pub use types::{EntryKind, Epoch, NodeId, Seq, SpaceId};

@@ -1,1 +1,47 @@
-//! TODO
+//! The only code that touches quinn, rustls and tokio networking: TLS, endpoints, framing over
+//! streams, heartbeats, and the [`Primary`] and [`Replica`] drivers around the sans-I/O
+//! [`crate::protocol`] types.
+
+pub mod endpoint;
+mod error;
+mod framed;
+mod heartbeat;
+mod primary;
+mod replica;
+pub mod status;
+pub mod tls;
+
+pub use error::NetError;
+pub use primary::Primary;
+pub use replica::{ApplyHook, Replica};
+
+use std::time::Duration;
+
+/// How long a peer may take to open the control stream and say hello or welcome.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Application close codes of a connection.
+pub mod close {
+    use quinn::VarInt;
+    /// The node is shutting down.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(0);
+    /// A newer connection from the same replica took over.
+    pub const REPLACED: VarInt = VarInt::from_u32(1);
+    /// No heartbeat within the timeout.
+    pub const DEAD_PEER: VarInt = VarInt::from_u32(2);
+    /// The peer broke the protocol.
+    pub const PROTOCOL: VarInt = VarInt::from_u32(3);
+    /// The peer is not who it must be.
+    pub const UNAUTHORIZED: VarInt = VarInt::from_u32(4);
+}
+
+/// Application error codes of a data stream (`stop` / `reset`).
+pub mod stream_code {
+    use quinn::VarInt;
+    /// The stream is abandoned for a catch-up from another sequence.
+    pub const CATCH_UP: VarInt = VarInt::from_u32(1);
+    /// The stream's header was not valid.
+    pub const BAD_FRAME: VarInt = VarInt::from_u32(2);
+    /// The receiver cannot store the space.
+    pub const LOCAL_FAILURE: VarInt = VarInt::from_u32(3);
+}

@@ -1,0 +1,133 @@
+//! Helpers shared by the example binaries: flag parsing, the built-in writer, status files, signals.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use walship::payload::PayloadGen;
+use walship::wal::{SpaceWal, SyncPolicy};
+use walship::{Epoch, SpaceId};
+
+/// Parses `never`, `always` or `interval:10ms` (also `10ms`).
+pub fn parse_sync(s: &str) -> Result<SyncPolicy, String> {
+    match s {
+        "never" => Ok(SyncPolicy::Never),
+        "always" => Ok(SyncPolicy::Always),
+        other => {
+            let d = other.strip_prefix("interval:").unwrap_or(other);
+            parse_duration(d).map(SyncPolicy::Interval)
+        }
+    }
+}
+
+/// Parses `250ms`, `2s`, `1.5s`, `30` (seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("bad duration {s:?}: use e.g. 250ms, 2s");
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num.parse().map_err(|_| bad())?;
+    if !(v >= 0.0) {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(v * scale))
+}
+
+/// The names of `n` demo spaces: `space-000`, `space-001`, ...
+pub fn space_names(n: usize) -> Vec<SpaceId> {
+    (0..n).map(|i| SpaceId::new(&format!("space-{i:03}")).expect("valid space id")).collect()
+}
+
+/// Progress counters of the built-in writer.
+#[derive(Default)]
+pub struct WriterStats {
+    pub written: AtomicU64,
+    pub done: AtomicBool,
+}
+
+/// Writes entries round-robin over `spaces` at `rate` entries/s (0 = as fast as possible), until
+/// `total` entries (if given) or until `stop` is set. Runs on its own thread: the write path never
+/// waits for replication.
+pub fn spawn_writer(
+    spaces: Vec<SpaceWal>,
+    epoch: Epoch,
+    rate: u64,
+    entry_bytes: usize,
+    total: Option<u64>,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> (Arc<WriterStats>, std::thread::JoinHandle<Result<(), String>>) {
+    let stats = Arc::new(WriterStats::default());
+    let s2 = stats.clone();
+    let handle = std::thread::spawn(move || {
+        let mut gen = PayloadGen::new(seed, entry_bytes);
+        let start = Instant::now();
+        let mut written = 0u64;
+        let limit = total.unwrap_or(u64::MAX);
+        while written < limit && !stop.load(Ordering::Relaxed) && !spaces.is_empty() {
+            let due = if rate == 0 { limit } else { ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(limit) };
+            if written >= due {
+                std::thread::sleep(Duration::from_micros(500));
+                continue;
+            }
+            // Write what is due in small bursts, checking the stop flag in between.
+            let burst = (due - written).min(4096);
+            for _ in 0..burst {
+                let wal = &spaces[(written % spaces.len() as u64) as usize];
+                wal.append(epoch, 1, gen.next_payload()).map_err(|e| e.to_string())?;
+                written += 1;
+            }
+            s2.written.store(written, Ordering::Relaxed);
+        }
+        s2.written.store(written, Ordering::Relaxed);
+        s2.done.store(true, Ordering::Relaxed);
+        Ok(())
+    });
+    (stats, handle)
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Writes a status file atomically, logging failures.
+pub fn write_status(path: &Option<PathBuf>, value: &impl serde::Serialize) {
+    if let Some(p) = path {
+        if let Err(e) = walship::net::status::write_json_atomic(p, value) {
+            eprintln!("cannot write status file {}: {e}", p.display());
+        }
+    }
+}
+
+/// Sets up logging from RUST_LOG (default: warnings and walship info).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,walship=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}

@@ -1,0 +1,144 @@
+//! A primary node: serves its spaces' WALs to replicas, with an optional built-in writer.
+//!
+//! ```text
+//! cargo run --release --example primary -- --listen 127.0.0.1:7400 --data /tmp/p --certs certs/dev \
+//!     --name primary [--spaces 16 --rate 10000 --entry-bytes 128 --total 100000] [--status-file p.json]
+//! ```
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use walship::codec::Compression;
+use walship::config::{PrimaryConfig, ReplicaAddr};
+use walship::net::tls::NodeIdentity;
+use walship::{Epoch, Primary};
+
+#[derive(Parser, Debug)]
+#[command(about = "walship primary: ships every space's WAL to its replicas over QUIC")]
+struct Args {
+    /// Address to listen on for replicas.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// Data folder (one sub-folder per space).
+    #[arg(long)]
+    data: PathBuf,
+    /// Certificates folder written by `gen_certs` (ca.pem, NAME.pem, NAME.key).
+    #[arg(long)]
+    certs: PathBuf,
+    /// This node's name (its certificate's name).
+    #[arg(long, default_value = "primary")]
+    name: String,
+    /// Spaces for the built-in writer (0: no writer).
+    #[arg(long, default_value_t = 0)]
+    spaces: usize,
+    /// Entries per second of the built-in writer (0 = as fast as possible).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Payload bytes per entry.
+    #[arg(long, default_value_t = 128)]
+    entry_bytes: usize,
+    /// Stop writing after this many entries (and go on serving replicas until stopped).
+    #[arg(long)]
+    total: Option<u64>,
+    /// Epoch of this primary.
+    #[arg(long, default_value_t = 1)]
+    epoch: u64,
+    /// Batch compression: none, lz4, zstd, zstd:LEVEL.
+    #[arg(long, default_value = "lz4")]
+    compression: Compression,
+    /// WAL durability: never, always, interval:10ms.
+    #[arg(long, default_value = "interval:10ms", value_parser = common::parse_sync)]
+    sync: walship::wal::SyncPolicy,
+    /// A replica to dial, as NAME=ADDR (repeatable), for replicas that wait for their primary.
+    #[arg(long, value_parser = parse_dial)]
+    dial: Vec<ReplicaAddr>,
+    /// Rewrite this file with the status as JSON about once a second and at shutdown.
+    #[arg(long)]
+    status_file: Option<PathBuf>,
+    /// Seed of the built-in writer's payloads.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn parse_dial(s: &str) -> Result<ReplicaAddr, String> {
+    let (name, addr) = s.split_once('=').ok_or("use NAME=ADDR")?;
+    Ok(ReplicaAddr { name: name.to_string(), addr: addr.parse().map_err(|e| format!("{addr}: {e}"))? })
+}
+
+#[tokio::main]
+async fn main() {
+    common::init_tracing();
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("primary: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let identity = NodeIdentity::load(&args.certs, &args.name)?;
+    let mut config = PrimaryConfig::new(&args.name, args.listen, &args.data);
+    config.epoch = Epoch(args.epoch);
+    config.compression = args.compression;
+    config.wal.sync = args.sync;
+    config.dial_replicas = args.dial.clone();
+    let primary = Primary::start(config, identity).await?;
+    println!("primary {} listening on {} (data {})", args.name, primary.local_addr(), args.data.display());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = if args.spaces > 0 {
+        let spaces = common::space_names(args.spaces)
+            .iter()
+            .map(|s| primary.space(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        Some(common::spawn_writer(spaces, Epoch(args.epoch), args.rate, args.entry_bytes, args.total, args.seed, stop.clone()))
+    } else {
+        None
+    };
+
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_written = 0;
+    let signal = common::shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => break,
+            _ = tick.tick() => {
+                let status = primary.status();
+                common::write_status(&args.status_file, &status);
+                let written = writer.as_ref().map_or(0, |(s, _)| s.written.load(Ordering::Relaxed));
+                let replicas: Vec<String> = status.replicas.iter().map(|r| format!(
+                    "{}={:?} lag {} entries/{} ms", r.name, r.state, r.max_lag.entries, r.max_lag.ms
+                )).collect();
+                println!(
+                    "[{:>5.0}s] spaces {} written {} (+{}/s) | {}",
+                    started.elapsed().as_secs_f64(),
+                    status.spaces.len(),
+                    written,
+                    written - last_written,
+                    if replicas.is_empty() { "no replicas".to_string() } else { replicas.join(", ") }
+                );
+                last_written = written;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Some((_, handle)) = writer {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("writer failed: {e}"),
+            Err(_) => eprintln!("writer thread panicked"),
+        }
+    }
+    let status = primary.status();
+    primary.shutdown().await;
+    common::write_status(&args.status_file, &status);
+    println!("primary stopped");
+    Ok(())
+}

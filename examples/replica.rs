@@ -1,0 +1,99 @@
+//! A replica node: copies every space of its primary into its own WAL and resumes after restarts.
+//!
+//! ```text
+//! cargo run --release --example replica -- --primary 127.0.0.1:7400 --data /tmp/r1 --certs certs/dev \
+//!     --name replica-1 [--status-file r1.json]
+//! ```
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use walship::config::ReplicaConfig;
+use walship::net::status::ConnectionState;
+use walship::net::tls::NodeIdentity;
+use walship::Replica;
+
+#[derive(Parser, Debug)]
+#[command(about = "walship replica: copies its primary's spaces over QUIC")]
+struct Args {
+    /// The primary's address.
+    #[arg(long)]
+    primary: SocketAddr,
+    /// The primary's node name (checked against its certificate).
+    #[arg(long, default_value = "primary")]
+    primary_name: String,
+    /// Data folder (one sub-folder per space).
+    #[arg(long)]
+    data: PathBuf,
+    /// Certificates folder written by `gen_certs` (ca.pem, NAME.pem, NAME.key).
+    #[arg(long)]
+    certs: PathBuf,
+    /// This node's name (its certificate's name).
+    #[arg(long, default_value = "replica-1")]
+    name: String,
+    /// WAL durability: never, always, interval:10ms.
+    #[arg(long, default_value = "interval:10ms", value_parser = common::parse_sync)]
+    sync: walship::wal::SyncPolicy,
+    /// Also listen here, for a primary that dials its replicas.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Rewrite this file with the status as JSON about once a second and at shutdown.
+    #[arg(long)]
+    status_file: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() {
+    common::init_tracing();
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("replica: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let identity = NodeIdentity::load(&args.certs, &args.name)?;
+    let mut config = ReplicaConfig::new(&args.name, args.primary, &args.primary_name, &args.data);
+    config.wal.sync = args.sync;
+    config.listen = args.listen;
+    let replica = Replica::start(config, identity).await?;
+    println!("replica {} replicating from {} (data {})", args.name, args.primary, args.data.display());
+
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_total = 0u64;
+    let signal = common::shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => break,
+            _ = tick.tick() => {
+                let status = replica.status();
+                common::write_status(&args.status_file, &status);
+                let total: u64 = status.spaces.iter().map(|s| s.log.last_seq.0).sum();
+                let state = match status.connection {
+                    ConnectionState::Connected => format!("connected to {}", status.primary.clone().unwrap_or_default()),
+                    other => format!("{other:?} ({})", status.last_error.clone().unwrap_or_default()),
+                };
+                println!(
+                    "[{:>5.0}s] {state} | spaces {} entries {} (+{}/s) rtt {}",
+                    started.elapsed().as_secs_f64(),
+                    status.spaces.len(),
+                    total,
+                    total.saturating_sub(last_total),
+                    status.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms")),
+                );
+                last_total = total;
+            }
+        }
+    }
+    let status = replica.status();
+    replica.shutdown().await;
+    common::write_status(&args.status_file, &status);
+    println!("replica stopped");
+    Ok(())
+}

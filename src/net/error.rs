@@ -1,0 +1,62 @@
+//! Errors of the network drivers.
+
+use std::net::SocketAddr;
+
+use crate::codec::{DecodeError, EncodeError};
+use crate::config::ConfigError;
+use crate::net::endpoint::EndpointError;
+use crate::net::tls::TlsError;
+use crate::wal::WalError;
+
+/// What stopped a primary, a replica or one of their connections.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The configuration was refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Certificates could not be loaded or used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The QUIC endpoint could not be set up.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// The local WAL failed.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    /// Dialing a peer failed before a connection existed.
+    #[error("cannot dial {addr} ({name}): {reason}")]
+    Connect { addr: SocketAddr, name: String, reason: String },
+    /// The connection was lost or closed.
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Writing to a stream failed.
+    #[error("stream write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// Reading from a stream failed.
+    #[error("stream read failed: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// A stream ended in the middle of a frame or message.
+    #[error("stream ended in the middle of a {0}")]
+    UnexpectedEnd(&'static str),
+    /// The peer sent bytes that are not valid.
+    #[error("bad input from peer: {0}")]
+    Decode(#[from] DecodeError),
+    /// A message could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// The peer broke the protocol (wrong message, wrong identity, wrong version).
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The peer did not answer in time.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+}
+
+impl From<quinn::ReadExactError> for NetError {
+    fn from(e: quinn::ReadExactError) -> Self {
+        match e {
+            quinn::ReadExactError::FinishedEarly(_) => NetError::UnexpectedEnd("frame"),
+            quinn::ReadExactError::ReadError(e) => NetError::Read(e),
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Framing over quinn streams: whole control messages and whole batch frames, checked before they
+//! are parsed (nothing is buffered for a length above the limits).
+
+use bytes::{Bytes, BytesMut};
+use quinn::{RecvStream, SendStream};
+
+use crate::codec::batch::{BatchHeader, FrameLimits, BATCH_HEADER_LEN};
+use crate::codec::stream::{StreamHeader, STREAM_HEADER_LEN};
+use crate::codec::{BatchDecoder, ControlMessage, DecodedBatch};
+use crate::net::error::NetError;
+
+/// Reads control messages off a stream.
+pub(crate) struct ControlReader {
+    recv: RecvStream,
+    buf: BytesMut,
+    max: usize,
+}
+
+impl ControlReader {
+    pub(crate) fn new(recv: RecvStream, max: usize) -> ControlReader {
+        ControlReader { recv, buf: BytesMut::with_capacity(8 * 1024), max }
+    }
+
+    /// The next message, or `None` when the peer finished the stream between messages.
+    pub(crate) async fn read(&mut self) -> Result<Option<ControlMessage>, NetError> {
+        loop {
+            if let Some(msg) = ControlMessage::decode_from(&mut self.buf, self.max)? {
+                return Ok(Some(msg));
+            }
+            match self.recv.read_chunk(64 * 1024, true).await? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                None if self.buf.is_empty() => return Ok(None),
+                None => return Err(NetError::UnexpectedEnd("control message")),
+            }
+        }
+    }
+}
+
+/// Writes a control message.
+pub(crate) async fn write_control(send: &mut SendStream, msg: &ControlMessage) -> Result<(), NetError> {
+    send.write_chunk(msg.encode()?).await?;
+    Ok(())
+}
+
+/// Reads the header that opens a data stream.
+pub(crate) async fn read_stream_header(recv: &mut RecvStream) -> Result<StreamHeader, NetError> {
+    let mut b = [0u8; STREAM_HEADER_LEN];
+    recv.read_exact(&mut b).await?;
+    Ok(StreamHeader::decode(&b)?)
+}
+
+/// Reads one batch frame: the header is validated against the limits before the payload is read.
+/// `Ok(None)` when the stream ended cleanly between frames.
+pub(crate) async fn read_batch(
+    recv: &mut RecvStream,
+    decoder: &mut BatchDecoder,
+) -> Result<Option<(DecodedBatch, usize)>, NetError> {
+    let mut h = [0u8; BATCH_HEADER_LEN];
+    match recv.read_exact(&mut h).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let limits: FrameLimits = *decoder.limits();
+    let header = BatchHeader::decode(&h, &limits)?;
+    let payload = read_exactly(recv, header.payload_len as usize).await?;
+    let wire_len = BATCH_HEADER_LEN + payload.len();
+    Ok(Some((decoder.decode_payload(header, payload)?, wire_len)))
+}
+
+/// Reads exactly `len` bytes, without copying when quinn hands them over in one chunk.
+async fn read_exactly(recv: &mut RecvStream, len: usize) -> Result<Bytes, NetError> {
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    let mut have = 0;
+    while have < len {
+        let chunk = recv.read_chunk(len - have, true).await?.ok_or(NetError::UnexpectedEnd("batch payload"))?.bytes;
+        have += chunk.len();
+        match first.take() {
+            None if buf.is_empty() => first = Some(chunk),
+            Some(f) => {
+                buf.reserve(len);
+                buf.extend_from_slice(&f);
+                buf.extend_from_slice(&chunk);
+            }
+            None => buf.extend_from_slice(&chunk),
+        }
+    }
+    Ok(match first {
+        Some(f) => f,
+        None => buf.freeze(),
+    })
+}

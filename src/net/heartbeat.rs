@@ -1,0 +1,64 @@
+//! Heartbeat datagrams on a connection, both ways: liveness, RTT and a lag summary, never queued
+//! behind stream data.
+
+use std::sync::{Arc, Mutex};
+
+use quinn::Connection;
+
+use crate::codec::heartbeat::SeqSummary;
+use crate::codec::Heartbeat;
+use crate::config::HeartbeatConfig;
+use crate::net::close;
+use crate::protocol::liveness::Liveness;
+use crate::types::Epoch;
+
+/// Sends heartbeats every `cfg.interval`, reads the peer's, and closes the connection when the peer
+/// has been silent longer than `cfg.timeout` or sends a malformed heartbeat. Returns when the
+/// connection is closed.
+pub(crate) async fn run(
+    conn: Connection,
+    cfg: HeartbeatConfig,
+    liveness: Arc<Mutex<Liveness>>,
+    epoch: Epoch,
+    summary: impl Fn() -> SeqSummary,
+) {
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = tokio::time::Instant::now().into_std();
+                let (hb, dead) = {
+                    let l = lock(&liveness);
+                    (l.heartbeat(now, epoch, summary()), l.is_dead(now))
+                };
+                if dead {
+                    tracing::warn!(peer = %conn.remote_address(), timeout = ?cfg.timeout, "peer silent too long; closing the connection");
+                    conn.close(close::DEAD_PEER, b"no heartbeat within the timeout");
+                    return;
+                }
+                if let Ok(bytes) = hb.encode() {
+                    // A lost or refused datagram is what heartbeats are for: nothing to do.
+                    let _ = conn.send_datagram(bytes);
+                }
+            }
+            d = conn.read_datagram() => {
+                let Ok(bytes) = d else { return };
+                match Heartbeat::decode(&bytes) {
+                    Ok(hb) => lock(&liveness).on_heartbeat(&hb, tokio::time::Instant::now().into_std()),
+                    Err(e) => {
+                        tracing::warn!(peer = %conn.remote_address(), error = %e, "malformed heartbeat; closing the connection");
+                        conn.close(close::PROTOCOL, b"malformed heartbeat");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (our state stays consistent
+/// under every single update, so a poisoned lock holds valid data).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,605 @@
+//! The primary: serves its spaces' WALs to every replica over one QUIC connection per replica.
+//!
+//! Per connection: the replica opens the control stream and says hello; the primary answers with a
+//! welcome and starts one shipper task per space, each writing batch frames to its own uni stream,
+//! so a space blocked by flow control or loss never holds up another. Shippers read the WAL (its
+//! memory tail for live data, its segments for catch-up) and never touch the write path: writers
+//! append to the WAL and return, whatever the replicas do.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{Connection, SendStream};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
+
+use crate::codec::control::{ErrorCode, ErrorMessage, SpacePosition, SpaceRange, Welcome};
+use crate::codec::heartbeat::SeqSummary;
+use crate::codec::stream::StreamHeader;
+use crate::codec::{BatchEncoder, ControlMessage, PROTOCOL_VERSION};
+use crate::config::PrimaryConfig;
+use crate::entry::now_us;
+use crate::net::error::NetError;
+use crate::net::framed::{write_control, ControlReader};
+use crate::net::heartbeat::{self, lock};
+use crate::net::status::{PathStats, PrimaryStatus, ReplicaView, SpaceLog, SpaceReplication};
+use crate::net::tls::{self, NodeIdentity};
+use crate::net::{close, endpoint, stream_code, HANDSHAKE_TIMEOUT};
+use crate::protocol::backoff::Backoff;
+use crate::protocol::handshake::{resume_point, LocalLog};
+use crate::protocol::health::Health;
+use crate::protocol::liveness::Liveness;
+use crate::protocol::progress::{Lag, ReplicaProgress};
+use crate::types::{EntryKind, NodeId, Seq, SpaceId};
+use crate::wal::{SpaceWal, WalError, WalStore};
+
+/// A running primary. Dropping it without [`Primary::shutdown`] aborts its tasks.
+pub struct Primary {
+    shared: Arc<Shared>,
+    tasks: JoinSet<()>,
+}
+
+struct Shared {
+    config: PrimaryConfig,
+    node_id: NodeId,
+    store: WalStore,
+    endpoint: quinn::Endpoint,
+    replicas: Mutex<BTreeMap<String, Arc<ReplicaLink>>>,
+    sessions: AtomicU64,
+}
+
+/// Everything known of one replica, across its connections.
+struct ReplicaLink {
+    current: Mutex<Option<Arc<Session>>>,
+    connections: AtomicU64,
+}
+
+/// One connection to a replica.
+struct Session {
+    id: u64,
+    conn: Connection,
+    spaces: Mutex<HashMap<SpaceId, Arc<SpaceShip>>>,
+    liveness: Arc<Mutex<Liveness>>,
+    control: mpsc::UnboundedSender<ControlMessage>,
+}
+
+/// Shared state of one (space, replica) shipper.
+struct SpaceShip {
+    progress: Mutex<ReplicaProgress>,
+    acked: Notify,
+    /// Catch-up requests: each send restarts the stream from the sequence given.
+    restart: watch::Sender<Seq>,
+    error: Mutex<Option<String>>,
+}
+
+impl Primary {
+    /// Opens the WAL under `config.data_dir`, binds `config.listen` and starts serving replicas.
+    pub async fn start(config: PrimaryConfig, identity: NodeIdentity) -> Result<Primary, NetError> {
+        config.validate()?;
+        let store = WalStore::open(&config.data_dir, config.wal.clone())?;
+        let endpoint = endpoint::server_endpoint(config.listen, &identity, &config.transport)?;
+        let shared = Arc::new(Shared {
+            node_id: NodeId::from_name(&config.name),
+            config,
+            store,
+            endpoint,
+            replicas: Mutex::new(BTreeMap::new()),
+            sessions: AtomicU64::new(0),
+        });
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept_loop(shared.clone()));
+        for replica in shared.config.dial_replicas.clone() {
+            tasks.spawn(dial_loop(shared.clone(), replica.name, replica.addr));
+        }
+        tracing::info!(name = %shared.config.name, addr = ?shared.endpoint.local_addr().ok(), "primary started");
+        Ok(Primary { shared, tasks })
+    }
+
+    /// The address the primary listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.endpoint.local_addr().unwrap_or(self.shared.config.listen)
+    }
+
+    /// The WAL of a space, created if new. Appending to it is the write path: it never waits for replicas.
+    pub fn space(&self, id: &SpaceId) -> Result<SpaceWal, WalError> {
+        self.shared.store.space(id)
+    }
+
+    /// Appends one entry to a space in the current epoch and returns its sequence.
+    pub fn append(&self, space: &SpaceId, kind: EntryKind, payload: Bytes) -> Result<Seq, WalError> {
+        self.shared.store.space(space)?.append(self.shared.config.epoch, kind, payload)
+    }
+
+    /// The WAL store holding every space.
+    pub fn store(&self) -> &WalStore {
+        &self.shared.store
+    }
+
+    /// Logs, replicas, lag and health.
+    pub fn status(&self) -> PrimaryStatus {
+        let spaces: Vec<SpaceLog> = self.shared.store.spaces().iter().map(SpaceLog::of).collect();
+        let links: Vec<(String, Arc<ReplicaLink>)> =
+            lock(&self.shared.replicas).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let replicas = links.into_iter().map(|(name, link)| self.replica_view(name, &link)).collect();
+        PrimaryStatus {
+            role: "primary",
+            name: self.shared.config.name.clone(),
+            epoch: self.shared.config.epoch,
+            listen: self.local_addr().to_string(),
+            spaces,
+            replicas,
+        }
+    }
+
+    fn replica_view(&self, name: String, link: &ReplicaLink) -> ReplicaView {
+        let session = lock(&link.current).clone();
+        let connected = session.as_ref().is_some_and(|s| s.conn.close_reason().is_none());
+        let mut view = ReplicaView {
+            name,
+            state: Health::Disconnected,
+            addr: session.as_ref().map(|s| s.conn.remote_address().to_string()),
+            rtt_ms: session.as_ref().and_then(|s| lock(&s.liveness).rtt()).map(|d| d.as_secs_f64() * 1e3),
+            reconnects: link.connections.load(Ordering::Relaxed).saturating_sub(1),
+            max_lag: Lag::default(),
+            bytes_sent: 0,
+            entries_sent: 0,
+            path: session.as_ref().filter(|_| connected).map(|s| PathStats::of(&s.conn)),
+            spaces: Vec::new(),
+        };
+        let now = now_us();
+        for wal in self.shared.store.spaces() {
+            let ship = session.as_ref().and_then(|s| lock(&s.spaces).get(wal.space()).cloned());
+            let (sent, durable, applied, lag, error) = match &ship {
+                Some(ship) => {
+                    let p = lock(&ship.progress);
+                    let (_, entries, bytes) = p.totals();
+                    view.bytes_sent += bytes;
+                    view.entries_sent += entries;
+                    let lag = p.lag(wal.last_seq(), oldest_age_ms(&wal, p.durable(), now), mean_entry_bytes(&wal));
+                    (p.sent(), p.durable(), p.applied(), lag, lock(&ship.error).clone())
+                }
+                None => (Seq::ZERO, Seq::ZERO, Seq::ZERO, Lag::default(), None),
+            };
+            view.max_lag.entries = view.max_lag.entries.max(lag.entries);
+            view.max_lag.bytes = view.max_lag.bytes.max(lag.bytes);
+            view.max_lag.ms = view.max_lag.ms.max(lag.ms);
+            view.spaces.push(SpaceReplication { space: wal.space().clone(), head: wal.last_seq(), sent, durable, applied, lag, error });
+        }
+        view.state = Health::classify(
+            connected,
+            view.max_lag.entries,
+            view.max_lag.ms,
+            self.shared.config.lag_threshold.as_millis() as u64,
+        );
+        view
+    }
+
+    /// Closes the connection of replica `name`, if connected; the replica will reconnect and resume.
+    pub fn disconnect_replica(&self, name: &str) -> bool {
+        let link = lock(&self.shared.replicas).get(name).cloned();
+        let session = link.and_then(|l| lock(&l.current).clone());
+        match session {
+            Some(s) if s.conn.close_reason().is_none() => {
+                s.conn.close(close::SHUTDOWN, b"disconnected by the primary");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Closes every connection, stops the tasks and syncs the WAL.
+    pub async fn shutdown(mut self) {
+        self.shared.endpoint.close(close::SHUTDOWN, b"primary shutting down");
+        self.tasks.shutdown().await;
+        for wal in self.shared.store.spaces() {
+            if let Err(e) = wal.sync() {
+                tracing::warn!(space = %wal.space(), error = %e, "sync at shutdown failed");
+            }
+        }
+        // Give the close frames a moment to leave.
+        let _ = tokio::time::timeout(Duration::from_millis(200), self.shared.endpoint.wait_idle()).await;
+    }
+}
+
+/// Age in ms of the first entry after `durable`, 0 if there is none.
+fn oldest_age_ms(wal: &SpaceWal, durable: Seq, now_us: u64) -> u64 {
+    if wal.last_seq() <= durable {
+        return 0;
+    }
+    match wal.read_from(durable.next(), 1, 0) {
+        Ok(v) => v.first().map(|e| now_us.saturating_sub(e.timestamp_us) / 1_000).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+fn mean_entry_bytes(wal: &SpaceWal) -> u64 {
+    match wal.read_from(wal.last_seq(), 1, 0) {
+        Ok(v) => v.first().map(|e| e.payload.len() as u64 + 17).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>) {
+    let mut conns = JoinSet::new();
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let shared = shared.clone();
+        conns.spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => {
+                    if let Err(e) = serve(shared, conn, None).await {
+                        tracing::info!(%remote, error = %e, "replica connection ended");
+                    }
+                }
+                Err(e) => tracing::info!(%remote, error = %e, "refused a connection during the handshake"),
+            }
+        });
+        while conns.try_join_next().is_some() {}
+    }
+}
+
+/// Dials a replica that waits for its primary, and redials with backoff whenever the connection ends.
+async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), NodeId::from_name(&name).0);
+    loop {
+        let result = async {
+            let conn = shared
+                .endpoint
+                .connect(addr, &name)
+                .map_err(|e| NetError::Connect { addr, name: name.clone(), reason: e.to_string() })?
+                .await?;
+            backoff.reset();
+            serve(shared.clone(), conn, Some(&name)).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::info!(replica = %name, %addr, error = %e, "replica connection ended; redialing");
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// Serves one replica connection until it ends.
+async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) -> Result<(), NetError> {
+    let Some(name) = tls::peer_name(&conn) else {
+        conn.close(close::UNAUTHORIZED, b"no node name in the client certificate");
+        return Err(NetError::Protocol("peer certificate carries no node name".into()));
+    };
+    if expected.is_some_and(|e| e != name) {
+        conn.close(close::UNAUTHORIZED, b"unexpected node name");
+        return Err(NetError::Protocol(format!("dialed {expected:?} but the peer is {name}")));
+    }
+    let (mut send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| NetError::Timeout("the replica's control stream"))??;
+    let mut control = ControlReader::new(recv, crate::codec::control::DEFAULT_MAX_CONTROL_BYTES);
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, control.read()).await {
+        Err(_) => return Err(NetError::Timeout("hello")),
+        Ok(Ok(Some(ControlMessage::Hello(h)))) => h,
+        Ok(Ok(other)) => {
+            conn.close(close::PROTOCOL, b"expected hello");
+            return Err(NetError::Protocol(format!("expected hello, got {other:?}")));
+        }
+        Ok(Err(e)) => {
+            conn.close(close::PROTOCOL, b"bad hello");
+            return Err(e);
+        }
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        let reason = format!("replica speaks protocol {}, this primary {}", hello.protocol_version, PROTOCOL_VERSION);
+        let _ = write_control(&mut send, &error_msg(ErrorCode::UnsupportedVersion, None, &reason)).await;
+        conn.close(close::PROTOCOL, b"unsupported protocol version");
+        return Err(NetError::Protocol(reason));
+    }
+    if hello.node_name != name {
+        conn.close(close::UNAUTHORIZED, b"hello name does not match the certificate");
+        return Err(NetError::Protocol(format!("hello says {:?} but the certificate says {name:?}", hello.node_name)));
+    }
+
+    // Register the session; a newer connection from the same replica replaces the older one.
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let session = Arc::new(Session {
+        id: shared.sessions.fetch_add(1, Ordering::Relaxed),
+        conn: conn.clone(),
+        spaces: Mutex::new(HashMap::new()),
+        liveness: Arc::new(Mutex::new(Liveness::new(
+            tokio::time::Instant::now().into_std(),
+            shared.config.heartbeat.timeout,
+        ))),
+        control: control_tx,
+    });
+    let link = lock(&shared.replicas)
+        .entry(name.clone())
+        .or_insert_with(|| Arc::new(ReplicaLink { current: Mutex::new(None), connections: AtomicU64::new(0) }))
+        .clone();
+    link.connections.fetch_add(1, Ordering::Relaxed);
+    if let Some(old) = lock(&link.current).replace(session.clone()) {
+        if old.conn.close_reason().is_none() {
+            tracing::info!(replica = %name, "a newer connection replaces the current one");
+            old.conn.close(close::REPLACED, b"replaced by a newer connection from the same replica");
+        }
+    }
+
+    // Decide where each space resumes and answer with a welcome.
+    let positions: HashMap<SpaceId, SpacePosition> = hello.spaces.into_iter().map(|p| (p.space.clone(), p)).collect();
+    for pos in positions.values() {
+        // Make the spaces the replica knows exist here too, so the check below covers them.
+        if shared.store.get(&pos.space).is_none() && pos.last_seq.0 > 0 {
+            shared.store.space(&pos.space)?;
+        }
+    }
+    let welcome = Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        primary_id: shared.node_id,
+        primary_name: shared.config.name.clone(),
+        epoch: shared.config.epoch,
+        spaces: shared
+            .store
+            .spaces()
+            .iter()
+            .map(|w| SpaceRange { space: w.space().clone(), first_seq: w.first_seq(), last_seq: w.last_seq() })
+            .collect(),
+    };
+    write_control(&mut send, &ControlMessage::Welcome(welcome)).await?;
+    tracing::info!(replica = %name, addr = %conn.remote_address(), spaces = positions.len(), "replica connected");
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(control_writer(send, control_rx));
+    tasks.spawn(control_reader(session.clone(), control));
+    {
+        let shared2 = shared.clone();
+        tasks.spawn(heartbeat::run(
+            conn.clone(),
+            shared.config.heartbeat.clone(),
+            session.liveness.clone(),
+            shared.config.epoch,
+            move || summary(&shared2.store),
+        ));
+    }
+    tasks.spawn(space_manager(shared.clone(), session.clone(), positions));
+    let reason = conn.closed().await;
+    tasks.shutdown().await;
+    tracing::info!(replica = %name, session = session.id, %reason, "replica disconnected");
+    Ok(())
+}
+
+fn summary(store: &WalStore) -> SeqSummary {
+    let spaces = store.spaces();
+    SeqSummary {
+        spaces: spaces.len() as u32,
+        total_last_seq: spaces.iter().map(|w| w.last_seq().0).sum(),
+        max_lag_entries: 0,
+    }
+}
+
+fn error_msg(code: ErrorCode, space: Option<SpaceId>, reason: &str) -> ControlMessage {
+    ControlMessage::Error(ErrorMessage { code, space, reason: reason.to_string() })
+}
+
+async fn control_writer(mut send: SendStream, mut rx: mpsc::UnboundedReceiver<ControlMessage>) {
+    while let Some(msg) = rx.recv().await {
+        if let Err(e) = write_control(&mut send, &msg).await {
+            tracing::debug!(error = %e, "control stream closed");
+            return;
+        }
+    }
+}
+
+/// Reads acks and catch-up requests from the replica.
+async fn control_reader(session: Arc<Session>, mut control: ControlReader) {
+    loop {
+        let msg = match control.read().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "bad control message from replica; closing the connection");
+                session.conn.close(close::PROTOCOL, b"bad control message");
+                return;
+            }
+        };
+        lock(&session.liveness).on_activity(tokio::time::Instant::now().into_std());
+        match msg {
+            ControlMessage::Ack(ack) => {
+                let spaces = lock(&session.spaces);
+                for a in ack.spaces {
+                    if let Some(ship) = spaces.get(&a.space) {
+                        lock(&ship.progress).on_ack(a.durable, a.applied);
+                        ship.acked.notify_one();
+                    }
+                }
+            }
+            ControlMessage::CatchUp(c) => {
+                tracing::info!(space = %c.space, from = %c.from_seq, reason = %c.reason, "replica asks for catch-up");
+                if let Some(ship) = lock(&session.spaces).get(&c.space) {
+                    ship.restart.send_replace(c.from_seq);
+                }
+            }
+            ControlMessage::Error(e) => {
+                tracing::warn!(code = ?e.code, space = ?e.space, reason = %e.reason, "replica reports an error")
+            }
+            other => {
+                tracing::warn!(?other, "unexpected control message from replica; closing the connection");
+                session.conn.close(close::PROTOCOL, b"unexpected control message");
+                return;
+            }
+        }
+    }
+}
+
+/// Starts a shipper for every space, and for every space created later.
+async fn space_manager(shared: Arc<Shared>, session: Arc<Session>, positions: HashMap<SpaceId, SpacePosition>) {
+    let mut shippers = JoinSet::new();
+    let mut spaces_rx = shared.store.subscribe_spaces();
+    loop {
+        for wal in shared.store.spaces() {
+            if lock(&session.spaces).contains_key(wal.space()) {
+                continue;
+            }
+            let local = LocalLog {
+                first_seq: wal.first_seq(),
+                last_seq: wal.last_seq(),
+                epoch_at_replica_last: None,
+            };
+            let start = match positions.get(wal.space()) {
+                None => resume_point(local, &empty_position(wal.space())),
+                Some(pos) => {
+                    let epoch_at = match wal.read_from(pos.last_seq, 1, 0) {
+                        Ok(v) => v.first().filter(|e| e.seq == pos.last_seq).map(|e| e.epoch),
+                        Err(_) => None,
+                    };
+                    resume_point(LocalLog { epoch_at_replica_last: epoch_at, ..local }, pos)
+                }
+            };
+            let (restart, _) = watch::channel(Seq::ZERO);
+            let ship = Arc::new(SpaceShip {
+                progress: Mutex::new(ReplicaProgress::new(Seq(start.as_ref().map_or(0, |s| s.0 - 1)))),
+                acked: Notify::new(),
+                restart,
+                error: Mutex::new(None),
+            });
+            lock(&session.spaces).insert(wal.space().clone(), ship.clone());
+            match start {
+                Ok(from) => {
+                    shippers.spawn(ship_space(shared.clone(), session.clone(), wal, ship, from));
+                }
+                Err(refusal) => {
+                    tracing::warn!(space = %wal.space(), reason = %refusal.reason, "space cannot be replicated to this replica");
+                    *lock(&ship.error) = Some(refusal.reason.clone());
+                    let _ = session.control.send(error_msg(refusal.code, Some(wal.space().clone()), &refusal.reason));
+                }
+            }
+        }
+        if spaces_rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn empty_position(space: &SpaceId) -> SpacePosition {
+    SpacePosition { space: space.clone(), last_seq: Seq::ZERO, last_epoch: Default::default(), digest: Default::default() }
+}
+
+enum Interrupt {
+    Restart(Seq),
+    Closed,
+}
+
+/// Ships one space to one replica: opens its stream when there is something to send, writes batch
+/// frames as fast as the stream takes them (a batch is whatever accumulated meanwhile, up to the
+/// configured bounds), pauses when too much is unacknowledged, and restarts from a sequence when the
+/// replica asks for catch-up.
+async fn ship_space(shared: Arc<Shared>, session: Arc<Session>, wal: SpaceWal, ship: Arc<SpaceShip>, start: Seq) {
+    let cfg = &shared.config;
+    let space = wal.space().clone();
+    let mut encoder = BatchEncoder::new(shared.node_id, cfg.compression)
+        .with_min_compress_bytes(cfg.min_compress_bytes)
+        .with_limits(cfg.limits);
+    let mut appended = wal.subscribe();
+    let mut restart = ship.restart.subscribe();
+    let mut from = start;
+    loop {
+        lock(&ship.progress).restart_from(from);
+        match ship_stream(&session, &wal, &ship, &mut encoder, &mut appended, &mut restart, from, cfg).await {
+            Ok(Interrupt::Restart(seq)) => from = seq,
+            Ok(Interrupt::Closed) => return,
+            Err(e) => {
+                if matches!(e, NetError::Wal(WalError::Truncated { .. })) {
+                    let reason = format!("{e}; rebuild the replica's copy of this space from a snapshot");
+                    *lock(&ship.error) = Some(reason.clone());
+                    let _ = session.control.send(error_msg(ErrorCode::Truncated, Some(space.clone()), &reason));
+                } else {
+                    tracing::warn!(%space, error = %e, "shipping stopped");
+                    *lock(&ship.error) = Some(e.to_string());
+                }
+                // Wait for a catch-up request (or the end of the connection) before trying again.
+                match restart.changed().await {
+                    Ok(()) => from = *restart.borrow_and_update(),
+                    Err(_) => return,
+                }
+                *lock(&ship.error) = None;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn ship_stream(
+    session: &Session,
+    wal: &SpaceWal,
+    ship: &SpaceShip,
+    encoder: &mut BatchEncoder,
+    appended: &mut watch::Receiver<Seq>,
+    restart: &mut watch::Receiver<Seq>,
+    from: Seq,
+    cfg: &PrimaryConfig,
+) -> Result<Interrupt, NetError> {
+    // Open the stream only once there is something to ship.
+    while wal.last_seq() < from {
+        tokio::select! {
+            r = appended.changed() => if r.is_err() { return Ok(Interrupt::Closed) },
+            r = restart.changed() => return Ok(restart_or_closed(r, restart)),
+        }
+    }
+    let mut send = session.conn.open_uni().await?;
+    send.write_chunk(StreamHeader { space: wal.space().clone(), start_seq: from }.encode()).await?;
+    loop {
+        // Flow control of our own: bounded unacknowledged bytes per (space, replica).
+        loop {
+            let acked = ship.acked.notified();
+            if lock(&ship.progress).may_send(cfg.max_unacked_bytes) {
+                break;
+            }
+            tokio::select! {
+                _ = acked => {}
+                r = restart.changed() => { let _ = send.reset(stream_code::CATCH_UP); return Ok(restart_or_closed(r, restart)) }
+            }
+        }
+        let next = lock(&ship.progress).next_to_send();
+        if wal.last_seq() < next {
+            tokio::select! {
+                r = appended.changed() => if r.is_err() { return Ok(Interrupt::Closed) },
+                r = restart.changed() => { let _ = send.reset(stream_code::CATCH_UP); return Ok(restart_or_closed(r, restart)) }
+            }
+            if let Some(linger) = cfg.linger {
+                tokio::time::sleep(linger).await;
+            }
+            continue;
+        }
+        let mut entries = wal.read_from(next, cfg.max_batch_entries, cfg.max_batch_bytes)?;
+        if let Some(cut) = entries.iter().position(|e| e.epoch != entries[0].epoch) {
+            entries.truncate(cut);
+        }
+        let (Some(first), Some(last)) = (entries.first().map(|e| e.seq), entries.last().map(|e| e.seq)) else {
+            continue;
+        };
+        let frame = encoder.encode(wal.space(), &entries)?;
+        let len = frame.len();
+        drop(entries);
+        tokio::select! {
+            r = send.write_chunk(frame) => match r {
+                Ok(()) => {}
+                // The replica stopped the stream: a catch-up request is on its way.
+                Err(quinn::WriteError::Stopped(_)) => {
+                    return match restart.changed().await {
+                        Ok(()) => Ok(Interrupt::Restart(*restart.borrow_and_update())),
+                        Err(_) => Ok(Interrupt::Closed),
+                    };
+                }
+                Err(e) => return Err(e.into()),
+            },
+            r = restart.changed() => { let _ = send.reset(stream_code::CATCH_UP); return Ok(restart_or_closed(r, restart)) }
+        }
+        lock(&ship.progress).on_sent(first, last, len);
+    }
+}
+
+fn restart_or_closed(r: Result<(), watch::error::RecvError>, restart: &mut watch::Receiver<Seq>) -> Interrupt {
+    match r {
+        Ok(()) => Interrupt::Restart(*restart.borrow_and_update()),
+        Err(_) => Interrupt::Closed,
+    }
+}

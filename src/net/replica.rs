@@ -1,0 +1,552 @@
+//! The replica: keeps one connection to its primary (dialing with backoff, or accepting the
+//! primary's dial), receives every space on its own stream, and for each batch validates, appends to
+//! its WAL, makes it durable per its policy, hands it to the apply hook, and acks.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::{Connection, RecvStream};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+
+use crate::codec::batch::space_tag;
+use crate::codec::control::{Ack, CatchUp, Hello, SpaceAck, SpacePosition, DEFAULT_MAX_CONTROL_BYTES};
+use crate::codec::heartbeat::SeqSummary;
+use crate::codec::{BatchDecoder, ControlMessage, DecodedBatch, PROTOCOL_VERSION};
+use crate::config::ReplicaConfig;
+use crate::entry::Entry;
+use crate::net::error::NetError;
+use crate::net::framed::{read_batch, read_stream_header, write_control, ControlReader};
+use crate::net::heartbeat::{self, lock};
+use crate::net::status::{ConnectionState, ReplicaSpace, ReplicaStatus, SpaceLog};
+use crate::net::tls::{self, NodeIdentity};
+use crate::net::{close, endpoint, stream_code, HANDSHAKE_TIMEOUT};
+use crate::protocol::backoff::Backoff;
+use crate::protocol::liveness::Liveness;
+use crate::types::{Epoch, NodeId, Seq, SpaceId};
+use crate::wal::{SpaceWal, SyncPolicy, WalError, WalStore};
+
+/// Called with every run of entries a replica has made durable, in order, per space. The entries
+/// count as applied once the returned future completes; a slow hook holds back only its own space.
+pub trait ApplyHook: Send + Sync + 'static {
+    /// Applies `entries` (contiguous, in order) of `space`.
+    fn apply<'a>(&'a self, space: &'a SpaceId, entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+}
+
+/// A running replica. Dropping it without [`Replica::shutdown`] aborts its tasks.
+pub struct Replica {
+    shared: Arc<Shared>,
+    tasks: JoinSet<()>,
+}
+
+struct Shared {
+    config: ReplicaConfig,
+    node_id: NodeId,
+    store: WalStore,
+    endpoint: quinn::Endpoint,
+    hook: Option<Arc<dyn ApplyHook>>,
+    spaces: Mutex<HashMap<SpaceId, Arc<SpaceState>>>,
+    link: Mutex<LinkState>,
+    ack_needed: Notify,
+}
+
+struct SpaceState {
+    wal: SpaceWal,
+    applied: AtomicU64,
+    /// Bumped by every new stream for the space: an older stream's task sees it and stops.
+    generation: AtomicU64,
+    catch_ups: AtomicU64,
+    error: Mutex<Option<String>>,
+}
+
+struct LinkState {
+    state: ConnectionState,
+    conn: Option<Connection>,
+    primary: Option<String>,
+    epoch: Epoch,
+    last_error: Option<String>,
+    connections: u64,
+    liveness: Option<Arc<Mutex<Liveness>>>,
+}
+
+/// What one connection knows of its primary.
+#[derive(Clone)]
+struct Session {
+    conn: Connection,
+    primary_id: NodeId,
+    epoch: Epoch,
+    control: mpsc::UnboundedSender<ControlMessage>,
+}
+
+impl Replica {
+    /// Opens the WAL under `config.data_dir` and starts replicating from the primary.
+    pub async fn start(config: ReplicaConfig, identity: NodeIdentity) -> Result<Replica, NetError> {
+        Self::start_with_hook(config, identity, None).await
+    }
+
+    /// Like [`Replica::start`], handing every durable batch to `hook` before it counts as applied.
+    pub async fn start_with_hook(
+        config: ReplicaConfig,
+        identity: NodeIdentity,
+        hook: Option<Arc<dyn ApplyHook>>,
+    ) -> Result<Replica, NetError> {
+        config.validate()?;
+        let store = WalStore::open(&config.data_dir, config.wal.clone())?;
+        let endpoint = match config.listen {
+            Some(addr) => endpoint::server_endpoint(addr, &identity, &config.transport)?,
+            None => endpoint::client_endpoint("127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()), &identity, &config.transport)
+                .or_else(|_| endpoint::client_endpoint(SocketAddr::from(([0, 0, 0, 0], 0)), &identity, &config.transport))?,
+        };
+        let mut spaces = HashMap::new();
+        for wal in store.spaces() {
+            spaces.insert(wal.space().clone(), Arc::new(SpaceState::new(wal)));
+        }
+        let shared = Arc::new(Shared {
+            node_id: NodeId::from_name(&config.name),
+            config,
+            store,
+            endpoint,
+            hook,
+            spaces: Mutex::new(spaces),
+            link: Mutex::new(LinkState {
+                state: ConnectionState::Connecting,
+                primary: None,
+                epoch: Epoch(0),
+                conn: None,
+                last_error: None,
+                connections: 0,
+                liveness: None,
+            }),
+            ack_needed: Notify::new(),
+        });
+        let mut tasks = JoinSet::new();
+        if let Some(addr) = shared.config.primary {
+            tasks.spawn(dial_loop(shared.clone(), addr));
+        }
+        if shared.config.listen.is_some() {
+            tasks.spawn(accept_loop(shared.clone()));
+        }
+        Ok(Replica { shared, tasks })
+    }
+
+    /// The local address of the replica's endpoint.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.shared.endpoint.local_addr().ok()
+    }
+
+    /// The replica's copy of a space, if it has one.
+    pub fn space(&self, id: &SpaceId) -> Option<SpaceWal> {
+        self.shared.store.get(id)
+    }
+
+    /// The WAL store holding every space.
+    pub fn store(&self) -> &WalStore {
+        &self.shared.store
+    }
+
+    /// Connection, positions and digests.
+    pub fn status(&self) -> ReplicaStatus {
+        let link = lock(&self.shared.link);
+        let states: Vec<Arc<SpaceState>> = {
+            let mut v: Vec<_> = lock(&self.shared.spaces).values().cloned().collect();
+            v.sort_by(|a, b| a.wal.space().cmp(b.wal.space()));
+            v
+        };
+        ReplicaStatus {
+            role: "replica",
+            name: self.shared.config.name.clone(),
+            connection: link.state,
+            primary: link.primary.clone(),
+            epoch: link.epoch,
+            rtt_ms: link.liveness.as_ref().and_then(|l| lock(l).rtt()).map(|d| d.as_secs_f64() * 1e3),
+            reconnects: link.connections.saturating_sub(1),
+            last_error: link.last_error.clone(),
+            spaces: states
+                .iter()
+                .map(|s| ReplicaSpace {
+                    log: SpaceLog::of(&s.wal),
+                    applied_seq: Seq(s.applied.load(Ordering::Acquire)),
+                    catch_ups: s.catch_ups.load(Ordering::Relaxed),
+                    error: lock(&s.error).clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Closes the current connection to the primary, if any; the replica reconnects and resumes.
+    pub fn disconnect(&self) -> bool {
+        match lock(&self.shared.link).conn.take() {
+            Some(conn) if conn.close_reason().is_none() => {
+                conn.close(close::SHUTDOWN, b"disconnected by the replica");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Closes the connection, stops the tasks and syncs the WAL.
+    pub async fn shutdown(mut self) {
+        self.shared.endpoint.close(close::SHUTDOWN, b"replica shutting down");
+        self.tasks.shutdown().await;
+        for wal in self.shared.store.spaces() {
+            if let Err(e) = wal.sync() {
+                tracing::warn!(space = %wal.space(), error = %e, "sync at shutdown failed");
+            }
+        }
+        lock(&self.shared.link).state = ConnectionState::Stopped;
+        let _ = tokio::time::timeout(Duration::from_millis(200), self.shared.endpoint.wait_idle()).await;
+    }
+}
+
+impl SpaceState {
+    fn new(wal: SpaceWal) -> SpaceState {
+        let last = wal.last_seq().0;
+        SpaceState {
+            wal,
+            applied: AtomicU64::new(last),
+            generation: AtomicU64::new(0),
+            catch_ups: AtomicU64::new(0),
+            error: Mutex::new(None),
+        }
+    }
+}
+
+impl Shared {
+    fn space_state(&self, id: &SpaceId) -> Result<Arc<SpaceState>, WalError> {
+        if let Some(s) = lock(&self.spaces).get(id) {
+            return Ok(s.clone());
+        }
+        let wal = self.store.space(id)?;
+        Ok(lock(&self.spaces).entry(id.clone()).or_insert_with(|| Arc::new(SpaceState::new(wal))).clone())
+    }
+
+    fn set_state(&self, state: ConnectionState, error: Option<String>) {
+        let mut link = lock(&self.link);
+        link.state = state;
+        if error.is_some() || state == ConnectionState::Connected {
+            link.last_error = error;
+        }
+    }
+}
+
+/// Dials the primary, runs the session, and redials with backoff when it ends.
+async fn dial_loop(shared: Arc<Shared>, addr: SocketAddr) {
+    let mut backoff = Backoff::new(shared.config.reconnect_initial, shared.config.reconnect_max, shared.node_id.0);
+    loop {
+        let name = shared.config.primary_name.clone();
+        let result = async {
+            let conn = shared
+                .endpoint
+                .connect(addr, &name)
+                .map_err(|e| NetError::Connect { addr, name: name.clone(), reason: e.to_string() })?
+                .await
+                .map_err(|e| NetError::Connect { addr, name: name.clone(), reason: e.to_string() })?;
+            backoff.reset();
+            run_session(&shared, conn).await
+        }
+        .await;
+        let delay = backoff.next_delay();
+        let reason = match result {
+            Ok(()) => "connection closed".to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::info!(primary = %addr, error = %reason, retry_in = ?delay, attempt = backoff.attempts(), "not connected to the primary; retrying");
+        shared.set_state(ConnectionState::Disconnected, Some(reason));
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Waits for the primary to dial (when the primary knows its replicas).
+async fn accept_loop(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        match incoming.await {
+            Ok(conn) => {
+                let shared = shared.clone();
+                // One session at a time: a newer dial from the primary replaces the current one.
+                let result = run_session(&shared, conn).await;
+                let reason = result.err().map(|e| e.to_string()).unwrap_or_else(|| "connection closed".into());
+                shared.set_state(ConnectionState::Disconnected, Some(reason));
+            }
+            Err(e) => tracing::info!(error = %e, "refused a connection during the handshake"),
+        }
+    }
+}
+
+/// Runs one connection to the primary until it ends.
+async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetError> {
+    let peer = tls::peer_name(&conn);
+    if peer.as_deref() != Some(shared.config.primary_name.as_str()) {
+        conn.close(close::UNAUTHORIZED, b"not the configured primary");
+        return Err(NetError::Protocol(format!(
+            "peer is {peer:?}, expected primary {:?}",
+            shared.config.primary_name
+        )));
+    }
+    let (mut send, recv) = conn.open_bi().await?;
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        node_id: shared.node_id,
+        node_name: shared.config.name.clone(),
+        epoch: lock(&shared.link).epoch,
+        spaces: shared
+            .store
+            .spaces()
+            .iter()
+            .map(|w| SpacePosition {
+                space: w.space().clone(),
+                last_seq: w.last_seq(),
+                last_epoch: w.last_epoch(),
+                digest: w.digest(),
+            })
+            .collect(),
+    };
+    write_control(&mut send, &ControlMessage::Hello(hello)).await?;
+    let mut control = ControlReader::new(recv, DEFAULT_MAX_CONTROL_BYTES);
+    let welcome = match tokio::time::timeout(HANDSHAKE_TIMEOUT, control.read()).await {
+        Err(_) => return Err(NetError::Timeout("welcome")),
+        Ok(Ok(Some(ControlMessage::Welcome(w)))) => w,
+        Ok(Ok(Some(ControlMessage::Error(e)))) => {
+            return Err(NetError::Protocol(format!("primary refused: {:?}: {}", e.code, e.reason)))
+        }
+        Ok(Ok(other)) => return Err(NetError::Protocol(format!("expected welcome, got {other:?}"))),
+        Ok(Err(e)) => return Err(e),
+    };
+    if welcome.protocol_version != PROTOCOL_VERSION {
+        conn.close(close::PROTOCOL, b"unsupported protocol version");
+        return Err(NetError::Protocol(format!("primary speaks protocol {}", welcome.protocol_version)));
+    }
+    let known_epoch = lock(&shared.link).epoch;
+    if welcome.epoch < known_epoch {
+        conn.close(close::PROTOCOL, b"stale epoch");
+        return Err(NetError::Protocol(format!(
+            "primary's epoch {} is older than {} seen before: refusing a deposed primary",
+            welcome.epoch, known_epoch
+        )));
+    }
+    let liveness = Arc::new(Mutex::new(Liveness::new(
+        tokio::time::Instant::now().into_std(),
+        shared.config.heartbeat.timeout,
+    )));
+    {
+        let mut link = lock(&shared.link);
+        link.primary = Some(welcome.primary_name.clone());
+        link.epoch = welcome.epoch;
+        link.connections += 1;
+        link.liveness = Some(liveness.clone());
+        link.conn = Some(conn.clone());
+    }
+    shared.set_state(ConnectionState::Connected, None);
+    tracing::info!(primary = %welcome.primary_name, epoch = %welcome.epoch, "connected to the primary");
+
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let session = Session { conn: conn.clone(), primary_id: welcome.primary_id, epoch: welcome.epoch, control: control_tx };
+    let mut tasks = JoinSet::new();
+    tasks.spawn(control_writer(send, control_rx));
+    tasks.spawn(control_reader(shared.clone(), control, conn.clone()));
+    tasks.spawn(ack_loop(shared.clone(), session.clone()));
+    {
+        let shared2 = shared.clone();
+        tasks.spawn(heartbeat::run(conn.clone(), shared.config.heartbeat.clone(), liveness, welcome.epoch, move || {
+            let spaces = shared2.store.spaces();
+            SeqSummary {
+                spaces: spaces.len() as u32,
+                total_last_seq: spaces.iter().map(|w| w.last_seq().0).sum(),
+                max_lag_entries: 0,
+            }
+        }));
+    }
+    let streams = {
+        let shared = shared.clone();
+        let session = session.clone();
+        async move {
+            let mut streams = JoinSet::new();
+            loop {
+                match session.conn.accept_uni().await {
+                    Ok(recv) => {
+                        streams.spawn(receive_stream(shared.clone(), session.clone(), recv));
+                    }
+                    Err(_) => return,
+                }
+                while streams.try_join_next().is_some() {}
+            }
+        }
+    };
+    tasks.spawn(streams);
+    let reason = conn.closed().await;
+    tasks.shutdown().await;
+    Err(NetError::Connection(reason))
+}
+
+async fn control_writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<ControlMessage>) {
+    while let Some(msg) = rx.recv().await {
+        if write_control(&mut send, &msg).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads the primary's error reports (a space diverged or truncated).
+async fn control_reader(shared: Arc<Shared>, mut control: ControlReader, conn: Connection) {
+    loop {
+        match control.read().await {
+            Ok(Some(ControlMessage::Error(e))) => {
+                tracing::warn!(code = ?e.code, space = ?e.space, reason = %e.reason, "primary reports an error");
+                match e.space.map(|s| shared.space_state(&s)) {
+                    Some(Ok(state)) => *lock(&state.error) = Some(format!("{:?}: {}", e.code, e.reason)),
+                    _ => lock(&shared.link).last_error = Some(format!("{:?}: {}", e.code, e.reason)),
+                }
+            }
+            Ok(Some(other)) => {
+                tracing::warn!(?other, "unexpected control message from the primary; closing");
+                conn.close(close::PROTOCOL, b"unexpected control message");
+                return;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "bad control message from the primary; closing");
+                conn.close(close::PROTOCOL, b"bad control message");
+                return;
+            }
+        }
+    }
+}
+
+/// Sends acks for every space whose durable or applied position moved: right after a batch lands,
+/// and at least every `ack_interval` (durability under an interval policy advances in the background).
+async fn ack_loop(shared: Arc<Shared>, session: Session) {
+    let mut last: HashMap<SpaceId, (Seq, Seq)> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = shared.ack_needed.notified() => {}
+            _ = tokio::time::sleep(shared.config.ack_interval) => {}
+        }
+        let states: Vec<Arc<SpaceState>> = lock(&shared.spaces).values().cloned().collect();
+        let mut spaces = Vec::new();
+        for s in states {
+            let durable = s.wal.durable_seq();
+            let applied = Seq(s.applied.load(Ordering::Acquire)).min(durable);
+            if last.get(s.wal.space()) != Some(&(durable, applied)) {
+                last.insert(s.wal.space().clone(), (durable, applied));
+                spaces.push(SpaceAck { space: s.wal.space().clone(), durable, applied });
+            }
+        }
+        if !spaces.is_empty() && session.control.send(ControlMessage::Ack(Ack { spaces })).is_err() {
+            return;
+        }
+    }
+}
+
+/// Why a stream's reception stopped.
+enum StreamEnd {
+    /// The primary finished or reset the stream, or a newer stream took over.
+    Done,
+    /// The space needs a catch-up from its last durable sequence.
+    CatchUp(String),
+}
+
+/// Receives one space's stream: validate, append, sync, apply, ack.
+async fn receive_stream(shared: Arc<Shared>, session: Session, mut recv: RecvStream) {
+    let header = match read_stream_header(&mut recv).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "bad stream header; stopping the stream");
+            let _ = recv.stop(stream_code::BAD_FRAME);
+            return;
+        }
+    };
+    let state = match shared.space_state(&header.space) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(space = %header.space, error = %e, "cannot open the space's WAL; stopping its stream");
+            *lock(&shared.link).last_error.get_or_insert_with(String::new) = e.to_string();
+            let _ = recv.stop(stream_code::LOCAL_FAILURE);
+            return;
+        }
+    };
+    let generation = state.generation.fetch_add(1, Ordering::AcqRel) + 1;
+    *lock(&state.error) = None;
+    let end = receive_batches(&shared, &session, &state, generation, header.start_seq, &mut recv).await;
+    if let StreamEnd::CatchUp(reason) = end {
+        let from = state.wal.last_seq().next();
+        tracing::info!(space = %header.space, %from, %reason, "asking the primary for catch-up");
+        state.catch_ups.fetch_add(1, Ordering::Relaxed);
+        let _ = recv.stop(stream_code::CATCH_UP);
+        let _ = session.control.send(ControlMessage::CatchUp(CatchUp { space: header.space.clone(), from_seq: from, reason }));
+    }
+}
+
+async fn receive_batches(
+    shared: &Shared,
+    session: &Session,
+    state: &SpaceState,
+    generation: u64,
+    start: Seq,
+    recv: &mut RecvStream,
+) -> StreamEnd {
+    let wal = &state.wal;
+    if start > wal.last_seq().next() {
+        return StreamEnd::CatchUp(format!("stream starts at {start} but the log ends at {}", wal.last_seq()));
+    }
+    let tag = space_tag(wal.space());
+    let mut decoder = BatchDecoder::new(shared.config.limits);
+    loop {
+        let batch: DecodedBatch = match read_batch(recv, &mut decoder).await {
+            Ok(Some((b, _wire_len))) => b,
+            Ok(None) => return StreamEnd::Done,
+            Err(NetError::Decode(e)) => return StreamEnd::CatchUp(format!("bad frame: {e}")),
+            Err(NetError::Read(quinn::ReadError::Reset(_))) => return StreamEnd::Done,
+            Err(e) => {
+                tracing::debug!(space = %wal.space(), error = %e, "stream ended");
+                return StreamEnd::Done;
+            }
+        };
+        if state.generation.load(Ordering::Acquire) != generation {
+            return StreamEnd::Done;
+        }
+        let h = &batch.header;
+        if h.primary != session.primary_id || h.space_tag != tag || h.epoch > session.epoch {
+            return StreamEnd::CatchUp(format!(
+                "batch from primary {:?} for space tag {:#x} in epoch {} does not belong on this stream",
+                h.primary, h.space_tag, h.epoch
+            ));
+        }
+        let last_before = wal.last_seq();
+        if h.start_seq > last_before.next() {
+            return StreamEnd::CatchUp(format!("gap: batch starts at {} but the log ends at {last_before}", h.start_seq));
+        }
+        if h.last_seq() <= last_before {
+            continue; // Already held (a resent batch after a catch-up race).
+        }
+        let result = if matches!(shared.config.wal.sync, SyncPolicy::Always) {
+            let (wal2, entries) = (wal.clone(), batch.entries);
+            match tokio::task::spawn_blocking(move || wal2.append_replicated(&entries).map(|r| (r, entries))).await {
+                Ok(r) => r,
+                Err(e) => return StreamEnd::CatchUp(format!("append task failed: {e}")),
+            }
+        } else {
+            wal.append_replicated(&batch.entries).map(|r| (r, batch.entries))
+        };
+        let entries = match result {
+            Ok((_, entries)) => entries,
+            Err(e @ WalError::Conflict { .. }) => {
+                tracing::error!(space = %wal.space(), error = %e, "the primary's log diverges from ours; stopping this space");
+                *lock(&state.error) = Some(e.to_string());
+                return StreamEnd::Done;
+            }
+            Err(e) => return StreamEnd::CatchUp(format!("local append failed: {e}")),
+        };
+        let new = &entries[entries.partition_point(|e| e.seq <= last_before)..];
+        if let Some(hook) = &shared.hook {
+            hook.apply(wal.space(), new).await;
+        }
+        if let Some(e) = new.last() {
+            state.applied.fetch_max(e.seq.0, Ordering::AcqRel);
+        }
+        shared.ack_needed.notify_one();
+    }
+}

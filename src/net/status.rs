@@ -1,0 +1,194 @@
+//! What `Primary::status()` and `Replica::status()` return: plain serializable structs, written as
+//! JSON by the example binaries' `--status-file`.
+
+use serde::Serialize;
+
+use crate::entry::LogDigest;
+use crate::protocol::health::Health;
+use crate::protocol::progress::Lag;
+use crate::types::{Epoch, Seq, SpaceId};
+
+/// One space's log on this node.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SpaceLog {
+    /// The space.
+    pub space: SpaceId,
+    /// First sequence held.
+    pub first_seq: Seq,
+    /// Last sequence written.
+    pub last_seq: Seq,
+    /// Last sequence on stable storage.
+    pub durable_seq: Seq,
+    /// Log digest up to `last_seq`, as 16 hex digits.
+    pub digest: String,
+}
+
+impl SpaceLog {
+    pub(crate) fn of(wal: &crate::wal::SpaceWal) -> SpaceLog {
+        SpaceLog {
+            space: wal.space().clone(),
+            first_seq: wal.first_seq(),
+            last_seq: wal.last_seq(),
+            durable_seq: wal.durable_seq(),
+            digest: digest_hex(wal.digest()),
+        }
+    }
+}
+
+pub(crate) fn digest_hex(d: LogDigest) -> String {
+    format!("{:016x}", d.0)
+}
+
+/// A primary's view of one replica's copy of one space.
+#[derive(Clone, Debug, Serialize)]
+pub struct SpaceReplication {
+    /// The space.
+    pub space: SpaceId,
+    /// Primary's last sequence.
+    pub head: Seq,
+    /// Last sequence sent to the replica.
+    pub sent: Seq,
+    /// Last sequence durable on the replica.
+    pub durable: Seq,
+    /// Last sequence applied on the replica.
+    pub applied: Seq,
+    /// Lag in entries, bytes and time.
+    pub lag: Lag,
+    /// Why this space is not replicated to this replica, if it is not.
+    pub error: Option<String>,
+}
+
+/// A primary's view of one replica.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplicaView {
+    /// The replica's node name (from its certificate).
+    pub name: String,
+    /// Healthy, lagging, degraded or disconnected.
+    pub state: Health,
+    /// Remote address of the current or last connection.
+    pub addr: Option<String>,
+    /// Round-trip time from heartbeats, in ms.
+    pub rtt_ms: Option<f64>,
+    /// Connections from this replica so far, minus one.
+    pub reconnects: u64,
+    /// Largest lag over all spaces.
+    pub max_lag: Lag,
+    /// Frame bytes sent on the current connection.
+    pub bytes_sent: u64,
+    /// Entries sent on the current connection.
+    pub entries_sent: u64,
+    /// QUIC path statistics of the current connection.
+    pub path: Option<PathStats>,
+    /// Per space.
+    pub spaces: Vec<SpaceReplication>,
+}
+
+/// QUIC path statistics.
+#[derive(Clone, Debug, Serialize, Default)]
+pub struct PathStats {
+    /// Smoothed RTT estimate of the congestion controller, in ms.
+    pub rtt_ms: f64,
+    /// Congestion window in bytes.
+    pub cwnd: u64,
+    /// Congestion events.
+    pub congestion_events: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// UDP bytes sent.
+    pub udp_tx_bytes: u64,
+    /// UDP bytes received.
+    pub udp_rx_bytes: u64,
+}
+
+impl PathStats {
+    pub(crate) fn of(conn: &quinn::Connection) -> PathStats {
+        let s = conn.stats();
+        PathStats {
+            rtt_ms: s.path.rtt.as_secs_f64() * 1e3,
+            cwnd: s.path.cwnd,
+            congestion_events: s.path.congestion_events,
+            lost_packets: s.path.lost_packets,
+            udp_tx_bytes: s.udp_tx.bytes,
+            udp_rx_bytes: s.udp_rx.bytes,
+        }
+    }
+}
+
+/// Everything a primary reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct PrimaryStatus {
+    /// Role, always "primary".
+    pub role: &'static str,
+    /// Node name.
+    pub name: String,
+    /// Current epoch.
+    pub epoch: Epoch,
+    /// Listen address.
+    pub listen: String,
+    /// Every space's log.
+    pub spaces: Vec<SpaceLog>,
+    /// Every replica seen since start.
+    pub replicas: Vec<ReplicaView>,
+}
+
+/// A replica's connection state.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectionState {
+    /// Dialing or waiting to be dialed.
+    Connecting,
+    /// Connected and replicating.
+    Connected,
+    /// Lost its primary; retrying with backoff.
+    Disconnected,
+    /// Shut down.
+    Stopped,
+}
+
+/// One space on a replica.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplicaSpace {
+    /// The log.
+    #[serde(flatten)]
+    pub log: SpaceLog,
+    /// Last sequence handed to the apply hook and returned.
+    pub applied_seq: Seq,
+    /// Catch-up requests sent for this space.
+    pub catch_ups: u64,
+    /// The primary's last error about this space, if any (diverged, truncated).
+    pub error: Option<String>,
+}
+
+/// Everything a replica reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplicaStatus {
+    /// Role, always "replica".
+    pub role: &'static str,
+    /// Node name.
+    pub name: String,
+    /// Connection state.
+    pub connection: ConnectionState,
+    /// The primary's name once connected.
+    pub primary: Option<String>,
+    /// Primary's epoch from the last welcome.
+    pub epoch: Epoch,
+    /// Round-trip time from heartbeats, in ms.
+    pub rtt_ms: Option<f64>,
+    /// Successful connections so far, minus one.
+    pub reconnects: u64,
+    /// Last connection error, if the replica is not connected.
+    pub last_error: Option<String>,
+    /// Every space.
+    pub spaces: Vec<ReplicaSpace>,
+}
+
+/// Writes `value` as pretty JSON to `path` atomically (a temporary file in the same folder, then a
+/// rename), so a reader never sees a half-written status.
+pub fn write_json_atomic(path: &std::path::Path, value: &impl Serialize) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, path)
+}

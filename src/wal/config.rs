@@ -1,0 +1,118 @@
+//! Tunables of a space's write-ahead log, with the reasons behind their defaults.
+
+use std::time::Duration;
+
+/// When appended records are forced to stable storage (fsync).
+///
+/// Every policy survives a process crash (`kill -9`): `append` returns only after its bytes are in the OS
+/// page cache. The policies differ in what survives a power loss or an OS crash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// `append` returns after an fsync covering its entries. Concurrent appenders share one fsync
+    /// (group commit), so throughput grows with the number of writers while each waits about one fsync.
+    Always,
+    /// `append` returns once the OS has the bytes; a background thread fsyncs dirty logs every interval
+    /// and advances `durable_seq`. A power loss loses at most about one interval of entries.
+    /// A zero interval is treated as 1 ms.
+    Interval(Duration),
+    /// No fsync at all (the OS writes back when it wants); `durable_seq` follows `last_seq`.
+    /// A power loss can lose any amount of recent entries, and may leave a sealed segment short, which
+    /// recovery then reports as corruption rather than guessing.
+    Never,
+}
+
+/// Settings of a [`SpaceWal`](super::SpaceWal) (all spaces of a [`WalStore`](super::WalStore) share one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalConfig {
+    /// A segment is sealed and a new one started when the next record would make it larger than this.
+    /// Retention deletes whole segments, so this is also the granularity of `truncate_prefix`.
+    /// Default 64 MiB. A record larger than this still goes, alone, into its own segment.
+    pub segment_bytes: u64,
+    /// Durability of appends. Default `Interval(10 ms)`: appends cost no fsync, and a power loss loses
+    /// at most about 10 ms of entries, which replication to another node covers.
+    pub sync: SyncPolicy,
+    /// Memory tail budget in bytes (payload + 33 bytes per entry): recent entries are served to
+    /// shippers from memory without disk I/O. Default 32 MiB.
+    pub tail_max_bytes: usize,
+    /// Memory tail budget in entries. Default 262 144. 0 disables the tail (every read goes to disk).
+    pub tail_max_entries: usize,
+    /// Largest payload accepted, and the bound on any length read from disk. Default 16 MiB.
+    /// Never lower it below the largest entry already written: recovery treats a longer record as damage.
+    pub max_entry_bytes: u32,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            segment_bytes: 64 * 1024 * 1024,
+            sync: SyncPolicy::Interval(Duration::from_millis(10)),
+            tail_max_bytes: 32 * 1024 * 1024,
+            tail_max_entries: 262_144,
+            max_entry_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl WalConfig {
+    /// Sets [`WalConfig::segment_bytes`].
+    pub fn segment_bytes(mut self, bytes: u64) -> Self {
+        self.segment_bytes = bytes;
+        self
+    }
+
+    /// Sets [`WalConfig::sync`].
+    pub fn sync(mut self, policy: SyncPolicy) -> Self {
+        self.sync = policy;
+        self
+    }
+
+    /// Sets [`WalConfig::tail_max_bytes`].
+    pub fn tail_max_bytes(mut self, bytes: usize) -> Self {
+        self.tail_max_bytes = bytes;
+        self
+    }
+
+    /// Sets [`WalConfig::tail_max_entries`].
+    pub fn tail_max_entries(mut self, entries: usize) -> Self {
+        self.tail_max_entries = entries;
+        self
+    }
+
+    /// Sets [`WalConfig::max_entry_bytes`].
+    pub fn max_entry_bytes(mut self, bytes: u32) -> Self {
+        self.max_entry_bytes = bytes;
+        self
+    }
+
+    /// True when this policy ever fsyncs on its own (so sealing a segment must make it durable first).
+    pub(crate) fn fsyncs(&self) -> bool {
+        !matches!(self.sync, SyncPolicy::Never)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setters_chain() {
+        let c = WalConfig::default()
+            .segment_bytes(1)
+            .sync(SyncPolicy::Always)
+            .tail_max_bytes(2)
+            .tail_max_entries(3)
+            .max_entry_bytes(4);
+        assert_eq!(
+            c,
+            WalConfig {
+                segment_bytes: 1,
+                sync: SyncPolicy::Always,
+                tail_max_bytes: 2,
+                tail_max_entries: 3,
+                max_entry_bytes: 4
+            }
+        );
+        assert!(c.fsyncs());
+        assert!(!WalConfig::default().sync(SyncPolicy::Never).fsyncs());
+    }
+}

@@ -1,0 +1,364 @@
+//! Recovery on open: rebuilds a log's in-memory state from its segment files, cutting a torn tail and
+//! refusing anything else that is damaged.
+//!
+//! Rules (see `docs/WAL.md`):
+//! - every record of every segment is read back and checked (checksum, seq = previous + 1);
+//! - segments chain: each header's `first_seq` and `base_digest` continue the previous segment exactly;
+//! - damage in the last segment's records is a torn write: the file is cut to the last good record,
+//!   fsynced, and a warning logged;
+//! - damage anywhere else (a sealed segment, any header) is [`WalError::Corruption`], never skipped;
+//! - a last segment shorter than a header is a torn creation: it is deleted.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::entry::LogDigest;
+use crate::types::{Epoch, Seq};
+
+use super::config::WalConfig;
+use super::error::{IoContext, WalError};
+use super::fs::{create_segment, open_rw, read_exact_at, sync_dir};
+use super::segment::{parse_segment_name, segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
+use super::scan::{check_record, Scan, Scanner};
+use super::tail::MemTail;
+
+/// Bytes read per system call while scanning segments.
+const RECOVERY_CHUNK: usize = 4 * 1024 * 1024;
+
+/// A log's state as found on disk.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    /// Sealed segments, oldest first.
+    pub sealed: Vec<Segment>,
+    /// The last segment, where appends continue.
+    pub active: Segment,
+    /// The active segment's file, open for writing.
+    pub active_file: File,
+    pub last_seq: Seq,
+    pub last_epoch: Epoch,
+    pub digest: LogDigest,
+    pub tail: MemTail,
+}
+
+/// Recovers the log stored in `dir` (which exists), creating its first segment if it has none.
+pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalError> {
+    let names = list_segments(dir)?;
+    let mut tail = MemTail::new(config.tail_max_bytes, config.tail_max_entries);
+    let mut segments: Vec<Segment> = Vec::with_capacity(names.len());
+    let mut digest = LogDigest::EMPTY;
+    let mut last_epoch = Epoch(0);
+    let mut active = None;
+    let count = names.len();
+
+    for (i, (name_seq, path)) in names.into_iter().enumerate() {
+        let is_last = i + 1 == count;
+        let file = open_rw(&path)?;
+        let file_len = file.metadata().ctx("stat segment", &path)?.len();
+
+        if file_len < SEGMENT_HEADER_LEN {
+            // A segment is created (header written) right before its first record: a short last
+            // segment is a creation cut by a crash. Its base digest is then known only if it follows
+            // another segment (or starts the log).
+            if is_last && (i > 0 || name_seq == Seq(1)) {
+                tracing::warn!(file = %path.display(), bytes = file_len, "WAL: deleting a segment whose creation was cut by a crash");
+                drop(file);
+                std::fs::remove_file(&path).ctx("delete torn segment", &path)?;
+                sync_dir(dir)?;
+                break;
+            }
+            return Err(WalError::corruption(
+                &path,
+                0,
+                format!("segment is {file_len} bytes, shorter than its {SEGMENT_HEADER_LEN}-byte header"),
+            ));
+        }
+
+        let mut raw = [0u8; SEGMENT_HEADER_LEN as usize];
+        read_exact_at(&file, &mut raw, 0).ctx("read segment header", &path)?;
+        let header = SegmentHeader::decode(&raw).map_err(|reason| WalError::corruption(&path, 0, reason))?;
+        if header.first_seq != name_seq {
+            return Err(WalError::corruption(
+                &path,
+                16,
+                format!("header says the segment starts at {} but its name says {name_seq}", header.first_seq),
+            ));
+        }
+        if let Some(prev) = segments.last() {
+            if header.first_seq != prev.last_seq.next() {
+                return Err(WalError::corruption(
+                    &path,
+                    16,
+                    format!(
+                        "segment starts at {} but {} ends at {}: entries are missing between segments",
+                        header.first_seq,
+                        prev.path.display(),
+                        prev.last_seq
+                    ),
+                ));
+            }
+            if header.base_digest != digest {
+                return Err(WalError::corruption(
+                    &path,
+                    24,
+                    format!("base digest {} does not continue the log's digest {digest}", header.base_digest),
+                ));
+            }
+        } else {
+            digest = header.base_digest;
+        }
+
+        let mut seg = Segment::new(path, header);
+        let mut scanner = Scanner::new(&file, SEGMENT_HEADER_LEN, file_len, RECOVERY_CHUNK, config.max_entry_bytes);
+        let damage = loop {
+            let rec = match scanner.next_record().ctx("read segment", &seg.path)? {
+                Scan::End => break None,
+                Scan::Bad { offset, reason } => break Some((offset, reason)),
+                Scan::Record(r) => r,
+            };
+            if let Err(reason) = check_record(&rec.entry, seg.last_seq.next()) {
+                break Some((rec.offset, reason));
+            }
+            let e = rec.entry;
+            seg.index.note(e.seq, rec.offset, digest);
+            digest = digest.step(e.seq, e.kind, &e.payload);
+            seg.last_seq = e.seq;
+            seg.len = rec.offset + rec.len;
+            last_epoch = e.epoch;
+            tail.push(e);
+        };
+
+        if let Some((offset, reason)) = damage {
+            if !is_last {
+                return Err(WalError::corruption(&seg.path, offset, format!("{reason} (in a sealed segment)")));
+            }
+            tracing::warn!(
+                file = %seg.path.display(),
+                offset,
+                cut_bytes = file_len - offset,
+                last_seq = %seg.last_seq,
+                %reason,
+                "WAL: cutting a torn tail after the last complete record"
+            );
+            file.set_len(offset).ctx("truncate torn tail of", &seg.path)?;
+            file.sync_all().ctx("fsync", &seg.path)?;
+        }
+        if is_last {
+            active = Some(file);
+        }
+        segments.push(seg);
+    }
+
+    let (active, active_file) = match (segments.pop(), active) {
+        (Some(seg), Some(file)) => (seg, file),
+        // The torn last segment was deleted: the one before it is active again.
+        (Some(seg), None) => {
+            let file = open_rw(&seg.path)?;
+            (seg, file)
+        }
+        (None, _) => {
+            let header = SegmentHeader { first_seq: Seq(1), base_digest: LogDigest::EMPTY };
+            let path = dir.join(segment_file_name(header.first_seq));
+            let file = create_segment(dir, &path, &header, config.fsyncs())?;
+            (Segment::new(path, header), file)
+        }
+    };
+    Ok(Recovered { last_seq: active.last_seq, sealed: segments, active, active_file, last_epoch, digest, tail })
+}
+
+/// Segment files of `dir` in sequence order. Deletes leftover `.tmp` files of cut segment creations.
+fn list_segments(dir: &Path) -> Result<Vec<(Seq, PathBuf)>, WalError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).ctx("list", dir)? {
+        let entry = entry.ctx("list", dir)?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(seq) = parse_segment_name(name) {
+            out.push((seq, entry.path()));
+        } else if name.strip_suffix(".tmp").and_then(parse_segment_name).is_some() {
+            tracing::warn!(file = %entry.path().display(), "WAL: deleting a leftover segment creation");
+            std::fs::remove_file(entry.path()).ctx("delete leftover", &entry.path())?;
+        }
+    }
+    out.sort_unstable_by_key(|(seq, _)| *seq);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::wal::segment::record_len;
+    use crate::wal::{SpaceWal, SyncPolicy};
+    use crate::SpaceId;
+
+    fn config() -> WalConfig {
+        WalConfig::default().sync(SyncPolicy::Never)
+    }
+
+    fn space() -> SpaceId {
+        SpaceId::new("s").unwrap()
+    }
+
+    fn payload(i: u64) -> Bytes {
+        Bytes::from(format!("entry-{i}-{}", "x".repeat(i as usize % 7)))
+    }
+
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+
+    #[test]
+    fn torn_write_at_every_byte_of_the_last_record() {
+        let root = tempfile::tempdir().unwrap();
+        let n = 6u64;
+        let (full_digest, prefix_digest, expected) = {
+            let wal = SpaceWal::open(root.path(), space(), config()).unwrap();
+            for i in 1..=n {
+                wal.append(Epoch(1), 1, payload(i)).unwrap();
+            }
+            let all = wal.read_from(Seq(1), 100, usize::MAX).unwrap();
+            let prefix = all[..(n - 1) as usize].iter().fold(LogDigest::EMPTY, |d, e| d.step(e.seq, e.kind, &e.payload));
+            (wal.digest(), prefix, all)
+        };
+        let src = root.path().join("s");
+        let seg = segment_files(&src).pop().unwrap();
+        let full_len = std::fs::metadata(&seg).unwrap().len();
+        let last_len = record_len(payload(n).len());
+        assert_ne!(full_digest, prefix_digest);
+
+        for cut in 0..last_len {
+            let copy = tempfile::tempdir().unwrap();
+            copy_dir(&src, &copy.path().join("s"));
+            let f = std::fs::OpenOptions::new().write(true).open(copy.path().join("s").join(seg.file_name().unwrap())).unwrap();
+            f.set_len(full_len - last_len + cut).unwrap();
+            drop(f);
+
+            let wal = SpaceWal::open(copy.path(), space(), config()).unwrap();
+            assert_eq!(wal.last_seq(), Seq(n - 1), "cut at byte {cut}");
+            assert_eq!(wal.digest(), prefix_digest, "cut at byte {cut}");
+            assert_eq!(wal.read_from(Seq(1), 100, usize::MAX).unwrap(), expected[..(n - 1) as usize]);
+            // The log continues where the good records end.
+            let e = &expected[(n - 1) as usize];
+            assert_eq!(wal.append(e.epoch, e.kind, e.payload.clone()).unwrap(), Seq(n));
+            assert_eq!(wal.digest(), full_digest);
+            drop(wal);
+            let wal = SpaceWal::open(copy.path(), space(), config()).unwrap();
+            assert_eq!((wal.last_seq(), wal.digest()), (Seq(n), full_digest), "reopen after cut at byte {cut}");
+        }
+    }
+
+    #[test]
+    fn damaged_last_record_is_cut() {
+        let root = tempfile::tempdir().unwrap();
+        {
+            let wal = SpaceWal::open(root.path(), space(), config()).unwrap();
+            for i in 1..=3 {
+                wal.append(Epoch(1), 1, payload(i)).unwrap();
+            }
+        }
+        let seg = segment_files(&root.path().join("s")).pop().unwrap();
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        std::fs::write(&seg, &bytes).unwrap();
+        let wal = SpaceWal::open(root.path(), space(), config()).unwrap();
+        assert_eq!(wal.last_seq(), Seq(2));
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), (bytes.len() as u64) - record_len(payload(3).len()));
+    }
+
+    /// Builds a log of three or more segments; returns its folder and the segment files.
+    fn multi_segment_log(root: &Path) -> (PathBuf, Vec<PathBuf>) {
+        let wal = SpaceWal::open(root, space(), config().segment_bytes(200)).unwrap();
+        for i in 1..=20 {
+            wal.append(Epoch(1), 1, payload(i)).unwrap();
+        }
+        let dir = root.join("s");
+        let segs = segment_files(&dir);
+        assert!(segs.len() >= 3, "{segs:?}");
+        (dir, segs)
+    }
+
+    #[test]
+    fn flipped_byte_in_a_sealed_segment_is_corruption() {
+        let root = tempfile::tempdir().unwrap();
+        let (_, segs) = multi_segment_log(root.path());
+        let sealed = &segs[1];
+        let mut bytes = std::fs::read(sealed).unwrap();
+        // First record's payload: after the segment header and the record header.
+        let at = SEGMENT_HEADER_LEN as usize + 33 + 2;
+        bytes[at] ^= 0x10;
+        std::fs::write(sealed, &bytes).unwrap();
+        match SpaceWal::open(root.path(), space(), config().segment_bytes(200)) {
+            Err(WalError::Corruption { file, offset, reason }) => {
+                assert_eq!(&file, sealed);
+                assert_eq!(offset, SEGMENT_HEADER_LEN);
+                assert!(reason.contains("checksum"), "{reason}");
+            }
+            other => panic!("expected corruption, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn truncated_sealed_segment_is_corruption() {
+        let root = tempfile::tempdir().unwrap();
+        let (_, segs) = multi_segment_log(root.path());
+        let len = std::fs::metadata(&segs[0]).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&segs[0]).unwrap().set_len(len - 1).unwrap();
+        let err = SpaceWal::open(root.path(), space(), config()).unwrap_err();
+        assert!(matches!(&err, WalError::Corruption { file, .. } if file == &segs[0]), "{err}");
+    }
+
+    #[test]
+    fn bad_header_or_missing_segment_is_corruption() {
+        let root = tempfile::tempdir().unwrap();
+        let (_, segs) = multi_segment_log(root.path());
+        // A damaged header, even in the last segment.
+        let last = segs.last().unwrap();
+        let mut bytes = std::fs::read(last).unwrap();
+        bytes[20] ^= 1;
+        std::fs::write(last, &bytes).unwrap();
+        let err = SpaceWal::open(root.path(), space(), config()).unwrap_err();
+        assert!(matches!(&err, WalError::Corruption { file, offset: 0, .. } if file == last), "{err}");
+        bytes[20] ^= 1;
+        std::fs::write(last, &bytes).unwrap();
+        // A missing middle segment: a gap between segments.
+        std::fs::remove_file(&segs[1]).unwrap();
+        let err = SpaceWal::open(root.path(), space(), config()).unwrap_err();
+        assert!(matches!(&err, WalError::Corruption { file, .. } if file == &segs[2]), "{err}");
+    }
+
+    #[test]
+    fn torn_segment_creation_is_deleted() {
+        let root = tempfile::tempdir().unwrap();
+        let (dir, segs) = multi_segment_log(root.path());
+        let (last_seq, digest) = {
+            let wal = SpaceWal::open(root.path(), space(), config()).unwrap();
+            (wal.last_seq(), wal.digest())
+        };
+        let next = dir.join(segment_file_name(last_seq.next()));
+        std::fs::write(&next, [b'W', b'S']).unwrap();
+        std::fs::write(dir.join(format!("{}.tmp", segment_file_name(Seq(999)))), b"junk").unwrap();
+        let wal = SpaceWal::open(root.path(), space(), config().segment_bytes(200)).unwrap();
+        assert_eq!((wal.last_seq(), wal.digest()), (last_seq, digest));
+        assert_eq!(segment_files(&dir), segs);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), segs.len(), "leftover .tmp deleted");
+        assert_eq!(wal.append(Epoch(1), 1, payload(21)).unwrap(), last_seq.next());
+    }
+}

