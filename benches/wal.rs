@@ -77,6 +77,60 @@ fn bench_append(c: &mut Criterion) {
     group.finish();
 }
 
+/// `append` while a shipper is subscribed to the log (every append then wakes the watch): the live case.
+fn bench_append_subscribed(c: &mut Criterion) {
+    let payload = Bytes::from(vec![0x5au8; ENTRY_BYTES]);
+    let mut group = c.benchmark_group("wal_append_128b");
+    group.sample_size(30).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    let dir = tempfile::tempdir().unwrap();
+    let wal = SpaceWal::open(dir.path(), space(), WalConfig::default().sync(SyncPolicy::Never)).unwrap();
+    let _shipper = wal.subscribe();
+    group.throughput(Throughput::Elements(1));
+    group.bench_function(BenchmarkId::new("append", "never_subscribed"), |b| {
+        b.iter_custom(|iters| {
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                wal.append(Epoch(1), 1, payload.clone()).unwrap();
+            }
+            let took = t0.elapsed();
+            retain(&wal);
+            took
+        })
+    });
+    group.finish();
+}
+
+/// `SyncPolicy::Always` with 8 threads appending at once: group commit shares each fsync among them.
+fn bench_group_commit(c: &mut Criterion) {
+    const THREADS: u64 = 8;
+    let payload = Bytes::from(vec![0x5au8; ENTRY_BYTES]);
+    let mut group = c.benchmark_group("wal_append_128b");
+    group.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
+    let dir = tempfile::tempdir().unwrap();
+    let wal = SpaceWal::open(dir.path(), space(), WalConfig::default().sync(SyncPolicy::Always)).unwrap();
+    group.throughput(Throughput::Elements(1));
+    group.bench_function(BenchmarkId::new("append", "always_8_threads"), |b| {
+        b.iter_custom(|iters| {
+            let per_thread = iters.div_ceil(THREADS);
+            let t0 = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..THREADS {
+                    s.spawn(|| {
+                        for _ in 0..per_thread {
+                            wal.append(Epoch(1), 1, payload.clone()).unwrap();
+                        }
+                    });
+                }
+            });
+            let took = t0.elapsed();
+            retain(&wal);
+            // Normalize to `iters` appends (the threads did per_thread * THREADS >= iters).
+            took.mul_f64(iters as f64 / (per_thread * THREADS) as f64)
+        })
+    });
+    group.finish();
+}
+
 fn bench_catch_up(c: &mut Criterion) {
     // 64 MiB of entries in 8 MiB segments, memory tail off: every read goes to the segment files (the
     // page cache, after the first pass), starting from the sparse index.
@@ -109,5 +163,5 @@ fn bench_catch_up(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_append, bench_catch_up);
+criterion_group!(benches, bench_append, bench_append_subscribed, bench_group_commit, bench_catch_up);
 criterion_main!(benches);

@@ -34,7 +34,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    common::init_tracing();
+    common::init_tracing_with("warn");
     match run(Args::parse()).await {
         Ok(true) => {}
         Ok(false) => std::process::exit(2),
@@ -96,7 +96,9 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         let mut marks = Vec::new();
         for r in &replicas {
             let s = r.status();
-            let same = s.spaces.iter().any(|x| x.log.space == space.space && x.log.last_seq == space.last_seq && x.log.digest == space.digest);
+            let same = s.spaces.iter().any(|x| {
+                x.log.space == space.space && x.log.last_seq == space.last_seq && x.log.digest == space.digest
+            });
             identical &= same;
             marks.push(format!("{} {}", s.name, if same { "identical" } else { "DIFFERENT" }));
         }

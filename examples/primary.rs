@@ -92,11 +92,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer = if args.spaces > 0 {
-        let spaces = common::space_names(args.spaces)
-            .iter()
-            .map(|s| primary.space(s))
-            .collect::<Result<Vec<_>, _>>()?;
-        Some(common::spawn_writer(spaces, Epoch(args.epoch), args.rate, args.entry_bytes, args.total, args.seed, stop.clone()))
+        let spaces =
+            common::space_names(args.spaces).iter().map(|s| primary.space(s)).collect::<Result<Vec<_>, _>>()?;
+        Some(common::spawn_writer(
+            spaces,
+            Epoch(args.epoch),
+            args.rate,
+            args.entry_bytes,
+            args.total,
+            args.seed,
+            stop.clone(),
+        ))
     } else {
         None
     };

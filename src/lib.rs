@@ -28,6 +28,7 @@ pub mod codec;
 pub mod config;
 pub mod entry;
 pub mod net;
+pub mod netsim;
 pub mod payload;
 pub mod protocol;
 pub mod types;

@@ -31,7 +31,9 @@ async fn next_control(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Contr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_frame_is_recovered_by_catch_up_without_disturbing_other_spaces() {
     let c = Cluster::new();
-    let endpoint = server_endpoint("127.0.0.1:0".parse().unwrap(), &c.ca.issue("primary").unwrap(), &TransportSettings::default()).unwrap();
+    let endpoint =
+        server_endpoint("127.0.0.1:0".parse().unwrap(), &c.ca.issue("primary").unwrap(), &TransportSettings::default())
+            .unwrap();
     let mut cfg = c.replica_config("replica-1", endpoint.local_addr().unwrap());
     // This hand-driven primary sends no heartbeats.
     cfg.heartbeat.timeout = Duration::from_secs(120);

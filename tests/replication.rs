@@ -42,7 +42,10 @@ async fn replica_killed_and_restarted_resumes_without_loss_or_duplicates() {
     let spaces = spaces(8);
     let r1 = c.replica("replica-1", primary.local_addr()).await;
     write(&primary, &spaces, 500).await;
-    wait_for("some entries on the replica", || r1.status().spaces.iter().map(|s| s.log.last_seq.0).sum::<u64>() > 1_000).await;
+    wait_for("some entries on the replica", || {
+        r1.status().spaces.iter().map(|s| s.log.last_seq.0).sum::<u64>() > 1_000
+    })
+    .await;
     // A crash: tasks aborted, no shutdown, no sync.
     drop(r1);
     write(&primary, &spaces, 500).await;
@@ -151,12 +154,10 @@ async fn replicas_from_another_ca_are_refused_and_the_primary_keeps_serving() {
     let primary = c.primary().await;
     let good = c.replica("replica-1", primary.local_addr()).await;
     let other_ca = walship::net::tls::ClusterCa::generate("intruder CA").unwrap();
-    let intruder = Replica::start(
-        c.replica_config("replica-2", primary.local_addr()),
-        other_ca.issue("replica-2").unwrap(),
-    )
-    .await
-    .unwrap();
+    let intruder =
+        Replica::start(c.replica_config("replica-2", primary.local_addr()), other_ca.issue("replica-2").unwrap())
+            .await
+            .unwrap();
     let spaces = spaces(3);
     write(&primary, &spaces, 200).await;
     converge(&primary, &[&good]).await;
@@ -189,5 +190,24 @@ async fn a_second_connection_from_the_same_replica_replaces_the_first() {
     assert!(primary.status().replicas[0].reconnects >= 1);
     drop(a);
     b.shutdown().await;
+    primary.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_can_dial_a_replica_that_waits_for_it() {
+    let c = Cluster::new();
+    let mut cfg = c.replica_config("replica-1", "127.0.0.1:1".parse().unwrap());
+    cfg.primary = None;
+    cfg.listen = Some("127.0.0.1:0".parse().unwrap());
+    let replica = Replica::start(cfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
+    let mut pcfg = c.primary_config("127.0.0.1:0".parse().unwrap());
+    pcfg.dial_replicas =
+        vec![walship::config::ReplicaAddr { name: "replica-1".into(), addr: replica.local_addr().unwrap() }];
+    let primary = walship::Primary::start(pcfg, c.ca.issue("primary").unwrap()).await.unwrap();
+    let spaces = spaces(4);
+    write(&primary, &spaces, 500).await;
+    converge(&primary, &[&replica]).await;
+    assert_eq!(replica.status().connection, ConnectionState::Connected);
+    replica.shutdown().await;
     primary.shutdown().await;
 }

@@ -37,7 +37,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         (s, 1.0)
     };
     let v: f64 = num.parse().map_err(|_| bad())?;
-    if !(v >= 0.0) {
+    if v.is_nan() || v < 0.0 {
         return Err(bad());
     }
     Ok(Duration::from_secs_f64(v * scale))
@@ -127,7 +127,12 @@ pub fn write_status(path: &Option<PathBuf>, value: &impl serde::Serialize) {
 
 /// Sets up logging from RUST_LOG (default: warnings and walship info).
 pub fn init_tracing() {
+    init_tracing_with("warn,walship=info")
+}
+
+/// Sets up logging from RUST_LOG, or `default` when it is not set.
+pub fn init_tracing_with(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,walship=info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
 }

@@ -80,8 +80,16 @@ impl Primary {
     /// Opens the WAL under `config.data_dir`, binds `config.listen` and starts serving replicas.
     pub async fn start(config: PrimaryConfig, identity: NodeIdentity) -> Result<Primary, NetError> {
         config.validate()?;
-        let store = WalStore::open(&config.data_dir, config.wal.clone())?;
         let endpoint = endpoint::server_endpoint(config.listen, &identity, &config.transport)?;
+        Self::with_endpoint(config, endpoint).await
+    }
+
+    /// Starts on an endpoint built by the caller (a simulated link, a shared socket). The endpoint must
+    /// have a server config requiring client certificates and a default client config, as
+    /// [`endpoint::server_endpoint`] makes them.
+    pub async fn with_endpoint(config: PrimaryConfig, endpoint: quinn::Endpoint) -> Result<Primary, NetError> {
+        config.validate()?;
+        let store = WalStore::open(&config.data_dir, config.wal.clone())?;
         let shared = Arc::new(Shared {
             node_id: NodeId::from_name(&config.name),
             config,
@@ -167,7 +175,15 @@ impl Primary {
             view.max_lag.entries = view.max_lag.entries.max(lag.entries);
             view.max_lag.bytes = view.max_lag.bytes.max(lag.bytes);
             view.max_lag.ms = view.max_lag.ms.max(lag.ms);
-            view.spaces.push(SpaceReplication { space: wal.space().clone(), head: wal.last_seq(), sent, durable, applied, lag, error });
+            view.spaces.push(SpaceReplication {
+                space: wal.space().clone(),
+                head: wal.last_seq(),
+                sent,
+                durable,
+                applied,
+                lag,
+                error,
+            });
         }
         view.state = Health::classify(
             connected,
@@ -200,8 +216,8 @@ impl Primary {
                 tracing::warn!(space = %wal.space(), error = %e, "sync at shutdown failed");
             }
         }
-        // Give the close frames a moment to leave.
-        let _ = tokio::time::timeout(Duration::from_millis(200), self.shared.endpoint.wait_idle()).await;
+        // Let the close frames leave and the connections drain, so the address is free again.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
     }
 }
 
@@ -395,6 +411,7 @@ async fn control_reader(session: Arc<Session>, mut control: ControlReader) {
         let msg = match control.read().await {
             Ok(Some(m)) => m,
             Ok(None) => return,
+            Err(NetError::Read(quinn::ReadError::ConnectionLost(_))) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "bad control message from replica; closing the connection");
                 session.conn.close(close::PROTOCOL, b"bad control message");
@@ -439,11 +456,7 @@ async fn space_manager(shared: Arc<Shared>, session: Arc<Session>, positions: Ha
             if lock(&session.spaces).contains_key(wal.space()) {
                 continue;
             }
-            let local = LocalLog {
-                first_seq: wal.first_seq(),
-                last_seq: wal.last_seq(),
-                epoch_at_replica_last: None,
-            };
+            let local = LocalLog { first_seq: wal.first_seq(), last_seq: wal.last_seq(), epoch_at_replica_last: None };
             let start = match positions.get(wal.space()) {
                 None => resume_point(local, &empty_position(wal.space())),
                 Some(pos) => {
@@ -480,7 +493,12 @@ async fn space_manager(shared: Arc<Shared>, session: Arc<Session>, positions: Ha
 }
 
 fn empty_position(space: &SpaceId) -> SpacePosition {
-    SpacePosition { space: space.clone(), last_seq: Seq::ZERO, last_epoch: Default::default(), digest: Default::default() }
+    SpacePosition {
+        space: space.clone(),
+        last_seq: Seq::ZERO,
+        last_epoch: Default::default(),
+        digest: Default::default(),
+    }
 }
 
 enum Interrupt {

@@ -96,12 +96,28 @@ impl Replica {
         hook: Option<Arc<dyn ApplyHook>>,
     ) -> Result<Replica, NetError> {
         config.validate()?;
-        let store = WalStore::open(&config.data_dir, config.wal.clone())?;
         let endpoint = match config.listen {
             Some(addr) => endpoint::server_endpoint(addr, &identity, &config.transport)?,
-            None => endpoint::client_endpoint("127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()), &identity, &config.transport)
-                .or_else(|_| endpoint::client_endpoint(SocketAddr::from(([0, 0, 0, 0], 0)), &identity, &config.transport))?,
+            None => {
+                let any: SocketAddr = match config.primary {
+                    Some(p) if p.is_ipv6() => SocketAddr::from(([0u16; 8], 0)),
+                    _ => SocketAddr::from(([0, 0, 0, 0], 0)),
+                };
+                endpoint::client_endpoint(any, &identity, &config.transport)?
+            }
         };
+        Self::with_endpoint(config, endpoint, hook).await
+    }
+
+    /// Starts on an endpoint built by the caller (a simulated link, a shared socket). It needs a
+    /// default client config to dial, and a server config requiring client certificates to be dialed.
+    pub async fn with_endpoint(
+        config: ReplicaConfig,
+        endpoint: quinn::Endpoint,
+        hook: Option<Arc<dyn ApplyHook>>,
+    ) -> Result<Replica, NetError> {
+        config.validate()?;
+        let store = WalStore::open(&config.data_dir, config.wal.clone())?;
         let mut spaces = HashMap::new();
         for wal in store.spaces() {
             spaces.insert(wal.space().clone(), Arc::new(SpaceState::new(wal)));
@@ -199,7 +215,7 @@ impl Replica {
             }
         }
         lock(&self.shared.link).state = ConnectionState::Stopped;
-        let _ = tokio::time::timeout(Duration::from_millis(200), self.shared.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
     }
 }
 
@@ -282,10 +298,7 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
     let peer = tls::peer_name(&conn);
     if peer.as_deref() != Some(shared.config.primary_name.as_str()) {
         conn.close(close::UNAUTHORIZED, b"not the configured primary");
-        return Err(NetError::Protocol(format!(
-            "peer is {peer:?}, expected primary {:?}",
-            shared.config.primary_name
-        )));
+        return Err(NetError::Protocol(format!("peer is {peer:?}, expected primary {:?}", shared.config.primary_name)));
     }
     let (mut send, recv) = conn.open_bi().await?;
     let hello = Hello {
@@ -328,10 +341,8 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
             welcome.epoch, known_epoch
         )));
     }
-    let liveness = Arc::new(Mutex::new(Liveness::new(
-        tokio::time::Instant::now().into_std(),
-        shared.config.heartbeat.timeout,
-    )));
+    let liveness =
+        Arc::new(Mutex::new(Liveness::new(tokio::time::Instant::now().into_std(), shared.config.heartbeat.timeout)));
     {
         let mut link = lock(&shared.link);
         link.primary = Some(welcome.primary_name.clone());
@@ -344,21 +355,28 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
     tracing::info!(primary = %welcome.primary_name, epoch = %welcome.epoch, "connected to the primary");
 
     let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let session = Session { conn: conn.clone(), primary_id: welcome.primary_id, epoch: welcome.epoch, control: control_tx };
+    let session =
+        Session { conn: conn.clone(), primary_id: welcome.primary_id, epoch: welcome.epoch, control: control_tx };
     let mut tasks = JoinSet::new();
     tasks.spawn(control_writer(send, control_rx));
     tasks.spawn(control_reader(shared.clone(), control, conn.clone()));
     tasks.spawn(ack_loop(shared.clone(), session.clone()));
     {
         let shared2 = shared.clone();
-        tasks.spawn(heartbeat::run(conn.clone(), shared.config.heartbeat.clone(), liveness, welcome.epoch, move || {
-            let spaces = shared2.store.spaces();
-            SeqSummary {
-                spaces: spaces.len() as u32,
-                total_last_seq: spaces.iter().map(|w| w.last_seq().0).sum(),
-                max_lag_entries: 0,
-            }
-        }));
+        tasks.spawn(heartbeat::run(
+            conn.clone(),
+            shared.config.heartbeat.clone(),
+            liveness,
+            welcome.epoch,
+            move || {
+                let spaces = shared2.store.spaces();
+                SeqSummary {
+                    spaces: spaces.len() as u32,
+                    total_last_seq: spaces.iter().map(|w| w.last_seq().0).sum(),
+                    max_lag_entries: 0,
+                }
+            },
+        ));
     }
     let streams = {
         let shared = shared.clone();
@@ -406,7 +424,7 @@ async fn control_reader(shared: Arc<Shared>, mut control: ControlReader, conn: C
                 conn.close(close::PROTOCOL, b"unexpected control message");
                 return;
             }
-            Ok(None) => return,
+            Ok(None) | Err(NetError::Read(quinn::ReadError::ConnectionLost(_))) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "bad control message from the primary; closing");
                 conn.close(close::PROTOCOL, b"bad control message");
@@ -476,7 +494,11 @@ async fn receive_stream(shared: Arc<Shared>, session: Session, mut recv: RecvStr
         tracing::info!(space = %header.space, %from, %reason, "asking the primary for catch-up");
         state.catch_ups.fetch_add(1, Ordering::Relaxed);
         let _ = recv.stop(stream_code::CATCH_UP);
-        let _ = session.control.send(ControlMessage::CatchUp(CatchUp { space: header.space.clone(), from_seq: from, reason }));
+        let _ = session.control.send(ControlMessage::CatchUp(CatchUp {
+            space: header.space.clone(),
+            from_seq: from,
+            reason,
+        }));
     }
 }
 
@@ -517,7 +539,10 @@ async fn receive_batches(
         }
         let last_before = wal.last_seq();
         if h.start_seq > last_before.next() {
-            return StreamEnd::CatchUp(format!("gap: batch starts at {} but the log ends at {last_before}", h.start_seq));
+            return StreamEnd::CatchUp(format!(
+                "gap: batch starts at {} but the log ends at {last_before}",
+                h.start_seq
+            ));
         }
         if h.last_seq() <= last_before {
             continue; // Already held (a resent batch after a catch-up race).

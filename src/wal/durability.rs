@@ -15,6 +15,22 @@ use tokio::sync::watch;
 
 use crate::types::Seq;
 
+/// Stores `value` in `tx`, waking receivers only if there are any.
+///
+/// Waking a watch's receivers costs about 100 ns even when none waits, which is a large share of an
+/// append; with no receiver the value is stored silently (a later `subscribe` still sees it). Callers
+/// hold the lock that `subscribe` takes, so a receiver cannot appear between the count and the store.
+pub(crate) fn publish(tx: &watch::Sender<Seq>, value: Seq) {
+    if tx.receiver_count() > 0 {
+        tx.send_replace(value);
+    } else {
+        tx.send_if_modified(|v| {
+            *v = value;
+            false
+        });
+    }
+}
+
 /// What a leader fsyncs, taken under the log's main lock.
 pub(crate) struct SyncTarget {
     /// The active segment (earlier segments were made durable when they were sealed).
@@ -74,34 +90,36 @@ impl Durability {
         *self.durable.borrow()
     }
 
-    /// Receiver of durable-sequence changes.
+    /// Receiver of durable-sequence changes. The caller holds the log's main lock, so no value is
+    /// published silently (see [`publish`]) while the receiver is being created.
     pub fn subscribe(&self) -> watch::Receiver<Seq> {
+        let _st = self.lock();
         self.durable.subscribe()
     }
 
     /// Raises the durable sequence to `seq` (never lowers it). Called with the log's main lock held, or
-    /// by a leader whose generation is current.
+    /// by a leader (holding this struct's lock) whose generation is current.
     pub fn advance(&self, seq: Seq) {
+        let notify = self.durable.receiver_count() > 0;
         self.durable.send_if_modified(|d| {
             let raise = seq > *d;
             if raise {
                 *d = seq;
             }
-            raise
+            raise && notify
         });
     }
 
-    /// After a suffix truncation to `after` (main lock held): lowers the durable sequence and starts a new
-    /// generation, so an fsync that began before the cut cannot mark cut entries durable.
+    /// After a suffix truncation to `after`, fsynced (main lock held): everything up to `after` is durable
+    /// and nothing more. Starts a new generation, so an fsync that began before the cut cannot mark cut
+    /// entries durable.
     pub fn truncated(&self, after: Seq, generation: u64) {
         let mut st = self.lock();
         st.generation = generation;
         self.durable.send_if_modified(|d| {
-            let lower = *d > after;
-            if lower {
-                *d = after;
-            }
-            lower
+            let changed = *d != after;
+            *d = after;
+            changed
         });
     }
 

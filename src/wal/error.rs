@@ -47,7 +47,9 @@ pub enum WalError {
         seq: Seq,
     },
     /// A replicated entry fails its end-to-end checksum.
-    #[error("space {space}: entry {seq} fails its checksum; it was damaged in transit or by its sender: fetch it again")]
+    #[error(
+        "space {space}: entry {seq} fails its checksum; it was damaged in transit or by its sender: fetch it again"
+    )]
     BadChecksum {
         /// The space.
         space: SpaceId,

@@ -77,13 +77,8 @@ pub(crate) fn create_segment(dir: &Path, path: &Path, header: &SegmentHeader, du
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = Path::new(&tmp);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(tmp)
-        .ctx("create segment", tmp)?;
+    let file =
+        OpenOptions::new().read(true).write(true).create(true).truncate(true).open(tmp).ctx("create segment", tmp)?;
     write_all_at(&file, &header.encode(), 0).ctx("write segment header", tmp)?;
     if durable {
         file.sync_all().ctx("fsync new segment", tmp)?;

@@ -9,7 +9,7 @@
 //! - [`WalStore`] (`store.rs`): a root folder with one log per space.
 //! - [`WalConfig`], [`SyncPolicy`] (`config.rs`); [`WalError`] (`error.rs`).
 //! - `segment.rs`: names, header and record format; `scan.rs`: reading records back; `recovery.rs`:
-//!   rebuilding state on open; `index.rs`: sparse seq -> offset index; `tail.rs`: memory tail;
+//!   rebuilding state on open; `index.rs`: sparse seq -> offset index; `read.rs`: disk reads for catch-up; `tail.rs`: memory tail;
 //!   `durability.rs`: group commit; `syncer.rs`: the Interval fsync thread; `fs.rs`: positional file I/O.
 
 mod config;
@@ -17,6 +17,7 @@ mod durability;
 mod error;
 mod fs;
 mod index;
+mod read;
 mod recovery;
 mod scan;
 mod segment;

@@ -18,8 +18,8 @@ use crate::types::{Epoch, Seq};
 use super::config::WalConfig;
 use super::error::{IoContext, WalError};
 use super::fs::{create_segment, open_rw, read_exact_at, sync_dir};
-use super::segment::{parse_segment_name, segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
 use super::scan::{check_record, Scan, Scanner};
+use super::segment::{parse_segment_name, segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
 use super::tail::MemTail;
 
 /// Bytes read per system call while scanning segments.
@@ -234,7 +234,8 @@ mod tests {
                 wal.append(Epoch(1), 1, payload(i)).unwrap();
             }
             let all = wal.read_from(Seq(1), 100, usize::MAX).unwrap();
-            let prefix = all[..(n - 1) as usize].iter().fold(LogDigest::EMPTY, |d, e| d.step(e.seq, e.kind, &e.payload));
+            let prefix =
+                all[..(n - 1) as usize].iter().fold(LogDigest::EMPTY, |d, e| d.step(e.seq, e.kind, &e.payload));
             (wal.digest(), prefix, all)
         };
         let src = root.path().join("s");
@@ -246,7 +247,10 @@ mod tests {
         for cut in 0..last_len {
             let copy = tempfile::tempdir().unwrap();
             copy_dir(&src, &copy.path().join("s"));
-            let f = std::fs::OpenOptions::new().write(true).open(copy.path().join("s").join(seg.file_name().unwrap())).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(copy.path().join("s").join(seg.file_name().unwrap()))
+                .unwrap();
             f.set_len(full_len - last_len + cut).unwrap();
             drop(f);
 

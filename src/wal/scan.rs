@@ -53,7 +53,15 @@ impl<'f> Scanner<'f> {
     /// A scanner of `[pos, end)` reading about `chunk` bytes per system call, refusing lengths above
     /// `max_entry_bytes`.
     pub fn new(file: &'f File, pos: u64, end: u64, chunk: usize, max_entry_bytes: u32) -> Scanner<'f> {
-        Scanner { file, pos, end, buf: Bytes::new(), buf_start: pos, chunk: chunk.max(RECORD_HEADER_LEN), max_entry_bytes }
+        Scanner {
+            file,
+            pos,
+            end,
+            buf: Bytes::new(),
+            buf_start: pos,
+            chunk: chunk.max(RECORD_HEADER_LEN),
+            max_entry_bytes,
+        }
     }
 
     /// Offset of the next record.
@@ -81,7 +89,10 @@ impl<'f> Scanner<'f> {
         if h.len > self.max_entry_bytes {
             return Ok(Scan::Bad {
                 offset,
-                reason: format!("record length {} exceeds the {}-byte limit (max_entry_bytes)", h.len, self.max_entry_bytes),
+                reason: format!(
+                    "record length {} exceeds the {}-byte limit (max_entry_bytes)",
+                    h.len, self.max_entry_bytes
+                ),
             });
         }
         let total = RECORD_HEADER_LEN as u64 + u64::from(h.len);

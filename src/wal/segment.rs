@@ -234,10 +234,7 @@ mod tests {
         let mut head = [0u8; RECORD_HEADER_LEN];
         head.copy_from_slice(&out[..RECORD_HEADER_LEN]);
         let h = RecordHeader::decode(&head);
-        assert_eq!(
-            h,
-            RecordHeader { len: 3, crc: e.crc, seq: Seq(7), epoch: Epoch(3), timestamp_us: 99, kind: 5 }
-        );
+        assert_eq!(h, RecordHeader { len: 3, crc: e.crc, seq: Seq(7), epoch: Epoch(3), timestamp_us: 99, kind: 5 });
         assert_eq!(&out[RECORD_HEADER_LEN..], b"abc");
     }
 }

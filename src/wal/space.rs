@@ -16,21 +16,21 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::entry::{entry_crc, now_us, Entry, LogDigest};
-use crate::types::{Epoch, EntryKind, Seq, SpaceId};
+use crate::types::{EntryKind, Epoch, Seq, SpaceId};
 
 use super::config::{SyncPolicy, WalConfig};
-use super::durability::{Durability, SyncFailure, SyncTarget};
+use super::durability::{publish, Durability, SyncFailure, SyncTarget};
 use super::error::{IoContext, WalError};
 use super::fs::{create_segment, open_rw, sync_dir, write_all_at};
+use super::read::{self, ReadCache};
 use super::recovery::recover;
 use super::scan::{check_record, Scan, Scanner};
 use super::segment::{encode_record, record_len, segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
 use super::syncer::{Flush, Syncer};
 use super::tail::MemTail;
 
-/// Smallest and largest read per system call on the catch-up path.
-const READ_CHUNK_MIN: usize = 64 * 1024;
-const READ_CHUNK_MAX: usize = 4 * 1024 * 1024;
+/// Read size when rebuilding a digest for a suffix truncation (at most one index interval is scanned).
+const LOCATE_CHUNK: usize = 64 * 1024;
 /// Scratch buffer capacity kept between appends; a larger one (after a huge entry) is released.
 const SCRATCH_KEEP: usize = 1024 * 1024;
 
@@ -73,6 +73,8 @@ struct Inner {
     state: Mutex<State>,
     /// Held shared by disk reads, exclusively by suffix truncation.
     disk: RwLock<()>,
+    /// Serializes retention, whose deletions run outside the state lock.
+    retention: Mutex<()>,
     durability: Durability,
     last_tx: watch::Sender<Seq>,
     /// Keeps the Interval policy's thread alive while this log is.
@@ -93,6 +95,8 @@ struct State {
     scratch: Vec<u8>,
     /// Bumped by every suffix truncation.
     generation: u64,
+    /// Resume positions and open files of disk reads.
+    reads: ReadCache,
 }
 
 impl State {
@@ -108,16 +112,6 @@ impl State {
     fn segment_count(&self) -> usize {
         self.sealed.len() + 1
     }
-}
-
-/// One segment's share of a disk read, taken under the state lock and read without it.
-struct ReadPart {
-    path: PathBuf,
-    /// The active segment's handle; sealed segments are opened by path.
-    file: Option<Arc<File>>,
-    start_offset: u64,
-    start_seq: Seq,
-    end_offset: u64,
 }
 
 impl SpaceWal {
@@ -155,6 +149,7 @@ impl SpaceWal {
             tail: r.tail,
             scratch: Vec::with_capacity(64 * 1024),
             generation: 0,
+            reads: ReadCache::default(),
         };
         // Recovery fsynced what it cut; what it read may still be only in the page cache (a previous
         // run with SyncPolicy::Never), so with an fsyncing policy make it durable before claiming so.
@@ -170,6 +165,7 @@ impl SpaceWal {
             last_tx: watch::Sender::new(state.last_seq),
             state: Mutex::new(state),
             disk: RwLock::new(()),
+            retention: Mutex::new(()),
             config,
             _syncer: syncer.clone(),
         });
@@ -249,6 +245,13 @@ impl SpaceWal {
     pub fn append_replicated(&self, entries: &[Entry]) -> Result<ReplicatedAppend, WalError> {
         for e in entries {
             self.check_len(e.payload.len())?;
+            if e.seq == Seq::ZERO {
+                return Err(WalError::OutOfRange {
+                    space: self.inner.space.clone(),
+                    seq: e.seq,
+                    reason: "entries start at 1",
+                });
+            }
             if !e.verify() {
                 return Err(WalError::BadChecksum { space: self.inner.space.clone(), seq: e.seq });
             }
@@ -285,7 +288,12 @@ impl SpaceWal {
             }
             let appended = accepted.len();
             self.inner.write_run(&mut st, &mut accepted)?;
-            (ReplicatedAppend { appended, skipped, last_seq: st.last_seq }, (appended > 0).then_some(st.last_seq))
+            // Skipped entries may be another caller's append still waiting for its fsync: under
+            // SyncPolicy::Always, wait for them too before the caller acknowledges them.
+            (
+                ReplicatedAppend { appended, skipped, last_seq: st.last_seq },
+                (!entries.is_empty()).then_some(st.last_seq),
+            )
         };
         if let Some(last) = new_last {
             self.wait_policy(last)?;
@@ -323,27 +331,41 @@ impl SpaceWal {
             }
             self.inner.plan_read(&st, from, max_entries, max_bytes)
         };
-        self.inner.read_parts(&parts, from, max_entries, max_bytes)
+        let outcome = self.inner.read_disk(parts, from, max_entries, max_bytes)?;
+        self.inner.lock().reads.remember(outcome.stop, outcome.opened);
+        Ok(outcome.entries)
     }
 
     /// Retention: deletes the oldest segments whose entries are all `<= upto` (whole segments only; never
     /// the active one). Returns the new first sequence. The digest is unchanged.
     pub fn truncate_prefix(&self, upto: Seq) -> Result<Seq, WalError> {
-        let mut st = self.inner.lock();
-        let mut removed = 0usize;
-        while let Some(seg) = st.sealed.front().filter(|s| s.last_seq <= upto) {
-            match std::fs::remove_file(&seg.path) {
+        let _retention = self.inner.retention.lock().unwrap_or_else(PoisonError::into_inner);
+        let (doomed, first) = {
+            let mut st = self.inner.lock();
+            let mut doomed = Vec::new();
+            while let Some(seg) = st.sealed.pop_front() {
+                if seg.last_seq > upto {
+                    st.sealed.push_front(seg);
+                    break;
+                }
+                doomed.push(seg.path);
+            }
+            let first = st.first_seq();
+            st.tail.drop_before(first);
+            st.reads.forget_before(first);
+            (doomed, first)
+        };
+        // Unlinked outside the state lock (deleting a large file can take milliseconds), oldest first: what
+        // a failure or a crash leaves behind is still a contiguous log, and it reappears on reopen.
+        for path in &doomed {
+            match std::fs::remove_file(path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(WalError::io("delete segment", &seg.path, e)),
+                Err(e) => return Err(WalError::io("delete segment", path, e)),
             }
-            st.sealed.pop_front();
-            removed += 1;
         }
-        let first = st.first_seq();
-        st.tail.drop_before(first);
-        if removed > 0 {
-            tracing::debug!(space = %self.inner.space, removed, first = %first, "WAL: retention deleted segments");
+        if !doomed.is_empty() {
+            tracing::debug!(space = %self.inner.space, removed = doomed.len(), first = %first, "WAL: retention deleted segments");
             if self.inner.config.fsyncs() {
                 sync_dir(&self.inner.dir)?;
             }
@@ -400,9 +422,10 @@ impl SpaceWal {
         st.last_epoch = epoch;
         st.digest = digest;
         st.tail.truncate_after(after);
+        st.reads.clear();
         st.generation += 1;
         inner.durability.truncated(after, st.generation);
-        inner.last_tx.send_replace(after);
+        publish(&inner.last_tx, after);
         tracing::info!(space = %inner.space, after = %after, "WAL: suffix truncated");
         Ok(())
     }
@@ -435,11 +458,14 @@ impl SpaceWal {
 
     /// Receiver of `last_seq` changes: appends wake waiters without polling.
     pub fn subscribe(&self) -> watch::Receiver<Seq> {
+        // Under the lock appends publish under, so no append can slip between (see `publish`).
+        let _st = self.inner.lock();
         self.inner.last_tx.subscribe()
     }
 
     /// Receiver of `durable_seq` changes.
     pub fn subscribe_durable(&self) -> watch::Receiver<Seq> {
+        let _st = self.inner.lock();
         self.inner.durability.subscribe()
     }
 
@@ -494,8 +520,21 @@ impl Inner {
 
     /// Writes `entries` (consecutive, starting at `last_seq + 1`, lengths checked) and updates the state:
     /// one `pwrite` per segment touched, rolling over to a new segment when the active one is full.
-    /// Entries' payloads are moved into the memory tail.
+    /// Entries' payloads are moved into the memory tail. Subscribers learn the new `last_seq` even if a
+    /// later part of the run failed.
     fn write_run(&self, st: &mut State, entries: &mut [Entry]) -> Result<(), WalError> {
+        let before = st.last_seq;
+        let result = self.write_parts(st, entries);
+        if st.last_seq != before {
+            publish(&self.last_tx, st.last_seq);
+            if self.config.sync == SyncPolicy::Never {
+                self.durability.advance(st.last_seq);
+            }
+        }
+        result
+    }
+
+    fn write_parts(&self, st: &mut State, entries: &mut [Entry]) -> Result<(), WalError> {
         let limit = self.config.segment_bytes;
         let mut i = 0;
         while i < entries.len() {
@@ -519,7 +558,8 @@ impl Inner {
             if let Err(e) = write_all_at(&st.active_file, &st.scratch, start) {
                 // Cut any partial write so the next record does not land after garbage.
                 if let Err(cut) = st.active_file.set_len(start) {
-                    let source = std::io::Error::new(e.kind(), format!("{e}; cutting the partial write failed too: {cut}"));
+                    let source =
+                        std::io::Error::new(e.kind(), format!("{e}; cutting the partial write failed too: {cut}"));
                     return Err(self.fail(WalError::io("write", &st.active.path, source)));
                 }
                 return Err(WalError::io("write", &st.active.path, e));
@@ -541,12 +581,6 @@ impl Inner {
         }
         if st.scratch.capacity() > SCRATCH_KEEP {
             st.scratch = Vec::with_capacity(SCRATCH_KEEP);
-        }
-        if !entries.is_empty() {
-            self.last_tx.send_replace(st.last_seq);
-            if self.config.sync == SyncPolicy::Never {
-                self.durability.advance(st.last_seq);
-            }
         }
         Ok(())
     }
@@ -573,7 +607,13 @@ impl Inner {
     }
 
     /// Entries from `from` if the memory tail can answer (or no entry exists there), `None` if disk is needed.
-    fn read_memory(&self, st: &State, from: Seq, max_entries: usize, max_bytes: usize) -> Result<Option<Vec<Entry>>, WalError> {
+    fn read_memory(
+        &self,
+        st: &State,
+        from: Seq,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Option<Vec<Entry>>, WalError> {
         if from > st.last_seq {
             return Ok(Some(Vec::new()));
         }
@@ -584,34 +624,23 @@ impl Inner {
         Ok(st.tail.read(from, max_entries, max_bytes))
     }
 
-    /// The segment ranges a disk read of `from..` needs, bounded by the limits (`first <= from <= last`).
-    fn plan_read(&self, st: &State, from: Seq, max_entries: usize, max_bytes: usize) -> Vec<ReadPart> {
-        let mut parts = Vec::new();
-        let (mut entries, mut bytes) = (0u64, 0u64);
-        let count = st.segment_count();
-        for (k, seg) in st.segments().enumerate().skip_while(|(_, s)| s.last_seq < from) {
-            if seg.entries() == 0 || entries >= max_entries as u64 || (entries > 0 && bytes > max_bytes as u64) {
-                break;
-            }
-            let (start_offset, start_seq) = match seg.index.lookup(from) {
-                Some(p) if entries == 0 => (p.offset, p.seq),
-                _ => (SEGMENT_HEADER_LEN, seg.first_seq),
-            };
-            parts.push(ReadPart {
-                path: seg.path.clone(),
-                file: (k + 1 == count).then(|| st.active_file.clone()),
-                start_offset,
-                start_seq,
-                end_offset: seg.len,
-            });
-            // Only an upper bound on what the read needs (the first segment's bytes before `from` are
-            // not counted): the read stops at the limits and never opens the parts it does not reach.
-            if entries > 0 {
-                bytes += seg.payload_bytes();
-            }
-            entries += seg.last_seq.0 + 1 - from.max(seg.first_seq).0;
-        }
-        parts
+    /// Plans a disk read of `from..` (`first_seq <= from <= last_seq`).
+    fn plan_read(&self, st: &State, from: Seq, max_entries: usize, max_bytes: usize) -> Vec<read::ReadPart> {
+        read::plan(st.segments(), (st.active.first_seq, &st.active_file), &st.reads, from, max_entries, max_bytes)
+    }
+
+    /// Performs a planned disk read.
+    fn read_disk(
+        &self,
+        parts: Vec<read::ReadPart>,
+        from: Seq,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<read::ReadOutcome, WalError> {
+        read::read(parts, from, max_entries, max_bytes, self.config.max_entry_bytes, |requested| {
+            // Retention deleted a segment after the plan was made.
+            WalError::Truncated { space: self.space.clone(), requested, first: self.lock().first_seq() }
+        })
     }
 
     /// The entry at `seq` (`first_seq <= seq <= last_seq`) from the tail, or from disk via `cache`, which
@@ -627,59 +656,13 @@ impl Inner {
         if let Some(e) = find(cache) {
             return Ok(Some(e));
         }
+        // Called with the state lock held, which also keeps retention and truncation out.
         let parts = self.plan_read(st, seq, want, usize::MAX);
-        *cache = self.read_parts(&parts, seq, want, usize::MAX)?;
+        let stop = read::read(parts, seq, want, usize::MAX, self.config.max_entry_bytes, |requested| {
+            WalError::Truncated { space: self.space.clone(), requested, first: st.first_seq() }
+        })?;
+        *cache = stop.entries;
         Ok(find(cache))
-    }
-
-    /// Reads `from..` out of the planned segment ranges, checking every returned entry's checksum.
-    fn read_parts(&self, parts: &[ReadPart], from: Seq, max_entries: usize, max_bytes: usize) -> Result<Vec<Entry>, WalError> {
-        let chunk = max_bytes.clamp(READ_CHUNK_MIN, READ_CHUNK_MAX);
-        let mut out: Vec<Entry> = Vec::new();
-        let mut bytes = 0usize;
-        'parts: for part in parts {
-            let opened;
-            let file: &File = match &part.file {
-                Some(f) => f,
-                None => match File::open(&part.path) {
-                    Ok(f) => {
-                        opened = f;
-                        &opened
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        // Retention deleted it after the plan was made.
-                        let first = self.lock().first_seq();
-                        return Err(WalError::Truncated { space: self.space.clone(), requested: from.max(part.start_seq), first });
-                    }
-                    Err(e) => return Err(WalError::io("open segment", &part.path, e)),
-                },
-            };
-            let mut scanner = Scanner::new(file, part.start_offset, part.end_offset, chunk, self.config.max_entry_bytes);
-            let mut expected = part.start_seq;
-            loop {
-                let rec = match scanner.next_record().ctx("read segment", &part.path)? {
-                    Scan::End => break,
-                    Scan::Bad { offset, reason } => return Err(WalError::corruption(&part.path, offset, reason)),
-                    Scan::Record(r) => r,
-                };
-                let e = rec.entry;
-                if e.seq < from {
-                    if e.seq != expected {
-                        return Err(WalError::corruption(&part.path, rec.offset, format!("expected entry {expected}, found entry {}", e.seq)));
-                    }
-                    expected = expected.next();
-                    continue;
-                }
-                if out.len() >= max_entries || (!out.is_empty() && bytes + e.payload.len() > max_bytes) {
-                    break 'parts;
-                }
-                check_record(&e, expected).map_err(|reason| WalError::corruption(&part.path, rec.offset, reason))?;
-                expected = expected.next();
-                bytes += e.payload.len();
-                out.push(e);
-            }
-        }
-        Ok(out)
     }
 
     /// Where segment `keep` must end for the log to end at `after`: (file offset, digest, epoch of `after`).
@@ -692,13 +675,19 @@ impl Inner {
             return Ok((SEGMENT_HEADER_LEN, seg.base_digest, Epoch(0)));
         };
         let file = File::open(&seg.path).ctx("open segment", &seg.path)?;
-        let mut scanner = Scanner::new(&file, point.offset, seg.len, READ_CHUNK_MIN, self.config.max_entry_bytes);
+        let mut scanner = Scanner::new(&file, point.offset, seg.len, LOCATE_CHUNK, self.config.max_entry_bytes);
         let mut digest = point.digest_before;
         let mut expected = point.seq;
         while expected <= after {
             let rec = match scanner.next_record().ctx("read segment", &seg.path)? {
                 Scan::Record(r) => r,
-                Scan::End => return Err(WalError::corruption(&seg.path, scanner.pos(), format!("segment ends before entry {expected}"))),
+                Scan::End => {
+                    return Err(WalError::corruption(
+                        &seg.path,
+                        scanner.pos(),
+                        format!("segment ends before entry {expected}"),
+                    ))
+                }
                 Scan::Bad { offset, reason } => return Err(WalError::corruption(&seg.path, offset, reason)),
             };
             check_record(&rec.entry, expected).map_err(|reason| WalError::corruption(&seg.path, rec.offset, reason))?;
@@ -735,6 +724,9 @@ impl Inner {
 
 impl Flush for Inner {
     fn flush(&self) {
+        if self.durability.poisoned().is_some() {
+            return; // Already reported; retrying an fsync after a failure proves nothing.
+        }
         let last = self.lock().last_seq;
         if last > self.durability.durable() {
             if let Err(e) = self.wait_durable(last, false) {

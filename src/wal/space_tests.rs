@@ -59,7 +59,10 @@ fn fill(wal: &SpaceWal, n: u64) -> Vec<Entry> {
 }
 
 fn segment_count(root: &Path) -> usize {
-    std::fs::read_dir(root.join(space().as_str())).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "wal")).count()
+    std::fs::read_dir(root.join(space().as_str()))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "wal"))
+        .count()
 }
 
 /// Every `read_from` window over the log matches `expected`.
@@ -101,7 +104,11 @@ fn round_trip_across_rollover_from_tail_and_disk() {
         drop(wal);
 
         let wal = open(root.path(), config);
-        assert_eq!((wal.first_seq(), wal.last_seq(), wal.digest()), (Seq(1), Seq(150), digest_of(&expected)), "{label}");
+        assert_eq!(
+            (wal.first_seq(), wal.last_seq(), wal.digest()),
+            (Seq(1), Seq(150), digest_of(&expected)),
+            "{label}"
+        );
         check_reads(&wal, &expected);
     }
 }
@@ -223,7 +230,11 @@ fn truncate_suffix_then_append_matches_a_log_without_the_cut_entries() {
         drop(wal);
 
         let wal = open(root.path(), config.clone());
-        assert_eq!((wal.last_seq(), wal.digest(), wal.last_epoch()), (seq, digest_of(&fresh), Epoch(7)), "after {after}");
+        assert_eq!(
+            (wal.last_seq(), wal.digest(), wal.last_epoch()),
+            (seq, digest_of(&fresh), Epoch(7)),
+            "after {after}"
+        );
         assert_eq!(all(&wal), fresh);
     }
 }
@@ -397,4 +408,159 @@ fn handles_are_send_sync_and_cheap() {
     assert_eq!(wal.space(), &space());
     assert!(wal.append_batch(Epoch(1), &[]).unwrap().is_empty());
     assert!(format!("{wal:?}").contains("space-1"));
+}
+
+#[test]
+fn sequential_catch_up_resumes_where_it_stopped_and_survives_truncations() {
+    let root = tempfile::tempdir().unwrap();
+    let wal = open(root.path(), never().segment_bytes(100 * 1024).tail_max_entries(0));
+    let items: Vec<(EntryKind, Bytes)> = (0..4000u64).map(|i| (1, payload(i))).collect();
+    wal.append_batch(Epoch(1), &items).unwrap();
+    let expected = all(&wal);
+    // Two readers interleaved, each resuming where its last read stopped.
+    let (mut a, mut b) = (Seq(1), Seq(1500));
+    while a <= Seq(4000) || b <= Seq(4000) {
+        for from in [&mut a, &mut b] {
+            let got = wal.read_from(*from, 37, 2000).unwrap();
+            if let Some(last) = got.last() {
+                assert_eq!(got[..], expected[(from.0 - 1) as usize..last.seq.0 as usize]);
+                *from = last.seq.next();
+            }
+        }
+    }
+    // Cut in the middle of what was read, write different entries: reads must see the new ones.
+    wal.truncate_suffix(Seq(2000)).unwrap();
+    wal.append(Epoch(2), 9, Bytes::from_static(b"rewritten")).unwrap();
+    let got = wal.read_from(Seq(1990), 20, usize::MAX).unwrap();
+    assert_eq!(got.len(), 12);
+    assert_eq!(got[..11], expected[1989..2000]);
+    assert_eq!((got[11].seq, got[11].epoch, &got[11].payload[..]), (Seq(2001), Epoch(2), &b"rewritten"[..]));
+    // Retention removes segments a reader was in: it gets Truncated, not stale data.
+    let first = wal.truncate_prefix(Seq(1500)).unwrap();
+    assert!(first > Seq(1000));
+    assert!(matches!(wal.read_from(Seq(1000), 10, 1000), Err(WalError::Truncated { .. })));
+    assert_eq!(wal.read_from(first, 1, 0).unwrap()[0], expected[(first.0 - 1) as usize]);
+}
+
+mod model {
+    //! Random operation sequences checked against a plain in-memory model of the log.
+
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngSeed};
+
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Append(u8),
+        Batch(Vec<u8>),
+        TruncateSuffix(u8),
+        TruncatePrefix(u8),
+        Reopen,
+        Read(u16, u8, u16),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => any::<u8>().prop_map(Op::Append),
+            2 => proptest::collection::vec(any::<u8>(), 0..12).prop_map(Op::Batch),
+            1 => any::<u8>().prop_map(Op::TruncateSuffix),
+            1 => any::<u8>().prop_map(Op::TruncatePrefix),
+            1 => Just(Op::Reopen),
+            3 => (any::<u16>(), any::<u8>(), any::<u16>()).prop_map(|(a, b, c)| Op::Read(a, b, c)),
+        ]
+    }
+
+    /// (seq, epoch, kind, payload) of every entry ever kept, from seq 1 (retention does not remove from it).
+    type Model = Vec<(Seq, Epoch, EntryKind, Bytes)>;
+
+    fn body(n: u8, seq: u64) -> Bytes {
+        Bytes::from(vec![seq as u8; n as usize % 90])
+    }
+
+    fn run(ops: Vec<Op>) {
+        let root = tempfile::tempdir().unwrap();
+        let config = never().segment_bytes(256).tail_max_entries(3);
+        let mut wal = open(root.path(), config.clone());
+        let mut model: Model = Vec::new();
+        let mut first = Seq(1);
+        let mut epoch = Epoch(1);
+        for op in ops {
+            let last = Seq(model.len() as u64);
+            match op {
+                Op::Append(n) => {
+                    let seq = wal.append(epoch, n % 3, body(n, last.0 + 1)).unwrap();
+                    assert_eq!(seq, last.next());
+                    model.push((seq, epoch, n % 3, body(n, seq.0)));
+                }
+                Op::Batch(ns) => {
+                    let items: Vec<(EntryKind, Bytes)> =
+                        ns.iter().enumerate().map(|(i, &n)| (n % 3, body(n, last.0 + 1 + i as u64))).collect();
+                    let r = wal.append_batch(epoch, &items).unwrap();
+                    assert_eq!(*r.start(), last.next());
+                    for (i, (k, p)) in items.into_iter().enumerate() {
+                        model.push((Seq(last.0 + 1 + i as u64), epoch, k, p));
+                    }
+                }
+                Op::TruncateSuffix(back) => {
+                    let floor = if first > Seq(1) { first.0 } else { 0 };
+                    let after = last.0.saturating_sub(u64::from(back) % 20).max(floor);
+                    wal.truncate_suffix(Seq(after)).unwrap();
+                    model.truncate(after as usize);
+                    epoch = Epoch(epoch.0 + 1);
+                }
+                Op::TruncatePrefix(k) => {
+                    let upto = Seq(first.0 + u64::from(k) % 30);
+                    let new_first = wal.truncate_prefix(upto).unwrap();
+                    assert!(new_first >= first && new_first <= first.max(upto.next()), "{first} {upto} {new_first}");
+                    assert!(new_first <= last.next());
+                    first = new_first;
+                }
+                Op::Reopen => {
+                    drop(wal);
+                    wal = open(root.path(), config.clone());
+                }
+                Op::Read(off, max_entries, max_bytes) => {
+                    let span = last.0 + 2 - first.0;
+                    let from = Seq(first.0 + u64::from(off) % span);
+                    let (max_entries, max_bytes) = (usize::from(max_entries % 20), usize::from(max_bytes % 400));
+                    let got = wal.read_from(from, max_entries, max_bytes).unwrap();
+                    let mut want = Vec::new();
+                    let mut bytes = 0;
+                    for m in model.iter().skip((from.0 - 1) as usize) {
+                        if want.len() >= max_entries.max(1) || (!want.is_empty() && bytes + m.3.len() > max_bytes) {
+                            break;
+                        }
+                        bytes += m.3.len();
+                        want.push(m);
+                    }
+                    assert_eq!(got.len(), want.len(), "read {from} {max_entries} {max_bytes}");
+                    for (g, w) in got.iter().zip(want) {
+                        assert!(g.verify());
+                        assert_eq!((g.seq, g.epoch, g.kind, &g.payload), (w.0, w.1, w.2, &w.3));
+                    }
+                    if first > Seq(1) {
+                        assert!(matches!(wal.read_from(Seq(first.0 - 1), 1, 1), Err(WalError::Truncated { .. })));
+                    }
+                }
+            }
+            let last = Seq(model.len() as u64);
+            assert_eq!((wal.first_seq(), wal.last_seq()), (first, last));
+            assert_eq!(wal.last_epoch(), model.last().map_or(Epoch(0), |m| m.1));
+            let digest = model.iter().fold(LogDigest::EMPTY, |d, m| d.step(m.0, m.2, &m.3));
+            assert_eq!(wal.digest(), digest);
+        }
+    }
+
+    #[test]
+    fn random_operations_match_the_model() {
+        let config =
+            Config { cases: 48, rng_seed: RngSeed::Fixed(0x5eed), failure_persistence: None, ..Config::default() };
+        proptest::test_runner::TestRunner::new(config)
+            .run(&proptest::collection::vec(op(), 1..60), |ops| {
+                run(ops);
+                Ok(())
+            })
+            .unwrap();
+    }
 }

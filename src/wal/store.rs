@@ -75,7 +75,8 @@ impl WalStore {
         if let Some(w) = spaces.get(id) {
             return Ok(w.clone());
         }
-        let wal = SpaceWal::open_with(&self.inner.root, id.clone(), self.inner.config.clone(), self.inner.syncer.as_ref())?;
+        let wal =
+            SpaceWal::open_with(&self.inner.root, id.clone(), self.inner.config.clone(), self.inner.syncer.as_ref())?;
         spaces.insert(id.clone(), wal.clone());
         self.inner.count.send_replace(spaces.len());
         Ok(wal)

@@ -38,8 +38,20 @@ impl Cluster {
         self.primary_at("127.0.0.1:0".parse().unwrap()).await
     }
 
+    /// A primary on `listen`; a restarted primary may find its port still held for a moment by the
+    /// previous endpoint's driver, so binding is retried.
     pub async fn primary_at(&self, listen: SocketAddr) -> Primary {
-        Primary::start(self.primary_config(listen), self.ca.issue("primary").unwrap()).await.unwrap()
+        let start = tokio::time::Instant::now();
+        loop {
+            match Primary::start(self.primary_config(listen), self.ca.issue("primary").unwrap()).await {
+                Ok(p) => return p,
+                Err(e) if start.elapsed() < DEADLINE => {
+                    eprintln!("retrying bind of {listen}: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot start the primary: {e}"),
+            }
+        }
     }
 
     pub fn replica_config(&self, name: &str, primary: SocketAddr) -> ReplicaConfig {
@@ -85,7 +97,9 @@ pub fn identical(primary: &Primary, replica: &Replica) -> bool {
     let p = primary.status();
     let r = replica.status();
     p.spaces.iter().all(|ps| {
-        r.spaces.iter().any(|rs| rs.log.space == ps.space && rs.log.last_seq == ps.last_seq && rs.log.digest == ps.digest)
+        r.spaces
+            .iter()
+            .any(|rs| rs.log.space == ps.space && rs.log.last_seq == ps.last_seq && rs.log.digest == ps.digest)
     })
 }
 
@@ -107,7 +121,10 @@ pub async fn converge(primary: &Primary, replicas: &[&Replica]) {
         for pw in primary.store().spaces() {
             let rw = r.space(pw.space()).expect("replica has the space");
             assert_eq!(rw.first_seq(), pw.first_seq());
-            let (p, q) = (pw.read_from(pw.first_seq(), usize::MAX, usize::MAX).unwrap(), rw.read_from(rw.first_seq(), usize::MAX, usize::MAX).unwrap());
+            let (p, q) = (
+                pw.read_from(pw.first_seq(), usize::MAX, usize::MAX).unwrap(),
+                rw.read_from(rw.first_seq(), usize::MAX, usize::MAX).unwrap(),
+            );
             assert_eq!(p, q, "entries of {} differ", pw.space());
         }
     }

@@ -1,0 +1,182 @@
+//! A lossy-link UDP forwarder for load tests across real sockets: put it between a QUIC client
+//! and server and it applies loss, burst loss, delay, jitter, reordering, duplication, a rate cap
+//! and scheduled partitions, in both directions, from one seed. See docs/NETSIM.md.
+//!
+//! ```text
+//! cargo run --release --example lossy_link -- --listen 127.0.0.1:7001 --upstream 127.0.0.1:7000 \
+//!     --loss 2% --delay 20ms --jitter 5ms --reorder 1% --duplicate 0.5% --rate 100mbit --seed 1
+//! ```
+//!
+//! Clients send to `--listen`; datagrams go on to `--upstream` and replies come back. Every
+//! impairment flag applies to each direction separately (so `--delay 20ms` adds 40 ms of round
+//! trip). Counters are printed every `--report-every` and at exit (SIGINT, SIGTERM or
+//! `--duration`).
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use walship::netsim::forwarder::{Forwarder, ForwarderControl};
+use walship::netsim::{parse_burst, parse_duration, parse_percent, parse_rate, GilbertElliott, Impairment};
+
+#[derive(Parser, Debug)]
+#[command(about = "UDP forwarder that impairs traffic like a bad network link (both directions)")]
+struct Args {
+    /// Address clients send to.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Address datagrams are forwarded to (the server).
+    #[arg(long)]
+    upstream: SocketAddr,
+    /// Independent loss per packet: 2%, 0.5% or 0.02.
+    #[arg(long, value_parser = parse_percent, default_value = "0")]
+    loss: f64,
+    /// Fixed one-way delay: 20ms, 1.5s.
+    #[arg(long, value_parser = parse_duration, default_value = "0ms")]
+    delay: Duration,
+    /// Extra one-way delay, uniform in 0..=jitter (may reorder packets, like netem).
+    #[arg(long, value_parser = parse_duration, default_value = "0ms")]
+    jitter: Duration,
+    /// Probability a packet is held back (delay/2 + jitter + 5 ms) so later ones overtake it.
+    #[arg(long, value_parser = parse_percent, default_value = "0")]
+    reorder: f64,
+    /// Probability a packet is delivered twice.
+    #[arg(long, value_parser = parse_percent, default_value = "0")]
+    duplicate: f64,
+    /// Bandwidth cap per direction: 100mbit, 1gbit, 500kbit, 12.5MB/s (default unlimited).
+    #[arg(long, value_parser = parse_rate)]
+    rate: Option<u64>,
+    /// Rate queue size in bytes (drop-tail; default one second at --rate).
+    #[arg(long)]
+    queue_bytes: Option<u64>,
+    /// Burst loss (Gilbert-Elliott) P_GB,P_BG,LOSS_G,LOSS_B, e.g. 1%,30%,0%,50%.
+    #[arg(long, value_parser = parse_burst)]
+    burst: Option<GilbertElliott>,
+    /// Seed of the impairment decisions.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Start a partition (everything dropped, both directions) this often.
+    #[arg(long, value_parser = parse_duration)]
+    partition_every: Option<Duration>,
+    /// How long each partition lasts.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    partition_for: Duration,
+    /// Print counters this often (0 disables).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    report_every: Duration,
+    /// Stop after this long (default: until SIGINT/SIGTERM).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lossy_link: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let imp = Impairment {
+        loss: args.loss,
+        burst: args.burst,
+        delay: args.delay,
+        jitter: args.jitter,
+        reorder: args.reorder,
+        duplicate: args.duplicate,
+        rate_bytes_per_s: args.rate,
+        queue_limit_bytes: args.queue_bytes,
+    };
+    if let Some(every) = args.partition_every {
+        if every.is_zero() || args.partition_for >= every {
+            return Err(format!(
+                "--partition-for ({:?}) must be shorter than --partition-every ({every:?})",
+                args.partition_for
+            ));
+        }
+    }
+    let fwd = Forwarder::bind(args.listen, args.upstream, imp, imp, args.seed)
+        .map_err(|e| format!("cannot start on {}: {e}", args.listen))?;
+    println!("lossy_link: {} -> {} (seed {}), each direction: {imp}", fwd.local_addr(), fwd.upstream(), args.seed);
+    if let Some(every) = args.partition_every {
+        println!("  partition for {:?} every {every:?}", args.partition_for);
+    }
+    let control = fwd.control();
+    let mut helpers = Vec::new();
+    if !args.report_every.is_zero() {
+        helpers.push(tokio::spawn(report(control.clone(), args.report_every)));
+    }
+    if let Some(every) = args.partition_every {
+        helpers.push(tokio::spawn(partitions(control.clone(), every, args.partition_for)));
+    }
+    let duration = args.duration;
+    let shutdown = async move {
+        match duration {
+            Some(d) => tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = shutdown_signal() => {}
+            },
+            None => shutdown_signal().await,
+        }
+    };
+    let result = fwd.run(shutdown).await;
+    for h in helpers {
+        h.abort();
+    }
+    let stats = result.map_err(|e| format!("listen socket failed: {e}"))?;
+    println!("final {stats}");
+    Ok(())
+}
+
+async fn report(control: ForwarderControl, every: Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tick.tick().await;
+        let partitioned = if control.is_partitioned() { " [partitioned]" } else { "" };
+        println!("{}{partitioned}", control.stats());
+    }
+}
+
+async fn partitions(control: ForwarderControl, every: Duration, length: Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tick.tick().await;
+        control.set_partitioned(true);
+        println!("partition on for {length:?}");
+        tokio::time::sleep(length).await;
+        control.set_partitioned(false);
+        println!("partition healed");
+    }
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
