@@ -516,12 +516,11 @@ async fn ship_space(shared: Arc<Shared>, session: Arc<Session>, wal: SpaceWal, s
     let mut encoder = BatchEncoder::new(shared.node_id, cfg.compression)
         .with_min_compress_bytes(cfg.min_compress_bytes)
         .with_limits(cfg.limits);
-    let mut appended = wal.subscribe();
     let mut restart = ship.restart.subscribe();
     let mut from = start;
     loop {
         lock(&ship.progress).restart_from(from);
-        match ship_stream(&session, &wal, &ship, &mut encoder, &mut appended, &mut restart, from, cfg).await {
+        match ship_stream(&session, &wal, &ship, &mut encoder, &mut restart, from, cfg).await {
             Ok(Interrupt::Restart(seq)) => from = seq,
             Ok(Interrupt::Closed) => return,
             Err(e) => {
@@ -544,13 +543,11 @@ async fn ship_space(shared: Arc<Shared>, session: Arc<Session>, wal: SpaceWal, s
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn ship_stream(
     session: &Session,
     wal: &SpaceWal,
     ship: &SpaceShip,
     encoder: &mut BatchEncoder,
-    appended: &mut watch::Receiver<Seq>,
     restart: &mut watch::Receiver<Seq>,
     from: Seq,
     cfg: &PrimaryConfig,
@@ -558,7 +555,7 @@ async fn ship_stream(
     // Open the stream only once there is something to ship.
     while wal.last_seq() < from {
         tokio::select! {
-            r = appended.changed() => if r.is_err() { return Ok(Interrupt::Closed) },
+            _ = wal.wait_for(from) => {}
             r = restart.changed() => return Ok(restart_or_closed(r, restart)),
         }
     }
@@ -579,7 +576,7 @@ async fn ship_stream(
         let next = lock(&ship.progress).next_to_send();
         if wal.last_seq() < next {
             tokio::select! {
-                r = appended.changed() => if r.is_err() { return Ok(Interrupt::Closed) },
+                _ = wal.wait_for(next) => {}
                 r = restart.changed() => { let _ = send.reset(stream_code::CATCH_UP); return Ok(restart_or_closed(r, restart)) }
             }
             if let Some(linger) = cfg.linger {

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use bytes::Bytes;
@@ -77,6 +78,10 @@ struct Inner {
     retention: Mutex<()>,
     durability: Durability,
     last_tx: watch::Sender<Seq>,
+    /// Wakes [`SpaceWal::wait_for`] callers. Appends notify only when `armed` says someone waits, so
+    /// the write path pays one atomic load, not a lock, while shippers are busy.
+    appended: tokio::sync::Notify,
+    armed: AtomicBool,
     /// Keeps the Interval policy's thread alive while this log is.
     _syncer: Option<Syncer>,
 }
@@ -163,6 +168,8 @@ impl SpaceWal {
             dir,
             durability: Durability::new(state.last_seq),
             last_tx: watch::Sender::new(state.last_seq),
+            appended: tokio::sync::Notify::new(),
+            armed: AtomicBool::new(false),
             state: Mutex::new(state),
             disk: RwLock::new(()),
             retention: Mutex::new(()),
@@ -426,6 +433,7 @@ impl SpaceWal {
         st.generation += 1;
         inner.durability.truncated(after, st.generation);
         publish(&inner.last_tx, after);
+        inner.wake_waiters();
         tracing::info!(space = %inner.space, after = %after, "WAL: suffix truncated");
         Ok(())
     }
@@ -461,6 +469,21 @@ impl SpaceWal {
         // Under the lock appends publish under, so no append can slip between (see `publish`).
         let _st = self.inner.lock();
         self.inner.last_tx.subscribe()
+    }
+
+    /// Resolves once the log holds `seq` (at once if it does), or after a suffix truncation. Cheaper
+    /// for the write path than [`SpaceWal::subscribe`]: appends only wake callers that are waiting.
+    pub async fn wait_for(&self, seq: Seq) {
+        let notified = self.inner.appended.notified();
+        tokio::pin!(notified);
+        // Register first, then arm, then check: an append either lands before the check (seen) or
+        // after the arm (it notifies the registered waiter).
+        notified.as_mut().enable();
+        self.inner.armed.store(true, Ordering::SeqCst);
+        if self.last_seq() >= seq {
+            return;
+        }
+        notified.await;
     }
 
     /// Receiver of `durable_seq` changes.
@@ -507,6 +530,14 @@ fn same_entry(held: &Entry, new: &Entry) -> bool {
 }
 
 impl Inner {
+    /// Wakes `wait_for` callers if any armed the flag. Called with the state lock held, after
+    /// `last_seq` changed.
+    fn wake_waiters(&self) {
+        if self.armed.load(Ordering::Relaxed) && self.armed.swap(false, Ordering::SeqCst) {
+            self.appended.notify_waiters();
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -527,6 +558,7 @@ impl Inner {
         let result = self.write_parts(st, entries);
         if st.last_seq != before {
             publish(&self.last_tx, st.last_seq);
+            self.wake_waiters();
             if self.config.sync == SyncPolicy::Never {
                 self.durability.advance(st.last_seq);
             }

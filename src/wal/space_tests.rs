@@ -337,6 +337,46 @@ fn subscribe_wakes_on_append() {
 }
 
 #[test]
+fn wait_for_wakes_every_waiter_and_misses_no_append() {
+    let root = tempfile::tempdir().unwrap();
+    let wal = open(root.path(), never());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap();
+    // Several waiters chase a writer appending one entry at a time: each must see every target reached.
+    let n = 2_000u64;
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            let w = wal.clone();
+            rt.spawn(async move {
+                let mut next = Seq(1);
+                while next.0 <= n {
+                    tokio::time::timeout(Duration::from_secs(20), w.wait_for(next)).await.expect("woken");
+                    next = Seq(w.last_seq().0.max(next.0 - 1) + 1);
+                }
+            })
+        })
+        .collect();
+    let writer = wal.clone();
+    std::thread::spawn(move || {
+        for i in 0..n {
+            // Pauses make the waiters actually park between appends.
+            if i % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            writer.append(Epoch(1), 0, Bytes::from(i.to_le_bytes().to_vec())).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    rt.block_on(async {
+        for w in waiters {
+            w.await.unwrap();
+        }
+        // Already there: resolves at once.
+        tokio::time::timeout(Duration::from_secs(1), wal.wait_for(Seq(n))).await.unwrap();
+    });
+}
+
+#[test]
 fn always_policy_group_commit_loses_nothing() {
     let root = tempfile::tempdir().unwrap();
     let config = WalConfig::default().sync(SyncPolicy::Always).segment_bytes(4096);
