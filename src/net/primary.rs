@@ -161,16 +161,16 @@ impl Primary {
         let now = now_us();
         for wal in self.shared.store.spaces() {
             let ship = session.as_ref().and_then(|s| lock(&s.spaces).get(wal.space()).cloned());
-            let (sent, durable, applied, lag, error) = match &ship {
+            let (sent, durable, applied, lag, inflight, error) = match &ship {
                 Some(ship) => {
                     let p = lock(&ship.progress);
                     let (_, entries, bytes) = p.totals();
                     view.bytes_sent += bytes;
                     view.entries_sent += entries;
                     let lag = p.lag(wal.last_seq(), oldest_age_ms(&wal, p.durable(), now), mean_entry_bytes(&wal));
-                    (p.sent(), p.durable(), p.applied(), lag, lock(&ship.error).clone())
+                    (p.sent(), p.durable(), p.applied(), lag, p.inflight_bytes() as u64, lock(&ship.error).clone())
                 }
-                None => (Seq::ZERO, Seq::ZERO, Seq::ZERO, Lag::default(), None),
+                None => (Seq::ZERO, Seq::ZERO, Seq::ZERO, Lag::default(), 0, None),
             };
             view.max_lag.entries = view.max_lag.entries.max(lag.entries);
             view.max_lag.bytes = view.max_lag.bytes.max(lag.bytes);

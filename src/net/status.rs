@@ -54,6 +54,9 @@ pub struct SpaceReplication {
     pub applied: Seq,
     /// Lag in entries, bytes and time.
     pub lag: Lag,
+    /// Frame bytes sent and not yet acknowledged durable: what the primary holds for this pair,
+    /// bounded by `max_unacked_bytes` plus one batch.
+    pub inflight_bytes: u64,
     /// Why this space is not replicated to this replica, if it is not.
     pub error: Option<String>,
 }
