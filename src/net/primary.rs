@@ -182,6 +182,7 @@ impl Primary {
                 durable,
                 applied,
                 lag,
+                inflight_bytes: inflight,
                 error,
             });
         }
