@@ -90,6 +90,9 @@ pub struct PrimaryConfig {
     pub limits: FrameLimits,
     /// Replicas this primary dials (besides accepting the ones that dial it).
     pub dial_replicas: Vec<ReplicaAddr>,
+    /// Multiplex every space onto one stream instead of one stream per space. A measurement mode, to
+    /// show what per-space streams save (head-of-line blocking); a bad frame closes the connection.
+    pub single_stream: bool,
 }
 
 impl PrimaryConfig {
@@ -112,6 +115,7 @@ impl PrimaryConfig {
             transport: TransportSettings::default(),
             limits: FrameLimits::default(),
             dial_replicas: Vec::new(),
+            single_stream: false,
         }
     }
 

@@ -211,3 +211,20 @@ async fn a_primary_can_dial_a_replica_that_waits_for_it() {
     replica.shutdown().await;
     primary.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_stream_mode_multiplexes_every_space_and_resumes() {
+    let c = Cluster::new();
+    let mut cfg = c.primary_config("127.0.0.1:0".parse().unwrap());
+    cfg.single_stream = true;
+    let primary = walship::Primary::start(cfg, c.ca.issue("primary").unwrap()).await.unwrap();
+    let spaces = spaces(8);
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    write(&primary, &spaces, 1_000).await;
+    converge(&primary, &[&r1]).await;
+    assert!(r1.disconnect());
+    write(&primary, &spaces, 1_000).await;
+    converge(&primary, &[&r1]).await;
+    r1.shutdown().await;
+    primary.shutdown().await;
+}

@@ -5,6 +5,11 @@
 //!  8 space id, 64 bytes, zero-padded  72 start seq u64        80 crc32c u32 (over bytes 0..80)
 //! ```
 //! Fixed size, so a reader needs one `read_exact` before it knows the stream is ours.
+//!
+//! A **multiplexed** stream (the single-stream measurement mode, all spaces on one stream) starts
+//! instead with an 8-byte preamble, magic `"WSM1"`, version u8, 3 zero bytes; then every batch frame
+//! on it is preceded by a stream header naming its space and its start sequence. Both kinds are told
+//! apart by their first four bytes ([`StreamKind::from_magic`]).
 
 use bytes::Bytes;
 
@@ -16,6 +21,50 @@ use crate::types::{Seq, SpaceId, MAX_SPACE_ID_LEN};
 pub const STREAM_MAGIC: u32 = u32::from_le_bytes(*b"WSS1");
 /// Size of the stream header.
 pub const STREAM_HEADER_LEN: usize = 84;
+/// `"WSM1"` read as a little-endian u32: a stream multiplexing every space.
+pub const MUX_MAGIC: u32 = u32::from_le_bytes(*b"WSM1");
+/// Size of the multiplexed stream's preamble.
+pub const MUX_PREAMBLE_LEN: usize = 8;
+
+/// What a data stream carries, from its first four bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    /// One space; the rest of a [`StreamHeader`] follows.
+    Space,
+    /// Every space; the rest of the mux preamble follows, then (stream header, batch frame) pairs.
+    Mux,
+}
+
+impl StreamKind {
+    /// Classifies a stream by its magic number.
+    pub fn from_magic(b: [u8; 4]) -> Result<StreamKind, DecodeError> {
+        match u32::from_le_bytes(b) {
+            STREAM_MAGIC => Ok(StreamKind::Space),
+            MUX_MAGIC => Ok(StreamKind::Mux),
+            found => Err(DecodeError::BadMagic { what: "stream header", found }),
+        }
+    }
+}
+
+/// The preamble of a multiplexed stream.
+pub fn mux_preamble() -> [u8; MUX_PREAMBLE_LEN] {
+    let mut b = [0u8; MUX_PREAMBLE_LEN];
+    b[0..4].copy_from_slice(&MUX_MAGIC.to_le_bytes());
+    b[4] = PROTOCOL_VERSION;
+    b
+}
+
+/// Checks a multiplexed stream's preamble.
+pub fn check_mux_preamble(b: &[u8; MUX_PREAMBLE_LEN]) -> Result<(), DecodeError> {
+    StreamKind::from_magic([b[0], b[1], b[2], b[3]])?;
+    if b[4] != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion { found: b[4], supported: PROTOCOL_VERSION });
+    }
+    if b[5..].iter().any(|&x| x != 0) {
+        return Err(DecodeError::Malformed { what: "mux preamble", reason: "reserved bytes are not zero".into() });
+    }
+    Ok(())
+}
 
 /// Opens a space's data stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +131,19 @@ mod tests {
     fn round_trip() {
         let h = StreamHeader { space: SpaceId::new(&"z".repeat(64)).unwrap(), start_seq: Seq(42) };
         assert_eq!(StreamHeader::decode(&h.encode()).unwrap(), h);
+    }
+
+    #[test]
+    fn stream_kinds_are_told_apart() {
+        let h = StreamHeader { space: SpaceId::new("a").unwrap(), start_seq: Seq(1) }.encode();
+        assert_eq!(StreamKind::from_magic([h[0], h[1], h[2], h[3]]), Ok(StreamKind::Space));
+        let m = mux_preamble();
+        assert_eq!(StreamKind::from_magic([m[0], m[1], m[2], m[3]]), Ok(StreamKind::Mux));
+        check_mux_preamble(&m).unwrap();
+        let mut bad = m;
+        bad[6] = 1;
+        assert!(check_mux_preamble(&bad).is_err());
+        assert!(StreamKind::from_magic(*b"XXXX").is_err());
     }
 
     proptest! {

@@ -5,7 +5,7 @@ use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
 
 use crate::codec::batch::{BatchHeader, FrameLimits, BATCH_HEADER_LEN};
-use crate::codec::stream::{StreamHeader, STREAM_HEADER_LEN};
+use crate::codec::stream::{check_mux_preamble, StreamHeader, StreamKind, MUX_PREAMBLE_LEN, STREAM_HEADER_LEN};
 use crate::codec::{BatchDecoder, ControlMessage, DecodedBatch};
 use crate::net::error::NetError;
 
@@ -42,11 +42,37 @@ pub(crate) async fn write_control(send: &mut SendStream, msg: &ControlMessage) -
     Ok(())
 }
 
-/// Reads the header that opens a data stream.
-pub(crate) async fn read_stream_header(recv: &mut RecvStream) -> Result<StreamHeader, NetError> {
+/// Reads the first four bytes of a data stream and says what kind of stream it is.
+pub(crate) async fn read_stream_kind(recv: &mut RecvStream) -> Result<([u8; 4], StreamKind), NetError> {
+    let mut magic = [0u8; 4];
+    recv.read_exact(&mut magic).await?;
+    Ok((magic, StreamKind::from_magic(magic)?))
+}
+
+/// Reads the rest of a stream header whose magic was already read.
+pub(crate) async fn read_stream_header_rest(recv: &mut RecvStream, magic: [u8; 4]) -> Result<StreamHeader, NetError> {
     let mut b = [0u8; STREAM_HEADER_LEN];
-    recv.read_exact(&mut b).await?;
+    b[..4].copy_from_slice(&magic);
+    recv.read_exact(&mut b[4..]).await?;
     Ok(StreamHeader::decode(&b)?)
+}
+
+/// Reads the rest of a multiplexed stream's preamble whose magic was already read.
+pub(crate) async fn read_mux_preamble_rest(recv: &mut RecvStream, magic: [u8; 4]) -> Result<(), NetError> {
+    let mut b = [0u8; MUX_PREAMBLE_LEN];
+    b[..4].copy_from_slice(&magic);
+    recv.read_exact(&mut b[4..]).await?;
+    Ok(check_mux_preamble(&b)?)
+}
+
+/// Reads the stream header before a frame on a multiplexed stream; `None` at a clean end.
+pub(crate) async fn read_mux_header(recv: &mut RecvStream) -> Result<Option<StreamHeader>, NetError> {
+    let mut b = [0u8; STREAM_HEADER_LEN];
+    match recv.read_exact(&mut b).await {
+        Ok(()) => Ok(Some(StreamHeader::decode(&b)?)),
+        Err(quinn::ReadExactError::FinishedEarly(0)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Reads one batch frame: the header is validated against the limits before the payload is read.

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::codec::control::{ErrorCode, ErrorMessage, SpacePosition, SpaceRange, Welcome};
 use crate::codec::heartbeat::SeqSummary;
-use crate::codec::stream::StreamHeader;
+use crate::codec::stream::{mux_preamble, StreamHeader};
 use crate::codec::{BatchEncoder, ControlMessage, PROTOCOL_VERSION};
 use crate::config::PrimaryConfig;
 use crate::entry::now_us;
@@ -65,6 +65,8 @@ struct Session {
     spaces: Mutex<HashMap<SpaceId, Arc<SpaceShip>>>,
     liveness: Arc<Mutex<Liveness>>,
     control: mpsc::UnboundedSender<ControlMessage>,
+    /// In single-stream mode: the queue of (stream header, frame) pairs of the one multiplexed stream.
+    mux: Option<mpsc::Sender<[Bytes; 2]>>,
 }
 
 /// Shared state of one (space, replica) shipper.
@@ -319,6 +321,13 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
 
     // Register the session; a newer connection from the same replica replaces the older one.
     let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (mux, mux_rx) = match shared.config.single_stream {
+        true => {
+            let (tx, rx) = mpsc::channel(MUX_QUEUE_FRAMES);
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
     let session = Arc::new(Session {
         id: shared.sessions.fetch_add(1, Ordering::Relaxed),
         conn: conn.clone(),
@@ -328,6 +337,7 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
             shared.config.heartbeat.timeout,
         ))),
         control: control_tx,
+        mux,
     });
     let link = lock(&shared.replicas)
         .entry(name.clone())
@@ -367,6 +377,9 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     let mut tasks = JoinSet::new();
     tasks.spawn(control_writer(send, control_rx));
     tasks.spawn(control_reader(session.clone(), control));
+    if let Some(rx) = mux_rx {
+        tasks.spawn(mux_writer(conn.clone(), rx));
+    }
     {
         let shared2 = shared.clone();
         tasks.spawn(heartbeat::run(
@@ -395,6 +408,59 @@ fn summary(store: &WalStore) -> SeqSummary {
 
 fn error_msg(code: ErrorCode, space: Option<SpaceId>, reason: &str) -> ControlMessage {
     ControlMessage::Error(ErrorMessage { code, space, reason: reason.to_string() })
+}
+
+/// Frames queued for the multiplexed stream in single-stream mode: enough to keep it busy.
+const MUX_QUEUE_FRAMES: usize = 64;
+
+/// Writes every space's frames to one stream (single-stream mode): what per-space streams avoid.
+async fn mux_writer(conn: Connection, mut rx: mpsc::Receiver<[Bytes; 2]>) {
+    let result = async {
+        let mut send = conn.open_uni().await?;
+        send.write_all(&mux_preamble()).await?;
+        while let Some(mut pair) = rx.recv().await {
+            send.write_all_chunks(&mut pair).await?;
+        }
+        Ok::<(), NetError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "multiplexed stream ended");
+    }
+}
+
+/// Where a shipper's frames go: its space's own stream, or the shared multiplexed stream.
+enum FrameSink {
+    Stream(SendStream),
+    Mux(mpsc::Sender<[Bytes; 2]>),
+}
+
+impl FrameSink {
+    async fn open(session: &Session, space: &SpaceId, from: Seq) -> Result<FrameSink, NetError> {
+        if let Some(tx) = &session.mux {
+            return Ok(FrameSink::Mux(tx.clone()));
+        }
+        let mut send = session.conn.open_uni().await?;
+        send.write_chunk(StreamHeader { space: space.clone(), start_seq: from }.encode()).await?;
+        Ok(FrameSink::Stream(send))
+    }
+
+    async fn send(&mut self, space: &SpaceId, first: Seq, frame: Bytes) -> Result<(), quinn::WriteError> {
+        match self {
+            FrameSink::Stream(send) => send.write_chunk(frame).await,
+            FrameSink::Mux(tx) => {
+                let header = StreamHeader { space: space.clone(), start_seq: first }.encode();
+                tx.send([header, frame]).await.map_err(|_| quinn::WriteError::ClosedStream)
+            }
+        }
+    }
+
+    /// Abandons what was sent on a space's own stream (a catch-up restarts it elsewhere).
+    fn reset(&mut self) {
+        if let FrameSink::Stream(send) = self {
+            let _ = send.reset(stream_code::CATCH_UP);
+        }
+    }
 }
 
 async fn control_writer(mut send: SendStream, mut rx: mpsc::UnboundedReceiver<ControlMessage>) {
@@ -560,8 +626,7 @@ async fn ship_stream(
             r = restart.changed() => return Ok(restart_or_closed(r, restart)),
         }
     }
-    let mut send = session.conn.open_uni().await?;
-    send.write_chunk(StreamHeader { space: wal.space().clone(), start_seq: from }.encode()).await?;
+    let mut sink = FrameSink::open(session, wal.space(), from).await?;
     loop {
         // Flow control of our own: bounded unacknowledged bytes per (space, replica).
         loop {
@@ -571,14 +636,14 @@ async fn ship_stream(
             }
             tokio::select! {
                 _ = acked => {}
-                r = restart.changed() => { let _ = send.reset(stream_code::CATCH_UP); return Ok(restart_or_closed(r, restart)) }
+                r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
             }
         }
         let next = lock(&ship.progress).next_to_send();
         if wal.last_seq() < next {
             tokio::select! {
                 _ = wal.wait_for(next) => {}
-                r = restart.changed() => { let _ = send.reset(stream_code::CATCH_UP); return Ok(restart_or_closed(r, restart)) }
+                r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
             }
             if let Some(linger) = cfg.linger {
                 tokio::time::sleep(linger).await;
@@ -596,7 +661,7 @@ async fn ship_stream(
         let len = frame.len();
         drop(entries);
         tokio::select! {
-            r = send.write_chunk(frame) => match r {
+            r = sink.send(wal.space(), first, frame) => match r {
                 Ok(()) => {}
                 // The replica stopped the stream: a catch-up request is on its way.
                 Err(quinn::WriteError::Stopped(_)) => {
@@ -607,7 +672,7 @@ async fn ship_stream(
                 }
                 Err(e) => return Err(e.into()),
             },
-            r = restart.changed() => { let _ = send.reset(stream_code::CATCH_UP); return Ok(restart_or_closed(r, restart)) }
+            r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
         }
         lock(&ship.progress).on_sent(first, last, len);
     }

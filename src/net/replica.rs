@@ -17,11 +17,15 @@ use tokio::task::JoinSet;
 use crate::codec::batch::space_tag;
 use crate::codec::control::{Ack, CatchUp, Hello, SpaceAck, SpacePosition, DEFAULT_MAX_CONTROL_BYTES};
 use crate::codec::heartbeat::SeqSummary;
+use crate::codec::stream::StreamKind;
 use crate::codec::{BatchDecoder, ControlMessage, DecodedBatch, PROTOCOL_VERSION};
 use crate::config::ReplicaConfig;
 use crate::entry::Entry;
 use crate::net::error::NetError;
-use crate::net::framed::{read_batch, read_stream_header, write_control, ControlReader};
+use crate::net::framed::{
+    read_batch, read_mux_header, read_mux_preamble_rest, read_stream_header_rest, read_stream_kind, write_control,
+    ControlReader,
+};
 use crate::net::heartbeat::{self, lock};
 use crate::net::status::{ConnectionState, ReplicaSpace, ReplicaStatus, SpaceLog};
 use crate::net::tls::{self, NodeIdentity};
@@ -467,9 +471,27 @@ enum StreamEnd {
     CatchUp(String),
 }
 
-/// Receives one space's stream: validate, append, sync, apply, ack.
+/// Receives one data stream: a space's own, or (single-stream mode) the multiplexed one.
 async fn receive_stream(shared: Arc<Shared>, session: Session, mut recv: RecvStream) {
-    let header = match read_stream_header(&mut recv).await {
+    match read_stream_kind(&mut recv).await {
+        Ok((magic, StreamKind::Space)) => receive_space_stream(shared, session, recv, magic).await,
+        Ok((magic, StreamKind::Mux)) => {
+            if let Err(e) = receive_mux_stream(&shared, &session, &mut recv, magic).await {
+                tracing::warn!(error = %e, "bad multiplexed stream; closing the connection to resume cleanly");
+                session.conn.close(close::PROTOCOL, b"bad frame on the multiplexed stream");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "unknown data stream; stopping it");
+            let _ = recv.stop(stream_code::BAD_FRAME);
+        }
+    }
+}
+
+/// Receives one space's stream: validate, append, sync, apply, ack; on a bad frame or a gap, stop
+/// the stream and ask for catch-up from the last sequence held.
+async fn receive_space_stream(shared: Arc<Shared>, session: Session, mut recv: RecvStream, magic: [u8; 4]) {
+    let header = match read_stream_header_rest(&mut recv, magic).await {
         Ok(h) => h,
         Err(e) => {
             tracing::warn!(error = %e, "bad stream header; stopping the stream");
@@ -481,7 +503,7 @@ async fn receive_stream(shared: Arc<Shared>, session: Session, mut recv: RecvStr
         Ok(s) => s,
         Err(e) => {
             tracing::error!(space = %header.space, error = %e, "cannot open the space's WAL; stopping its stream");
-            *lock(&shared.link).last_error.get_or_insert_with(String::new) = e.to_string();
+            lock(&shared.link).last_error = Some(e.to_string());
             let _ = recv.stop(stream_code::LOCAL_FAILURE);
             return;
         }
@@ -514,14 +536,12 @@ async fn receive_batches(
     if start > wal.last_seq().next() {
         return StreamEnd::CatchUp(format!("stream starts at {start} but the log ends at {}", wal.last_seq()));
     }
-    let tag = space_tag(wal.space());
     let mut decoder = BatchDecoder::new(shared.config.limits);
     loop {
-        let batch: DecodedBatch = match read_batch(recv, &mut decoder).await {
+        let batch = match read_batch(recv, &mut decoder).await {
             Ok(Some((b, _wire_len))) => b,
             Ok(None) => return StreamEnd::Done,
             Err(NetError::Decode(e)) => return StreamEnd::CatchUp(format!("bad frame: {e}")),
-            Err(NetError::Read(quinn::ReadError::Reset(_))) => return StreamEnd::Done,
             Err(e) => {
                 tracing::debug!(space = %wal.space(), error = %e, "stream ended");
                 return StreamEnd::Done;
@@ -530,48 +550,101 @@ async fn receive_batches(
         if state.generation.load(Ordering::Acquire) != generation {
             return StreamEnd::Done;
         }
-        let h = &batch.header;
-        if h.primary != session.primary_id || h.space_tag != tag || h.epoch > session.epoch {
-            return StreamEnd::CatchUp(format!(
-                "batch from primary {:?} for space tag {:#x} in epoch {} does not belong on this stream",
-                h.primary, h.space_tag, h.epoch
-            ));
-        }
-        let last_before = wal.last_seq();
-        if h.start_seq > last_before.next() {
-            return StreamEnd::CatchUp(format!(
-                "gap: batch starts at {} but the log ends at {last_before}",
-                h.start_seq
-            ));
-        }
-        if h.last_seq() <= last_before {
-            continue; // Already held (a resent batch after a catch-up race).
-        }
-        let result = if matches!(shared.config.wal.sync, SyncPolicy::Always) {
-            let (wal2, entries) = (wal.clone(), batch.entries);
-            match tokio::task::spawn_blocking(move || wal2.append_replicated(&entries).map(|r| (r, entries))).await {
-                Ok(r) => r,
-                Err(e) => return StreamEnd::CatchUp(format!("append task failed: {e}")),
-            }
-        } else {
-            wal.append_replicated(&batch.entries).map(|r| (r, batch.entries))
-        };
-        let entries = match result {
-            Ok((_, entries)) => entries,
-            Err(e @ WalError::Conflict { .. }) => {
-                tracing::error!(space = %wal.space(), error = %e, "the primary's log diverges from ours; stopping this space");
-                *lock(&state.error) = Some(e.to_string());
+        match apply_batch(shared, session, state, batch).await {
+            Ok(()) => {}
+            Err(Reject::CatchUp(reason)) => return StreamEnd::CatchUp(reason),
+            Err(Reject::Diverged(reason)) => {
+                tracing::error!(space = %wal.space(), %reason, "the primary's log diverges from ours; stopping this space");
+                *lock(&state.error) = Some(reason);
                 return StreamEnd::Done;
             }
-            Err(e) => return StreamEnd::CatchUp(format!("local append failed: {e}")),
-        };
-        let new = &entries[entries.partition_point(|e| e.seq <= last_before)..];
-        if let Some(hook) = &shared.hook {
-            hook.apply(wal.space(), new).await;
         }
-        if let Some(e) = new.last() {
-            state.applied.fetch_max(e.seq.0, Ordering::AcqRel);
-        }
-        shared.ack_needed.notify_one();
     }
+}
+
+/// Receives the multiplexed stream of single-stream mode: (stream header, frame) pairs of any space.
+/// QUIC delivers it intact and in order, so any invalid frame is a protocol error for the connection.
+async fn receive_mux_stream(
+    shared: &Shared,
+    session: &Session,
+    recv: &mut RecvStream,
+    magic: [u8; 4],
+) -> Result<(), NetError> {
+    read_mux_preamble_rest(recv, magic).await?;
+    let mut decoder = BatchDecoder::new(shared.config.limits);
+    while let Some(header) = read_mux_header(recv).await? {
+        let (batch, _) = read_batch(recv, &mut decoder).await?.ok_or(NetError::UnexpectedEnd("multiplexed frame"))?;
+        if batch.header.start_seq != header.start_seq {
+            return Err(NetError::Protocol(format!(
+                "mux header says {} starts at {}, the frame at {}",
+                header.space, header.start_seq, batch.header.start_seq
+            )));
+        }
+        let state = shared.space_state(&header.space)?;
+        match apply_batch(shared, session, &state, batch).await {
+            Ok(()) => {}
+            Err(Reject::CatchUp(reason) | Reject::Diverged(reason)) => {
+                *lock(&state.error) = Some(reason.clone());
+                return Err(NetError::Protocol(format!("space {}: {reason}", header.space)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why a batch was not applied.
+enum Reject {
+    /// Lost or bad data: ask again from the last sequence held.
+    CatchUp(String),
+    /// The primary's entries conflict with ours: stop the space.
+    Diverged(String),
+}
+
+/// Validates a decoded batch against the session and the local log, appends it, makes it durable per
+/// the policy, hands the new entries to the apply hook, and schedules an ack.
+async fn apply_batch(
+    shared: &Shared,
+    session: &Session,
+    state: &SpaceState,
+    batch: DecodedBatch,
+) -> Result<(), Reject> {
+    let wal = &state.wal;
+    let h = &batch.header;
+    if h.primary != session.primary_id || h.space_tag != space_tag(wal.space()) || h.epoch > session.epoch {
+        return Err(Reject::CatchUp(format!(
+            "batch from primary {:?} for space tag {:#x} in epoch {} does not belong here",
+            h.primary, h.space_tag, h.epoch
+        )));
+    }
+    let last_before = wal.last_seq();
+    if h.start_seq > last_before.next() {
+        return Err(Reject::CatchUp(format!("gap: batch starts at {} but the log ends at {last_before}", h.start_seq)));
+    }
+    if h.last_seq() <= last_before {
+        return Ok(()); // Already held (a resent batch after a catch-up race).
+    }
+    let result = if matches!(shared.config.wal.sync, SyncPolicy::Always) {
+        // fsync blocks: keep it off the runtime's threads.
+        let (wal2, entries) = (wal.clone(), batch.entries);
+        match tokio::task::spawn_blocking(move || wal2.append_replicated(&entries).map(|r| (r, entries))).await {
+            Ok(r) => r,
+            Err(e) => return Err(Reject::CatchUp(format!("append task failed: {e}"))),
+        }
+    } else {
+        wal.append_replicated(&batch.entries).map(|r| (r, batch.entries))
+    };
+    let entries = match result {
+        Ok((_, entries)) => entries,
+        Err(e @ WalError::Conflict { .. }) => return Err(Reject::Diverged(e.to_string())),
+        Err(e) => return Err(Reject::CatchUp(format!("local append failed: {e}"))),
+    };
+    let new = &entries[entries.partition_point(|e| e.seq <= last_before)..];
+    if let Some(hook) = &shared.hook {
+        hook.apply(wal.space(), new).await;
+    }
+    if let Some(e) = new.last() {
+        state.applied.fetch_max(e.seq.0, Ordering::AcqRel);
+    }
+    shared.ack_needed.notify_one();
+    Ok(())
 }
