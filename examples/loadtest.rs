@@ -1,0 +1,527 @@
+//! Load test over a lossy link: a primary and N replicas with the link simulator between them,
+//! writes at a given rate across many spaces, then verifies every replica's logs and reports
+//! throughput, append latency, replication lag and QUIC path statistics.
+//!
+//! ```text
+//! cargo run --release --example loadtest -- --replicas 2 --spaces 64 --rate 20000 --entry-bytes 128 \
+//!     --duration 30s --compression lz4 --loss 2% --delay 20ms --seed 1 --report-json report.json
+//! ```
+//! `--link sim` (default) runs everything in one process on the in-memory link simulator; `--link udp`
+//! puts a `lossy_link` forwarder on real 127.0.0.1 sockets between the primary and each replica.
+//! `--single-stream` multiplexes every space onto one stream, to measure head-of-line blocking.
+
+mod common;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use walship::codec::Compression;
+use walship::config::{PrimaryConfig, ReplicaConfig};
+use walship::entry::{now_us, Entry};
+use walship::net::endpoint::{client_config, server_config, TransportSettings};
+use walship::net::tls::ClusterCa;
+use walship::netsim::{self, GilbertElliott, Impairment, SimNetwork};
+use walship::payload::PayloadGen;
+use walship::wal::SpaceWal;
+use walship::{ApplyHook, Epoch, Primary, Replica, SpaceId};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "walship load test over a simulated lossy link, with verification and a JSON report")]
+struct Args {
+    /// Number of replicas.
+    #[arg(long, default_value_t = 2)]
+    replicas: usize,
+    /// Number of memory spaces.
+    #[arg(long, default_value_t = 64)]
+    spaces: usize,
+    /// Entries per second written, or `max` for as fast as possible.
+    #[arg(long, default_value = "20000", value_parser = parse_write_rate)]
+    rate: u64,
+    /// Payload bytes per entry.
+    #[arg(long, default_value_t = 128)]
+    entry_bytes: usize,
+    /// How long to write.
+    #[arg(long, default_value = "30s", value_parser = netsim::parse_duration)]
+    duration: Duration,
+    /// Batch compression: none, lz4, zstd, zstd:LEVEL.
+    #[arg(long, default_value = "lz4")]
+    compression: Compression,
+    /// WAL durability on every node: never, always, interval:10ms.
+    #[arg(long, default_value = "never", value_parser = common::parse_sync)]
+    sync: walship::wal::SyncPolicy,
+    /// Independent packet loss, each direction (e.g. 2%).
+    #[arg(long, default_value = "0%", value_parser = netsim::parse_percent)]
+    loss: f64,
+    /// Burst loss as P_GOOD_TO_BAD,P_BAD_TO_GOOD,LOSS_IN_GOOD,LOSS_IN_BAD (Gilbert-Elliott).
+    #[arg(long, value_parser = netsim::parse_burst)]
+    burst: Option<GilbertElliott>,
+    /// One-way delay, each direction.
+    #[arg(long, default_value = "0ms", value_parser = netsim::parse_duration)]
+    delay: Duration,
+    /// Extra random one-way delay, up to this much.
+    #[arg(long, default_value = "0ms", value_parser = netsim::parse_duration)]
+    jitter: Duration,
+    /// Probability that a packet is held back and overtaken.
+    #[arg(long, default_value = "0%", value_parser = netsim::parse_percent)]
+    reorder: f64,
+    /// Probability that a packet is delivered twice.
+    #[arg(long, default_value = "0%", value_parser = netsim::parse_percent)]
+    duplicate: f64,
+    /// Bandwidth cap of the link, each direction (e.g. 100mbit).
+    #[arg(long, value_parser = netsim::parse_rate)]
+    link_rate: Option<u64>,
+    /// Cut the link this long after the start...
+    #[arg(long, value_parser = netsim::parse_duration)]
+    partition_at: Option<Duration>,
+    /// ... for this long.
+    #[arg(long, default_value = "2s", value_parser = netsim::parse_duration)]
+    partition_for: Duration,
+    /// Where the link is simulated: `sim` (in process) or `udp` (forwarders on real sockets).
+    #[arg(long, default_value = "sim")]
+    link: String,
+    /// Congestion controller: cubic, newreno or bbr.
+    #[arg(long, default_value = "bbr")]
+    congestion: walship::net::endpoint::CongestionControl,
+    /// Wait this long for more entries before a batch closes (default: none).
+    #[arg(long, value_parser = netsim::parse_duration)]
+    linger: Option<Duration>,
+    /// Multiplex every space onto one stream (head-of-line comparison).
+    #[arg(long)]
+    single_stream: bool,
+    /// Seed of the link simulator and the payloads.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Longest wait for convergence after writes stop.
+    #[arg(long, default_value = "120s", value_parser = netsim::parse_duration)]
+    converge_timeout: Duration,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    report_json: Option<PathBuf>,
+    /// No progress bar (for logs and CI).
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_write_rate(s: &str) -> Result<u64, String> {
+    match s {
+        "max" => Ok(0),
+        _ => s.parse().map_err(|_| format!("bad rate {s:?}: entries per second, or `max`")),
+    }
+}
+
+/// Per-replica lag: for every entry applied (durable) on the replica, how long since its append.
+struct LagRecorder {
+    hist: Mutex<Histogram<u64>>,
+    entries: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl LagRecorder {
+    fn new() -> Arc<LagRecorder> {
+        Arc::new(LagRecorder {
+            hist: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds")),
+            entries: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        })
+    }
+}
+
+impl ApplyHook for LagRecorder {
+    fn apply<'a>(&'a self, _space: &'a SpaceId, entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        let now = now_us();
+        let mut h = self.hist.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bytes = 0;
+        for e in entries {
+            h.saturating_record(now.saturating_sub(e.timestamp_us).max(1));
+            bytes += e.payload.len() as u64;
+        }
+        drop(h);
+        self.entries.fetch_add(entries.len() as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Box::pin(async {})
+    }
+}
+
+/// The link: how a partition is switched on and off.
+enum Link {
+    Sim(SimNetwork),
+    Udp(Vec<netsim::forwarder::ForwarderControl>),
+}
+
+impl Link {
+    fn partition(&self, on: bool) {
+        match self {
+            Link::Sim(net) => net.partition_all(on),
+            Link::Udp(ctls) => ctls.iter().for_each(|c| c.set_partitioned(on)),
+        }
+    }
+
+    fn stats(&self) -> netsim::LinkStats {
+        match self {
+            Link::Sim(net) => net.stats(),
+            Link::Udp(ctls) => {
+                let mut all = netsim::LinkStats::default();
+                for c in ctls {
+                    let s = c.stats();
+                    all.merge(&s.up);
+                    all.merge(&s.down);
+                }
+                all
+            }
+        }
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    common::init_tracing_with("error");
+    let args = Args::parse();
+    match run(args).await {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(2),
+        Err(e) => {
+            eprintln!("loadtest failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn impairment(args: &Args) -> Impairment {
+    Impairment {
+        loss: args.loss,
+        burst: args.burst,
+        delay: args.delay,
+        jitter: args.jitter,
+        reorder: args.reorder,
+        duplicate: args.duplicate,
+        rate_bytes_per_s: args.link_rate,
+        ..Impairment::default()
+    }
+}
+
+async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
+    let imp = impairment(&args);
+    imp.validate()?;
+    let dir = tempfile::tempdir()?;
+    let ca = ClusterCa::generate("loadtest CA")?;
+    let settings = TransportSettings { congestion: args.congestion, ..TransportSettings::default() };
+    let mut pcfg = PrimaryConfig::new("primary", "127.0.0.1:0".parse()?, dir.path().join("primary"));
+    pcfg.compression = args.compression;
+    pcfg.wal.sync = args.sync;
+    pcfg.single_stream = args.single_stream;
+    pcfg.transport = settings.clone();
+    pcfg.linger = args.linger;
+    let primary_id = ca.issue("primary")?;
+
+    let names: Vec<String> = (1..=args.replicas).map(|i| format!("replica-{i}")).collect();
+    let lags: Vec<Arc<LagRecorder>> = names.iter().map(|_| LagRecorder::new()).collect();
+    let mut replicas = Vec::new();
+    let (primary, link) = match args.link.as_str() {
+        "sim" => {
+            let net = SimNetwork::new(args.seed);
+            net.set_default(imp.clone());
+            let paddr: SocketAddr = "127.0.0.1:7000".parse()?;
+            let ep = netsim::sim_endpoint(
+                &net,
+                paddr,
+                Some(server_config(&primary_id, &settings)?),
+                Some(client_config(&primary_id, &settings)?),
+            )?;
+            let primary = Primary::with_endpoint(pcfg, ep).await?;
+            for (i, name) in names.iter().enumerate() {
+                let id = ca.issue(name)?;
+                let ep = netsim::sim_endpoint(
+                    &net,
+                    SocketAddr::from(([127, 0, 0, 1], 7001 + i as u16)),
+                    None,
+                    Some(client_config(&id, &settings)?),
+                )?;
+                let mut rcfg = ReplicaConfig::new(name, paddr, "primary", dir.path().join(name));
+                rcfg.wal.sync = args.sync;
+                replicas.push(Replica::with_endpoint(rcfg, ep, Some(lags[i].clone())).await?);
+            }
+            (primary, Link::Sim(net))
+        }
+        "udp" => {
+            let primary = Primary::start(pcfg, primary_id).await?;
+            let mut ctls = Vec::new();
+            for (i, name) in names.iter().enumerate() {
+                let fwd = netsim::forwarder::Forwarder::bind(
+                    "127.0.0.1:0".parse()?,
+                    primary.local_addr(),
+                    imp.clone(),
+                    imp.clone(),
+                    netsim::model::derive_seed(args.seed, name.as_bytes()),
+                )?;
+                let addr = fwd.local_addr();
+                ctls.push(fwd.control());
+                tokio::spawn(fwd.run(std::future::pending::<()>()));
+                let mut rcfg = ReplicaConfig::new(name, addr, "primary", dir.path().join(name));
+                rcfg.wal.sync = args.sync;
+                rcfg.transport = settings.clone();
+                replicas.push(Replica::start_with_hook(rcfg, ca.issue(name)?, Some(lags[i].clone())).await?);
+            }
+            (primary, Link::Udp(ctls))
+        }
+        other => return Err(format!("unknown --link {other:?}: use sim or udp").into()),
+    };
+
+    let spaces: Vec<SpaceWal> =
+        common::space_names(args.spaces).iter().map(|s| primary.space(s)).collect::<Result<_, _>>()?;
+    println!(
+        "loadtest: {} replicas, {} spaces, {} entries/s of {} bytes for {:?}, {:?}, {} streams, link {} [{}], seed {}",
+        args.replicas,
+        args.spaces,
+        if args.rate == 0 { "max".to_string() } else { args.rate.to_string() },
+        args.entry_bytes,
+        args.duration,
+        args.compression,
+        if args.single_stream { "one multiplexed" } else { "per-space" },
+        args.link,
+        imp,
+        args.seed
+    );
+
+    // Writer thread: paced appends, each timed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, written, rate, entry_bytes, seed) =
+            (stop.clone(), written.clone(), args.rate, args.entry_bytes, args.seed);
+        std::thread::spawn(move || -> Result<Histogram<u64>, String> {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
+            let mut gen = PayloadGen::new(seed, entry_bytes);
+            let start = Instant::now();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if rate > 0 {
+                    let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+                    if n >= due {
+                        std::thread::sleep(Duration::from_micros(200));
+                        continue;
+                    }
+                }
+                let payload = gen.next_payload();
+                let wal = &spaces[(n % spaces.len() as u64) as usize];
+                let t = Instant::now();
+                wal.append(Epoch(1), 1, payload).map_err(|e| e.to_string())?;
+                hist.saturating_record(t.elapsed().as_nanos() as u64);
+                n += 1;
+                if n % 256 == 0 {
+                    written.store(n, Ordering::Relaxed);
+                }
+            }
+            written.store(n, Ordering::Relaxed);
+            Ok(hist)
+        })
+    };
+
+    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(args.duration.as_millis() as u64) };
+    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {msg}")?);
+    let started = Instant::now();
+    let mut partitioned = false;
+    let mut last = (Instant::now(), 0u64);
+    while started.elapsed() < args.duration {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(at) = args.partition_at {
+            let el = started.elapsed();
+            let want = el >= at && el < at + args.partition_for;
+            if want != partitioned {
+                link.partition(want);
+                partitioned = want;
+                bar.println(format!(
+                    "[{:>6.1}s] link {}",
+                    el.as_secs_f64(),
+                    if want { "partitioned" } else { "healed" }
+                ));
+            }
+        }
+        let n = written.load(Ordering::Relaxed);
+        let rate = (n - last.1) as f64 / last.0.elapsed().as_secs_f64();
+        last = (Instant::now(), n);
+        let status = primary.status();
+        let lag: Vec<String> = status
+            .replicas
+            .iter()
+            .map(|r| format!("{} {:?} lag {}e/{}ms", r.name, r.state, r.max_lag.entries, r.max_lag.ms))
+            .collect();
+        bar.set_position(started.elapsed().as_millis() as u64);
+        bar.set_message(format!("written {n} ({rate:.0}/s) | {}", lag.join(" | ")));
+    }
+    if partitioned {
+        link.partition(false);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let append_hist = writer.join().map_err(|_| "writer panicked")??;
+    let write_time = started.elapsed();
+    let entries_written = written.load(Ordering::Relaxed);
+    bar.finish_and_clear();
+    println!(
+        "writes stopped after {:.1}s: {entries_written} entries; waiting for convergence ...",
+        write_time.as_secs_f64()
+    );
+
+    // Converge: every replica holds every space with the primary's last sequence and digest.
+    let stop_at = Instant::now();
+    let converged = loop {
+        let p = primary.status();
+        let all = replicas.iter().all(|r| {
+            let rs = r.status();
+            p.spaces.iter().all(|ps| {
+                rs.spaces
+                    .iter()
+                    .any(|x| x.log.space == ps.space && x.log.last_seq == ps.last_seq && x.log.digest == ps.digest)
+            })
+        });
+        if all {
+            break Some(stop_at.elapsed());
+        }
+        if stop_at.elapsed() > args.converge_timeout {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let total_time = started.elapsed();
+
+    // Verify and report.
+    let p = primary.status();
+    let mut differences = Vec::new();
+    for r in &replicas {
+        let rs = r.status();
+        for ps in &p.spaces {
+            match rs.spaces.iter().find(|x| x.log.space == ps.space) {
+                Some(x) if x.log.last_seq == ps.last_seq && x.log.digest == ps.digest => {}
+                Some(x) => differences.push(format!(
+                    "{} {}: last_seq {} digest {} (primary {} {})",
+                    rs.name, ps.space, x.log.last_seq, x.log.digest, ps.last_seq, ps.digest
+                )),
+                None => differences.push(format!("{} {}: missing", rs.name, ps.space)),
+            }
+        }
+    }
+    let verified = differences.is_empty() && converged.is_some();
+    let secs = total_time.as_secs_f64();
+    let delivered_entries = lags.iter().map(|l| l.entries.load(Ordering::Relaxed)).min().unwrap_or(0);
+    let delivered_bytes = lags.iter().map(|l| l.bytes.load(Ordering::Relaxed)).min().unwrap_or(0);
+    let frame_bytes: u64 = p.replicas.iter().map(|r| r.bytes_sent).sum::<u64>() / p.replicas.len().max(1) as u64;
+    let udp_tx: u64 = p.replicas.iter().filter_map(|r| r.path.as_ref()).map(|x| x.udp_tx_bytes).sum();
+    let raw_frame_bytes = delivered_entries * (args.entry_bytes as u64 + 17);
+    let q = |h: &Histogram<u64>, q: f64, div: f64| h.value_at_quantile(q) as f64 / div;
+    let replicas_json: Vec<_> = names
+        .iter()
+        .zip(&lags)
+        .map(|(name, lag)| {
+            let h = lag.hist.lock().unwrap_or_else(|e| e.into_inner());
+            let view = p.replicas.iter().find(|r| &r.name == name);
+            json!({
+                "name": name,
+                "entries": lag.entries.load(Ordering::Relaxed),
+                "lag_ms": { "p50": q(&h, 0.5, 1e3), "p99": q(&h, 0.99, 1e3), "p999": q(&h, 0.999, 1e3), "max": h.max() as f64 / 1e3 },
+                "reconnects": view.map(|v| v.reconnects),
+                "state": view.map(|v| v.state),
+                "path": view.and_then(|v| v.path.clone()),
+            })
+        })
+        .collect();
+    let link_stats = link.stats();
+    let report = json!({
+        "verified": verified,
+        "differences": differences,
+        "entries_written": entries_written,
+        "delivered": { "entries": delivered_entries, "payload_bytes": delivered_bytes },
+        "throughput": {
+            "entries_per_s": delivered_entries as f64 / secs,
+            "payload_mb_per_s": delivered_bytes as f64 / secs / 1e6,
+            "wire_mb_per_s": udp_tx as f64 / secs / 1e6,
+        },
+        "compression": { "codec": args.compression, "ratio": if frame_bytes > 0 { raw_frame_bytes as f64 / frame_bytes as f64 } else { 0.0 } },
+        "append_latency_us": {
+            "p50": q(&append_hist, 0.5, 1e3), "p99": q(&append_hist, 0.99, 1e3), "p999": q(&append_hist, 0.999, 1e3), "max": append_hist.max() as f64 / 1e3,
+        },
+        "converge_ms": converged.map(|d| d.as_secs_f64() * 1e3),
+        "replicas": replicas_json,
+        "link": {
+            "mode": args.link, "impairment": imp.to_string(), "packets": link_stats.packets, "dropped": link_stats.dropped(),
+            "duplicated": link_stats.duplicated, "reordered": link_stats.reordered,
+        },
+        "config": {
+            "replicas": args.replicas, "spaces": args.spaces, "rate": args.rate, "entry_bytes": args.entry_bytes,
+            "duration_s": args.duration.as_secs_f64(), "single_stream": args.single_stream, "seed": args.seed, "congestion": args.congestion,
+            "sync": format!("{:?}", args.sync),
+        },
+        "elapsed_s": secs,
+    });
+
+    println!("\n== walship load test report ==");
+    println!(
+        "verified:          {}",
+        if verified {
+            "true (every replica's logs identical to the primary's)".to_string()
+        } else {
+            format!("FALSE: {} differences", differences.len())
+        }
+    );
+    for d in differences.iter().take(10) {
+        println!("  {d}");
+    }
+    println!(
+        "entries written:   {entries_written} in {:.1}s; delivered per replica: {delivered_entries} ({:.1} MB payload)",
+        write_time.as_secs_f64(),
+        delivered_bytes as f64 / 1e6
+    );
+    println!(
+        "throughput:        {:.0} entries/s, {:.2} MB/s payload, {:.2} MB/s on the wire (all replicas)",
+        report["throughput"]["entries_per_s"].as_f64().unwrap_or(0.0),
+        report["throughput"]["payload_mb_per_s"].as_f64().unwrap_or(0.0),
+        report["throughput"]["wire_mb_per_s"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "compression:       {:?}, ratio {:.2}",
+        args.compression,
+        report["compression"]["ratio"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "append latency:    p50 {:.2} us, p99 {:.2} us, p999 {:.2} us",
+        q(&append_hist, 0.5, 1e3),
+        q(&append_hist, 0.99, 1e3),
+        q(&append_hist, 0.999, 1e3)
+    );
+    for r in &replicas_json {
+        println!(
+            "{}:         lag p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms; reconnects {}; lost packets {}, congestion events {}, rtt {:.2} ms",
+            r["name"].as_str().unwrap_or(""),
+            r["lag_ms"]["p50"].as_f64().unwrap_or(0.0),
+            r["lag_ms"]["p99"].as_f64().unwrap_or(0.0),
+            r["lag_ms"]["p999"].as_f64().unwrap_or(0.0),
+            r["lag_ms"]["max"].as_f64().unwrap_or(0.0),
+            r["reconnects"],
+            r["path"]["lost_packets"],
+            r["path"]["congestion_events"],
+            r["path"]["rtt_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+    println!(
+        "converged after:   {}",
+        converged
+            .map_or("did not converge".into(), |d| format!("{:.0} ms after writes stopped", d.as_secs_f64() * 1e3))
+    );
+    println!("link:              {} [{}]: {link_stats}", args.link, imp);
+    if let Some(path) = &args.report_json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        println!("report written to {}", path.display());
+    }
+    for r in replicas {
+        r.shutdown().await;
+    }
+    primary.shutdown().await;
+    Ok(verified)
+}
