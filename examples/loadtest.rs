@@ -228,7 +228,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     let (primary, link) = match args.link.as_str() {
         "sim" => {
             let net = SimNetwork::new(args.seed);
-            net.set_default(imp.clone());
+            net.set_default(imp);
             let paddr: SocketAddr = "127.0.0.1:7000".parse()?;
             let ep = netsim::sim_endpoint(
                 &net,
@@ -258,8 +258,8 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 let fwd = netsim::forwarder::Forwarder::bind(
                     "127.0.0.1:0".parse()?,
                     primary.local_addr(),
-                    imp.clone(),
-                    imp.clone(),
+                    imp,
+                    imp,
                     netsim::model::derive_seed(args.seed, name.as_bytes()),
                 )?;
                 let addr = fwd.local_addr();
