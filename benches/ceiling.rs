@@ -17,12 +17,18 @@
 //!    (durable + ApplyHook) every entry. Logs are then checked identical (last seq + digest).
 //! 4. `walship-128B`: as 3 with 16 spaces, 128-byte entries and lz4: entries/s.
 //!
+//! Raw quinn runs again at the end (`quinn-again`); ratios are against the better of the two.
+//!
 //! "Payload" is entry bytes (B per entry) for cases 2-4 and stream bytes for case 1; frame and
-//! entry headers are not counted.
+//! entry headers are not counted. Besides MB/s, every case reports the CPU it used (`cores`:
+//! process CPU time / wall time) and so `MB/cpu-s`, payload per CPU-second: on a 2-core machine
+//! shared with other jobs that cost per byte varies far less than MB/s. `others` is the CPU that
+//! other processes used during the case (from /proc/stat); a case above 0.25 cores is flagged `!`.
 //!
 //! Run: `cargo bench --bench ceiling` (options after `--`: `--seconds S` (5), `--bytes N` (1e9),
 //! `--entry-bytes B` (4096), `--compression none|lz4|zstd` (none), `--append-chunk N` (64),
-//! `--lead-mb M` (32), `--only quinn,tcp,walship-1,walship-16,walship-128B`, `--json PATH`).
+//! `--lead-mb M` (32), `--only quinn,tcp,walship-1,walship-16,walship-128B`, `--json PATH`,
+//! `--max-unacked-mb M` (the primary's per-space window; default: the product's)).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -61,6 +67,8 @@ struct Args {
     lead_bytes: u64,
     only: Option<Vec<String>>,
     json: Option<String>,
+    /// Overrides `PrimaryConfig::max_unacked_bytes` (to see whether that window limits throughput).
+    max_unacked_bytes: Option<usize>,
 }
 
 impl Args {
@@ -84,6 +92,8 @@ impl Args {
             lead_bytes: (num("--lead-mb", 32.0) * 1024.0 * 1024.0) as u64,
             only: get("--only").map(|s| s.split(',').map(str::to_owned).collect()),
             json: get("--json"),
+            max_unacked_bytes: get("--max-unacked-mb")
+                .map(|v| (v.parse::<f64>().expect("--max-unacked-mb: not a number") * 1024.0 * 1024.0) as usize),
         }
     }
 
@@ -396,6 +406,9 @@ async fn walship_case(args: &Args, c: &WalshipCase<'_>) -> Outcome {
     let mut pc = PrimaryConfig::new("primary", loopback(), dir.path().join("p"));
     pc.wal.sync = SyncPolicy::Never;
     pc.compression = c.compression;
+    if let Some(n) = args.max_unacked_bytes {
+        pc.max_unacked_bytes = n;
+    }
     let primary = Primary::start(pc, primary_id).await.expect("primary");
     let spaces: Vec<SpaceWal> = (0..c.spaces)
         .map(|i| primary.space(&SpaceId::new(&format!("space-{i:02}")).unwrap()).expect("space"))
@@ -683,6 +696,7 @@ async fn main() {
                 "compression": args.compression_name,
                 "append_chunk": args.append_chunk,
                 "lead_bytes": args.lead_bytes,
+                "max_unacked_bytes": args.max_unacked_bytes,
             },
             "cases": results.iter().map(|o| serde_json::json!({
                 "case": o.case,

@@ -28,7 +28,11 @@ fn bench(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(raw as u64));
         group.measurement_time(std::time::Duration::from_secs(3)).warm_up_time(std::time::Duration::from_secs(1));
         for comp in [Compression::None, Compression::Lz4, Compression::zstd()] {
-            let name = format!("{comp:?}").to_lowercase();
+            let name = match comp {
+                Compression::None => "none".to_string(),
+                Compression::Lz4 => "lz4".to_string(),
+                Compression::Zstd { level } => format!("zstd{level}"),
+            };
             let mut enc = BatchEncoder::new(NodeId(1), comp).with_min_compress_bytes(0);
             let frame: Bytes = enc.encode(&space, &es).unwrap();
             eprintln!(

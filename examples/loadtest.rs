@@ -97,6 +97,14 @@ struct Args {
     /// Multiplex every space onto one stream (head-of-line comparison).
     #[arg(long)]
     single_stream: bool,
+    /// Run the nodes as separate `primary` and `replica` processes (the example binaries, built with
+    /// `cargo build --release --examples`), with a `lossy_link` forwarder in front of each replica;
+    /// verification reads their `--status-file`s. Lag is then sampled from the primary's status.
+    #[arg(long)]
+    processes: bool,
+    /// Where the `primary` and `replica` binaries are (default: next to this one).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
     /// Seed of the link simulator and the payloads.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -185,7 +193,8 @@ impl Link {
 async fn main() {
     common::init_tracing_with("error");
     let args = Args::parse();
-    match run(args).await {
+    let result = if args.processes { processes::run(args).await } else { run(args).await };
+    match result {
         Ok(true) => {}
         Ok(false) => std::process::exit(2),
         Err(e) => {
@@ -524,4 +533,280 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     }
     primary.shutdown().await;
     Ok(verified)
+}
+
+/// `--processes`: the same load test against the example binaries running as separate processes.
+mod processes {
+    use std::process::{Child, Command, Stdio};
+
+    use serde_json::Value;
+
+    use super::*;
+
+    struct Node {
+        name: String,
+        child: Child,
+        status: PathBuf,
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            // SIGTERM for a clean shutdown; the binaries also survive SIGKILL, which follows if needed.
+            let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+            for _ in 0..50 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn read(path: &PathBuf) -> Option<Value> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+
+    /// (space, last_seq, digest) of every space in a status file.
+    fn logs(v: &Value) -> Vec<(String, u64, String)> {
+        let mut out: Vec<_> = v["spaces"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|s| {
+                        (
+                            s["space"].as_str().unwrap_or_default().to_string(),
+                            s["last_seq"].as_u64().unwrap_or(0),
+                            s["digest"].as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    fn free_port() -> std::io::Result<u16> {
+        Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+    }
+
+    pub async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
+        let imp = impairment(&args);
+        imp.validate()?;
+        let bin_dir = match &args.bin_dir {
+            Some(d) => d.clone(),
+            None => std::env::current_exe()?.parent().ok_or("no folder for the binaries")?.to_path_buf(),
+        };
+        for bin in ["primary", "replica"] {
+            if !bin_dir.join(bin).exists() {
+                return Err(format!(
+                    "{} not found: build the binaries with `cargo build --release --examples` or pass --bin-dir",
+                    bin_dir.join(bin).display()
+                )
+                .into());
+            }
+        }
+        if args.rate == 0 {
+            return Err("--processes needs a finite --rate (the primary binary's writer is paced)".into());
+        }
+        let dir = tempfile::tempdir()?;
+        let names: Vec<String> = (1..=args.replicas).map(|i| format!("replica-{i}")).collect();
+        let mut all: Vec<&str> = vec!["primary"];
+        all.extend(names.iter().map(String::as_str));
+        ClusterCa::generate("loadtest CA")?.write_dir(&dir.path().join("certs"), &all)?;
+        let certs = dir.path().join("certs");
+        let total = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
+        let paddr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let congestion = format!("{:?}", args.congestion).to_lowercase();
+        let sync = match args.sync {
+            walship::wal::SyncPolicy::Never => "never".to_string(),
+            walship::wal::SyncPolicy::Always => "always".to_string(),
+            walship::wal::SyncPolicy::Interval(d) => format!("interval:{}ms", d.as_millis()),
+        };
+        let compression = match args.compression {
+            Compression::None => "none".to_string(),
+            Compression::Lz4 => "lz4".to_string(),
+            Compression::Zstd { level } => format!("zstd:{level}"),
+        };
+        let spawn = |name: &str, bin: &str, extra: Vec<String>| -> std::io::Result<Node> {
+            let status = dir.path().join(format!("{name}.json"));
+            let log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
+            let mut cmd = Command::new(bin_dir.join(bin));
+            cmd.args(["--data", &dir.path().join(name).to_string_lossy(), "--certs", &certs.to_string_lossy()])
+                .args(["--name", name, "--status-file", &status.to_string_lossy(), "--sync", &sync])
+                .args(["--congestion", &congestion])
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            Ok(Node { name: name.to_string(), child: cmd.spawn()?, status })
+        };
+        let mut pextra = vec![
+            "--listen".to_string(),
+            paddr.to_string(),
+            "--spaces".into(),
+            args.spaces.to_string(),
+            "--rate".into(),
+            args.rate.to_string(),
+            "--entry-bytes".into(),
+            args.entry_bytes.to_string(),
+            "--total".into(),
+            total.to_string(),
+            "--compression".into(),
+            compression,
+            "--seed".into(),
+            args.seed.to_string(),
+        ];
+        if args.single_stream {
+            pextra.push("--single-stream".into());
+        }
+        let primary = spawn("primary", "primary", pextra)?;
+        let mut controls = Vec::new();
+        let mut replicas = Vec::new();
+        for name in &names {
+            let fwd = netsim::forwarder::Forwarder::bind(
+                "127.0.0.1:0".parse()?,
+                paddr,
+                imp,
+                imp,
+                netsim::model::derive_seed(args.seed, name.as_bytes()),
+            )?;
+            let addr = fwd.local_addr();
+            controls.push(fwd.control());
+            tokio::spawn(fwd.run(std::future::pending::<()>()));
+            replicas.push(spawn(name, "replica", vec!["--primary".into(), addr.to_string()])?);
+        }
+        let link = Link::Udp(controls);
+        println!(
+            "loadtest --processes: primary pid {} on {paddr}, {} replica processes behind lossy_link forwarders [{imp}], {total} entries at {} entries/s",
+            primary.child.id(),
+            replicas.len(),
+            args.rate
+        );
+
+        // Sample the lag the primary reports for each replica while the primary's writer runs.
+        let mut lag: Vec<Histogram<u64>> =
+            names.iter().map(|_| Histogram::new_with_bounds(1, 3_600_000, 3)).collect::<Result<_, _>>()?;
+        let started = Instant::now();
+        let mut partitioned = false;
+        let written = |v: &Value| logs(v).iter().map(|l| l.1).sum::<u64>();
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let el = started.elapsed();
+            if let Some(at) = args.partition_at {
+                let want = el >= at && el < at + args.partition_for;
+                if want != partitioned {
+                    link.partition(want);
+                    partitioned = want;
+                    println!("[{:>6.1}s] link {}", el.as_secs_f64(), if want { "partitioned" } else { "healed" });
+                }
+            }
+            let Some(p) = read(&primary.status) else { continue };
+            for (i, name) in names.iter().enumerate() {
+                let r = p["replicas"].as_array().and_then(|a| a.iter().find(|r| r["name"] == name.as_str()));
+                if let Some(ms) = r.and_then(|r| r["max_lag"]["ms"].as_u64()) {
+                    lag[i].saturating_record(ms.max(1));
+                }
+            }
+            if written(&p) >= total || el > args.duration * 3 + Duration::from_secs(30) {
+                break;
+            }
+        }
+        if partitioned {
+            link.partition(false);
+        }
+        let write_time = started.elapsed();
+        println!("writes done after {:.1}s; waiting for convergence ...", write_time.as_secs_f64());
+        let stop_at = Instant::now();
+        let converged = loop {
+            let p = read(&primary.status).map(|v| logs(&v)).unwrap_or_default();
+            let same = replicas.iter().all(|r| read(&r.status).map(|v| logs(&v)) == Some(p.clone()));
+            if same && p.iter().map(|l| l.1).sum::<u64>() >= total {
+                break Some(stop_at.elapsed());
+            }
+            if stop_at.elapsed() > args.converge_timeout {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let secs = started.elapsed().as_secs_f64();
+        let p = read(&primary.status).unwrap_or(Value::Null);
+        let plogs = logs(&p);
+        let mut differences = Vec::new();
+        let mut replicas_json = Vec::new();
+        for (i, r) in replicas.iter().enumerate() {
+            let rlogs = read(&r.status).map(|v| logs(&v)).unwrap_or_default();
+            for pl in &plogs {
+                if !rlogs.contains(pl) {
+                    differences.push(format!("{} {}: differs from the primary's {} {}", r.name, pl.0, pl.1, pl.2));
+                }
+            }
+            let view = p["replicas"].as_array().and_then(|a| a.iter().find(|x| x["name"] == r.name.as_str())).cloned();
+            let h = &lag[i];
+            replicas_json.push(json!({
+                "name": r.name,
+                "lag_ms": { "p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99), "p999": h.value_at_quantile(0.999), "max": h.max() },
+                "lag_source": "primary status, sampled every 250 ms",
+                "reconnects": view.as_ref().map(|v| v["reconnects"].clone()),
+                "path": view.as_ref().map(|v| v["path"].clone()),
+            }));
+        }
+        let verified = differences.is_empty() && converged.is_some();
+        let entries = total as f64;
+        let udp_tx: f64 = p["replicas"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|r| r["path"]["udp_tx_bytes"].as_f64()).sum())
+            .unwrap_or(0.0);
+        let report = json!({
+            "verified": verified,
+            "differences": differences,
+            "entries_written": plogs.iter().map(|l| l.1).sum::<u64>(),
+            "throughput": {
+                "entries_per_s": entries / secs,
+                "payload_mb_per_s": entries * args.entry_bytes as f64 / secs / 1e6,
+                "wire_mb_per_s": udp_tx / secs / 1e6,
+            },
+            "append_latency_us": { "p50": null, "p99": null, "p999": null, "note": "measured inside the primary process only in in-process mode" },
+            "converge_ms": converged.map(|d| d.as_secs_f64() * 1e3),
+            "replicas": replicas_json,
+            "link": { "mode": "processes", "impairment": imp.to_string() },
+            "config": {
+                "replicas": args.replicas, "spaces": args.spaces, "rate": args.rate, "entry_bytes": args.entry_bytes,
+                "duration_s": args.duration.as_secs_f64(), "single_stream": args.single_stream, "seed": args.seed,
+                "congestion": args.congestion, "processes": true,
+            },
+            "elapsed_s": secs,
+        });
+        println!("\n== walship load test report (separate processes) ==");
+        println!("verified:        {verified}");
+        for d in differences.iter().take(10) {
+            println!("  {d}");
+        }
+        println!("entries:         {} over {} spaces, {:.0} entries/s overall", total, args.spaces, entries / secs);
+        for r in &replicas_json {
+            println!(
+                "{}:       sampled lag p50 {} ms, p99 {} ms, max {} ms; reconnects {}",
+                r["name"].as_str().unwrap_or(""),
+                r["lag_ms"]["p50"],
+                r["lag_ms"]["p99"],
+                r["lag_ms"]["max"],
+                r["reconnects"]
+            );
+        }
+        println!(
+            "converged after: {}",
+            converged.map_or("did not converge".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3))
+        );
+        println!("link:            {}", link.stats());
+        if let Some(path) = &args.report_json {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+            println!("report written to {}", path.display());
+        }
+        if !verified {
+            println!("node logs kept in {}", dir.keep().display());
+        }
+        Ok(verified)
+    }
 }

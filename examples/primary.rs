@@ -61,6 +61,12 @@ struct Args {
     /// Rewrite this file with the status as JSON about once a second and at shutdown.
     #[arg(long)]
     status_file: Option<PathBuf>,
+    /// Congestion controller: bbr, cubic or newreno.
+    #[arg(long, default_value = "bbr")]
+    congestion: walship::net::endpoint::CongestionControl,
+    /// Multiplex every space onto one stream (head-of-line comparisons only).
+    #[arg(long)]
+    single_stream: bool,
     /// Seed of the built-in writer's payloads.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -87,6 +93,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.compression = args.compression;
     config.wal.sync = args.sync;
     config.dial_replicas = args.dial.clone();
+    config.transport.congestion = args.congestion;
+    config.single_stream = args.single_stream;
     let primary = Primary::start(config, identity).await?;
     println!("primary {} listening on {} (data {})", args.name, primary.local_addr(), args.data.display());
 

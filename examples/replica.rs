@@ -41,6 +41,9 @@ struct Args {
     /// Also listen here, for a primary that dials its replicas.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Congestion controller: bbr, cubic or newreno.
+    #[arg(long, default_value = "bbr")]
+    congestion: walship::net::endpoint::CongestionControl,
     /// Rewrite this file with the status as JSON about once a second and at shutdown.
     #[arg(long)]
     status_file: Option<PathBuf>,
@@ -60,6 +63,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut config = ReplicaConfig::new(&args.name, args.primary, &args.primary_name, &args.data);
     config.wal.sync = args.sync;
     config.listen = args.listen;
+    config.transport.congestion = args.congestion;
     let replica = Replica::start(config, identity).await?;
     println!("replica {} replicating from {} (data {})", args.name, args.primary, args.data.display());
 
