@@ -539,11 +539,13 @@ async fn main() {
     println!("machine: {nproc} CPUs, {model}; {when}; load average {load_before}");
     println!(
         "each case: at most {:.0} MB of payload or {:.1}s of sending; {} B entries, compression {} \
-         (the 128 B case: lz4); tokio multi-thread runtime, 2 workers",
+         (the 128 B case: lz4); QUIC: the product's TransportSettings (congestion {:?}); tokio \
+         multi-thread runtime, 2 workers",
         args.bytes as f64 / 1e6,
         args.seconds,
         args.entry_bytes,
-        args.compression_name
+        args.compression_name,
+        TransportSettings::default().congestion
     );
 
     let mut results: Vec<Outcome> = Vec::new();
@@ -697,6 +699,7 @@ async fn main() {
                 "append_chunk": args.append_chunk,
                 "lead_bytes": args.lead_bytes,
                 "max_unacked_bytes": args.max_unacked_bytes,
+                "quic_congestion": format!("{:?}", TransportSettings::default().congestion),
             },
             "cases": results.iter().map(|o| serde_json::json!({
                 "case": o.case,

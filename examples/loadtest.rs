@@ -119,6 +119,18 @@ struct Args {
     quiet: bool,
 }
 
+/// CPU seconds this process has used (user + system), from /proc/self/stat; `None` off Linux.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesized command name; utime and stime are the 14th and 15th fields.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
+}
+
 fn parse_write_rate(s: &str) -> Result<u64, String> {
     match s {
         "max" => Ok(0),
@@ -334,6 +346,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         })
     };
 
+    let cpu_start = cpu_seconds();
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(args.duration.as_millis() as u64) };
     bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {msg}")?);
     let started = Instant::now();
@@ -400,6 +413,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let total_time = started.elapsed();
+    let cpu = cpu_start.zip(cpu_seconds()).map(|(a, b)| b - a);
 
     // Verify and report.
     let p = primary.status();
@@ -457,6 +471,12 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             "p50": q(&append_hist, 0.5, 1e3), "p99": q(&append_hist, 0.99, 1e3), "p999": q(&append_hist, 0.999, 1e3), "max": append_hist.max() as f64 / 1e3,
         },
         "converge_ms": converged.map(|d| d.as_secs_f64() * 1e3),
+        "cpu": {
+            "seconds": cpu,
+            "cores": cpu.map(|c| c / secs),
+            "us_per_entry": cpu.map(|c| c * 1e6 / entries_written.max(1) as f64),
+            "note": "whole process: primary, replicas and link simulator together",
+        },
         "replicas": replicas_json,
         "link": {
             "mode": args.link, "impairment": imp.to_string(), "packets": link_stats.packets, "dropped": link_stats.dropped(),

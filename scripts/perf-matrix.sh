@@ -4,10 +4,11 @@
 #   scripts/perf-matrix.sh lag          # lag at 10,000 entries/s at 0/1/5% loss, 20 ms delay
 #   scripts/perf-matrix.sh compression  # none / lz4 / zstd on the load-test payload
 #   scripts/perf-matrix.sh cc           # cubic vs bbr under random loss and a bandwidth cap
+#   scripts/perf-matrix.sh table FILES  # the table of saved reports
 # Reports (JSON) go to target/perf/. Needs python3 for the tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --example loadtest -q
+[ "${1:-}" = table ] || cargo build --release --example loadtest -q
 out=target/perf; mkdir -p "$out"
 lt() { ./target/release/examples/loadtest --quiet "$@"; }
 SECS=${SECS:-15s}
@@ -18,11 +19,12 @@ rows = []
 for path in sys.argv[1:]:
     r = json.load(open(path))
     c, lag = r["config"], r["replicas"][0]["lag_ms"]
+    cpu = (r.get("cpu") or {}).get("us_per_entry")
     rows.append((path.split("/")[-1][:-5], r["verified"], r["throughput"]["entries_per_s"], r["throughput"]["payload_mb_per_s"],
                  r["throughput"]["wire_mb_per_s"], r["compression"]["ratio"], lag["p50"], lag["p99"], lag["max"],
-                 r["append_latency_us"]["p99"], r["converge_ms"]))
-print(f"| run | verified | entries/s | payload MB/s | wire MB/s | ratio | lag p50 ms | lag p99 ms | lag max ms | append p99 us | converge ms |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+                 r["append_latency_us"]["p99"], cpu if cpu is not None else float("nan"), r["converge_ms"]))
+print(f"| run | verified | entries/s | payload MB/s | wire MB/s | ratio | lag p50 ms | lag p99 ms | lag max ms | append p99 us | CPU us/entry | converge ms |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for x in rows:
     print("| " + " | ".join([x[0], str(x[1]).lower()] + [f"{v:.0f}" if i == 0 else f"{v:.2f}" for i, v in enumerate(x[2:-1])] + [f"{x[-1]:.0f}" if x[-1] is not None else "-"]) + " |")
 PY
@@ -62,5 +64,6 @@ cc)
     lt --replicas 1 --spaces 64 --rate 10000 --duration "$SECS" --link-rate 12mbit --loss 0.5% --delay 20ms --congestion "$cc" --seed 9 --report-json "$f" >/dev/null
   done
   table "${files[@]}" ;;
-*) sed -n '2,8p' "$0"; exit 2 ;;
+table) shift; table "$@" ;;
+*) sed -n '2,9p' "$0"; exit 2 ;;
 esac

@@ -338,6 +338,7 @@ pub fn bind_udp(addr: SocketAddr, settings: &TransportSettings) -> Result<std::n
         "send",
         settings.socket_send_buffer_size,
         |n| socket.set_send_buffer_size(n),
+        |n| force_buffer(&socket, Buffer::Send, n),
         || socket.send_buffer_size(),
     );
     set_buffer(
@@ -345,6 +346,7 @@ pub fn bind_udp(addr: SocketAddr, settings: &TransportSettings) -> Result<std::n
         "receive",
         settings.socket_recv_buffer_size,
         |n| socket.set_recv_buffer_size(n),
+        |n| force_buffer(&socket, Buffer::Receive, n),
         || socket.recv_buffer_size(),
     );
     socket.set_nonblocking(true).map_err(err("configure"))?;
@@ -357,15 +359,20 @@ fn set_buffer(
     which: &str,
     wanted: usize,
     set: impl FnOnce(usize) -> io::Result<()>,
-    get: impl FnOnce() -> io::Result<usize>,
+    force: impl FnOnce(usize) -> io::Result<()>,
+    get: impl Fn() -> io::Result<usize>,
 ) {
     if let Err(e) = set(wanted) {
         tracing::warn!(%addr, wanted, error = %e, "cannot set the UDP socket {which} buffer size");
         return;
     }
+    // Linux reports twice the granted size (it counts bookkeeping overhead), so a granted request
+    // reads back >= wanted. A request above net.core.rmem_max / wmem_max is silently capped; a
+    // privileged process may go past the cap.
+    if matches!(get(), Ok(granted) if granted < wanted) {
+        let _ = force(wanted);
+    }
     match get() {
-        // Linux reports twice the granted size (it counts bookkeeping overhead), so a granted
-        // request reads back >= wanted.
         Ok(granted) if granted < wanted => tracing::warn!(
             %addr,
             wanted,
@@ -380,9 +387,63 @@ fn set_buffer(
     }
 }
 
+enum Buffer {
+    Send,
+    Receive,
+}
+
+/// `SO_SNDBUFFORCE` / `SO_RCVBUFFORCE`: past the sysctl cap, allowed with CAP_NET_ADMIN (Linux only).
+#[cfg(target_os = "linux")]
+fn force_buffer(socket: &Socket, which: Buffer, size: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let opt = match which {
+        Buffer::Send => libc::SO_SNDBUFFORCE,
+        Buffer::Receive => libc::SO_RCVBUFFORCE,
+    };
+    let value: libc::c_int = size.min(libc::c_int::MAX as usize) as libc::c_int;
+    // SAFETY: the fd is a live socket owned by `socket`; the option value is a c_int that outlives
+    // the call, passed with its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn force_buffer(_socket: &Socket, _which: Buffer, _size: usize) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As root (CI and the development machines run as root) the buffers go past the sysctl cap;
+    /// elsewhere they are at least what the cap allows.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn socket_buffers_reach_the_requested_size_when_privileged() {
+        let settings = TransportSettings::default();
+        let sock = Socket::from(bind_udp("127.0.0.1:0".parse().unwrap(), &settings).unwrap());
+        let (rcv, snd) = (sock.recv_buffer_size().unwrap(), sock.send_buffer_size().unwrap());
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(rcv >= settings.socket_recv_buffer_size, "receive buffer {rcv}");
+            assert!(snd >= settings.socket_send_buffer_size, "send buffer {snd}");
+        } else {
+            assert!(rcv > 0 && snd > 0);
+        }
+    }
 
     #[test]
     fn defaults_are_valid_and_fit_ten_thousand_spaces() {

@@ -592,6 +592,11 @@ async fn receive_mux_stream(
     Ok(())
 }
 
+/// Batches at least this large are appended on a blocking thread: writing them takes long enough
+/// (hundreds of microseconds) to starve the endpoint's socket reads; smaller ones are cheaper inline
+/// than a thread hand-off.
+const BLOCKING_APPEND_BYTES: u32 = 256 * 1024;
+
 /// Why a batch was not applied.
 enum Reject {
     /// Lost or bad data: ask again from the last sequence held.
@@ -623,8 +628,10 @@ async fn apply_batch(
     if h.last_seq() <= last_before {
         return Ok(()); // Already held (a resent batch after a catch-up race).
     }
-    let result = if matches!(shared.config.wal.sync, SyncPolicy::Always) {
-        // fsync blocks: keep it off the runtime's threads.
+    // An fsync, or the write of a large batch, blocks: keep it off the runtime's threads, which must
+    // keep draining the UDP socket (a stalled endpoint drops packets at the socket).
+    let blocking = matches!(shared.config.wal.sync, SyncPolicy::Always) || h.uncompressed_len >= BLOCKING_APPEND_BYTES;
+    let result = if blocking {
         let (wal2, entries) = (wal.clone(), batch.entries);
         match tokio::task::spawn_blocking(move || wal2.append_replicated(&entries).map(|r| (r, entries))).await {
             Ok(r) => r,

@@ -32,8 +32,10 @@ use super::tail::MemTail;
 
 /// Read size when rebuilding a digest for a suffix truncation (at most one index interval is scanned).
 const LOCATE_CHUNK: usize = 64 * 1024;
-/// Scratch buffer capacity kept between appends; a larger one (after a huge entry) is released.
-const SCRATCH_KEEP: usize = 1024 * 1024;
+/// Scratch buffer capacity kept between appends; a larger one (after a huge entry) is released. It
+/// must hold a whole replicated batch (1 MiB of entry bytes by default, plus record headers), or
+/// every batch would reallocate and fault in fresh pages.
+const SCRATCH_KEEP: usize = 4 * 1024 * 1024;
 
 /// The write-ahead log of one space. Cheap to clone (shared handle); `Send + Sync`.
 ///
