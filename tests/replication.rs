@@ -133,6 +133,12 @@ async fn a_held_space_does_not_block_the_others() {
     let held = r1.status().spaces.into_iter().find(|x| x.log.space == spaces[0]).map(|x| x.applied_seq.0).unwrap_or(0);
     assert!(held < 20_000, "the held space must not have been applied completely");
     // The primary saw the held space lagging and the others caught up.
+    // Durable is acked separately from applied: the held space reports what it wrote.
+    wait_for("the held space's durable position acked", || {
+        let v = primary.status().replicas.remove(0);
+        v.spaces.iter().any(|s| s.space == spaces[0] && s.durable.0 > s.applied.0)
+    })
+    .await;
     let view = primary.status().replicas.remove(0);
     for s in &view.spaces {
         if s.space == spaces[0] {
@@ -225,6 +231,23 @@ async fn single_stream_mode_multiplexes_every_space_and_resumes() {
     assert!(r1.disconnect());
     write(&primary, &spaces, 1_000).await;
     converge(&primary, &[&r1]).await;
+    r1.shutdown().await;
+    primary.shutdown().await;
+}
+
+/// Far more spaces than quinn's default of 100 concurrent streams: every space gets its own stream
+/// at once, so the stream limits must be raised on the receiving side (at the limit `open_uni` waits
+/// forever). 2,000 rather than 10,000 spaces because primary and replica share this process's file
+/// descriptors here (one open segment per space per side).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_spaces_each_on_its_own_stream() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    let spaces: Vec<SpaceId> = (0..2_000).map(|i| SpaceId::new(&format!("tenant-{i:05}")).unwrap()).collect();
+    write(&primary, &spaces, 3).await;
+    converge(&primary, &[&r1]).await;
+    assert_eq!(r1.status().spaces.len(), 2_000);
     r1.shutdown().await;
     primary.shutdown().await;
 }

@@ -57,6 +57,9 @@ struct Shared {
     spaces: Mutex<HashMap<SpaceId, Arc<SpaceState>>>,
     link: Mutex<LinkState>,
     ack_needed: Notify,
+    /// Spaces whose durable or applied position may have moved since their last ack: the ack loop
+    /// looks at these only, so an idle replica with 10,000 spaces does no work.
+    unacked: Mutex<HashMap<SpaceId, Arc<SpaceState>>>,
 }
 
 struct SpaceState {
@@ -143,6 +146,7 @@ impl Replica {
                 liveness: None,
             }),
             ack_needed: Notify::new(),
+            unacked: Mutex::new(HashMap::new()),
         });
         let mut tasks = JoinSet::new();
         if let Some(addr) = shared.config.primary {
@@ -243,6 +247,14 @@ impl Shared {
         }
         let wal = self.store.space(id)?;
         Ok(lock(&self.spaces).entry(id.clone()).or_insert_with(|| Arc::new(SpaceState::new(wal))).clone())
+    }
+
+    /// Marks a space's positions as moved and wakes the ack loop.
+    fn ack_later(&self, space: &SpaceId) {
+        if let Some(s) = lock(&self.spaces).get(space).cloned() {
+            lock(&self.unacked).insert(space.clone(), s);
+        }
+        self.ack_needed.notify_one();
     }
 
     fn set_state(&self, state: ConnectionState, error: Option<String>) {
@@ -439,7 +451,8 @@ async fn control_reader(shared: Arc<Shared>, mut control: ControlReader, conn: C
 }
 
 /// Sends acks for every space whose durable or applied position moved: right after a batch lands,
-/// and at least every `ack_interval` (durability under an interval policy advances in the background).
+/// and at least every `ack_interval` while a space waits for durability (under an interval policy it
+/// advances in the background).
 async fn ack_loop(shared: Arc<Shared>, session: Session) {
     let mut last: HashMap<SpaceId, (Seq, Seq)> = HashMap::new();
     loop {
@@ -447,14 +460,24 @@ async fn ack_loop(shared: Arc<Shared>, session: Session) {
             _ = shared.ack_needed.notified() => {}
             _ = tokio::time::sleep(shared.config.ack_interval) => {}
         }
-        let states: Vec<Arc<SpaceState>> = lock(&shared.spaces).values().cloned().collect();
+        let candidates: Vec<Arc<SpaceState>> = lock(&shared.unacked).values().cloned().collect();
         let mut spaces = Vec::new();
-        for s in states {
+        for s in candidates {
             let durable = s.wal.durable_seq();
             let applied = Seq(s.applied.load(Ordering::Acquire)).min(durable);
             if last.get(s.wal.space()) != Some(&(durable, applied)) {
                 last.insert(s.wal.space().clone(), (durable, applied));
                 spaces.push(SpaceAck { space: s.wal.space().clone(), durable, applied });
+            }
+            if durable >= s.wal.last_seq() && applied == durable {
+                // Settled: nothing more to report until the next batch puts it back. A batch stores
+                // `applied` before it inserts the space, so seeing the acked values unchanged under
+                // the lock means any newer batch will insert it again after this removal.
+                let mut unacked = lock(&shared.unacked);
+                let now = (s.wal.durable_seq(), Seq(s.applied.load(Ordering::Acquire)));
+                if now == (durable, applied) {
+                    unacked.remove(s.wal.space());
+                }
             }
         }
         if !spaces.is_empty() && session.control.send(ControlMessage::Ack(Ack { spaces })).is_err() {
@@ -647,11 +670,13 @@ async fn apply_batch(
     };
     let new = &entries[entries.partition_point(|e| e.seq <= last_before)..];
     if let Some(hook) = &shared.hook {
+        // Durable already: ack that now, whatever the hook takes.
+        shared.ack_later(wal.space());
         hook.apply(wal.space(), new).await;
     }
     if let Some(e) = new.last() {
         state.applied.fetch_max(e.seq.0, Ordering::AcqRel);
     }
-    shared.ack_needed.notify_one();
+    shared.ack_later(wal.space());
     Ok(())
 }

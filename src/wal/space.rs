@@ -37,6 +37,12 @@ const LOCATE_CHUNK: usize = 64 * 1024;
 /// every batch would reallocate and fault in fresh pages.
 const SCRATCH_KEEP: usize = 4 * 1024 * 1024;
 
+thread_local! {
+    /// Record encoding buffer, one per thread rather than per space: a node with 10,000 spaces
+    /// keeps a few of these, not 10,000.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The write-ahead log of one space. Cheap to clone (shared handle); `Send + Sync`.
 ///
 /// Open each space folder through one `SpaceWal` (or one [`WalStore`](super::WalStore)) at a time: two
@@ -98,8 +104,6 @@ struct State {
     last_epoch: Epoch,
     digest: LogDigest,
     tail: MemTail,
-    /// Reused encode buffer so appends do not allocate.
-    scratch: Vec<u8>,
     /// Bumped by every suffix truncation.
     generation: u64,
     /// Resume positions and open files of disk reads.
@@ -154,7 +158,6 @@ impl SpaceWal {
             last_epoch: r.last_epoch,
             digest: r.digest,
             tail: r.tail,
-            scratch: Vec::with_capacity(64 * 1024),
             generation: 0,
             reads: ReadCache::default(),
         };
@@ -569,27 +572,36 @@ impl Inner {
     }
 
     fn write_parts(&self, st: &mut State, entries: &mut [Entry]) -> Result<(), WalError> {
+        let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let result = self.write_parts_with(st, entries, &mut scratch);
+        if scratch.capacity() <= SCRATCH_KEEP {
+            SCRATCH.with(|s| *s.borrow_mut() = scratch);
+        }
+        result
+    }
+
+    fn write_parts_with(&self, st: &mut State, entries: &mut [Entry], scratch: &mut Vec<u8>) -> Result<(), WalError> {
         let limit = self.config.segment_bytes;
         let mut i = 0;
         while i < entries.len() {
             let start = st.active.len;
-            st.scratch.clear();
+            scratch.clear();
             let mut j = i;
             while j < entries.len() {
                 let rec = record_len(entries[j].payload.len());
-                let used = start + st.scratch.len() as u64;
+                let used = start + scratch.len() as u64;
                 // A record larger than a whole segment still gets one, alone.
                 if used > SEGMENT_HEADER_LEN && used + rec > limit {
                     break;
                 }
-                encode_record(&mut st.scratch, &entries[j]);
+                encode_record(scratch, &entries[j]);
                 j += 1;
             }
             if j == i {
                 self.roll(st)?;
                 continue;
             }
-            if let Err(e) = write_all_at(&st.active_file, &st.scratch, start) {
+            if let Err(e) = write_all_at(&st.active_file, scratch, start) {
                 // Cut any partial write so the next record does not land after garbage.
                 if let Err(cut) = st.active_file.set_len(start) {
                     let source =
@@ -612,9 +624,6 @@ impl Inner {
             st.last_seq = entries[j - 1].seq;
             st.last_epoch = entries[j - 1].epoch;
             i = j;
-        }
-        if st.scratch.capacity() > SCRATCH_KEEP {
-            st.scratch = Vec::with_capacity(SCRATCH_KEEP);
         }
         Ok(())
     }
