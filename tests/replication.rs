@@ -251,3 +251,71 @@ async fn two_thousand_spaces_each_on_its_own_stream() {
     r1.shutdown().await;
     primary.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_retention_gets_a_typed_error_for_that_space_only() {
+    let c = Cluster::new();
+    let mut cfg = c.primary_config("127.0.0.1:0".parse().unwrap());
+    cfg.wal.segment_bytes = 4096;
+    cfg.wal.tail_max_entries = 16;
+    let primary = walship::Primary::start(cfg, c.ca.issue("primary").unwrap()).await.unwrap();
+    let (kept, gone) = (SpaceId::new("kept").unwrap(), SpaceId::new("gone").unwrap());
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    write(&primary, &[kept.clone(), gone.clone()], 20).await;
+    converge(&primary, &[&r1]).await;
+    r1.shutdown().await;
+
+    // While the replica is away, retention removes what it would need next.
+    write(&primary, &[kept.clone(), gone.clone()], 2_000).await;
+    let first = primary.space(&gone).unwrap().truncate_prefix(walship::Seq(1_500)).unwrap();
+    assert!(first.0 > 21);
+
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    wait_for("the kept space to converge", || {
+        r1.space(&kept).map(|w| w.digest()) == Some(primary.space(&kept).unwrap().digest())
+    })
+    .await;
+    wait_for("a Truncated error for the removed space", || {
+        r1.status()
+            .spaces
+            .iter()
+            .any(|s| s.log.space == gone && s.error.as_deref().is_some_and(|e| e.contains("Truncated")))
+    })
+    .await;
+    assert_eq!(r1.space(&gone).unwrap().last_seq().0, 20, "nothing may be applied across the hole");
+    let view = primary.status().replicas.remove(0);
+    assert!(view.spaces.iter().any(|s| s.space == gone && s.error.is_some()));
+    r1.shutdown().await;
+    primary.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_log_diverged_is_refused_for_that_space() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let (good, forked) = (SpaceId::new("good").unwrap(), SpaceId::new("forked").unwrap());
+    write(&primary, &[good.clone(), forked.clone()], 50).await;
+    // The replica's copy of `forked` was written by another primary, in another epoch.
+    {
+        let store = walship::wal::WalStore::open(&c.path("replica-1"), Default::default()).unwrap();
+        let w = store.space(&forked).unwrap();
+        for i in 1..=10u64 {
+            w.append(walship::Epoch(7), 0, payload(&forked, i)).unwrap();
+        }
+    }
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    wait_for("the good space to converge", || {
+        r1.space(&good).map(|w| w.digest()) == Some(primary.space(&good).unwrap().digest())
+    })
+    .await;
+    wait_for("a Diverged error for the forked space", || {
+        r1.status()
+            .spaces
+            .iter()
+            .any(|s| s.log.space == forked && s.error.as_deref().is_some_and(|e| e.contains("Diverged")))
+    })
+    .await;
+    assert_eq!(r1.space(&forked).unwrap().last_epoch(), walship::Epoch(7), "the forked copy is left untouched");
+    r1.shutdown().await;
+    primary.shutdown().await;
+}
