@@ -17,30 +17,9 @@ pub fn parse_sync(s: &str) -> Result<SyncPolicy, String> {
         "always" => Ok(SyncPolicy::Always),
         other => {
             let d = other.strip_prefix("interval:").unwrap_or(other);
-            parse_duration(d).map(SyncPolicy::Interval)
+            walship::netsim::parse_duration(d).map(SyncPolicy::Interval)
         }
     }
-}
-
-/// Parses `250ms`, `2s`, `1.5s`, `30` (seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("bad duration {s:?}: use e.g. 250ms, 2s");
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = s.strip_suffix("us") {
-        (n, 1e-6)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num.parse().map_err(|_| bad())?;
-    if v.is_nan() || v < 0.0 {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(v * scale))
 }
 
 /// The names of `n` demo spaces: `space-000`, `space-001`, ...

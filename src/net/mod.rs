@@ -17,6 +17,24 @@ pub use replica::{ApplyHook, Replica};
 
 use std::time::Duration;
 
+/// The end of a node's shutdown: close the endpoint, stop the node's tasks, sync every space's WAL,
+/// and let the connections drain so the address is free again.
+async fn close_and_sync(
+    endpoint: &quinn::Endpoint,
+    tasks: &mut tokio::task::JoinSet<()>,
+    store: &crate::wal::WalStore,
+    reason: &[u8],
+) {
+    endpoint.close(close::SHUTDOWN, reason);
+    tasks.shutdown().await;
+    for wal in store.spaces() {
+        if let Err(e) = wal.sync() {
+            tracing::warn!(space = %wal.space(), error = %e, "sync at shutdown failed");
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
 /// How long a peer may take to open the control stream and say hello or welcome.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

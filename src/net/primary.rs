@@ -212,15 +212,8 @@ impl Primary {
 
     /// Closes every connection, stops the tasks and syncs the WAL.
     pub async fn shutdown(mut self) {
-        self.shared.endpoint.close(close::SHUTDOWN, b"primary shutting down");
-        self.tasks.shutdown().await;
-        for wal in self.shared.store.spaces() {
-            if let Err(e) = wal.sync() {
-                tracing::warn!(space = %wal.space(), error = %e, "sync at shutdown failed");
-            }
-        }
-        // Let the close frames leave and the connections drain, so the address is free again.
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
+        super::close_and_sync(&self.shared.endpoint, &mut self.tasks, &self.shared.store, b"primary shutting down")
+            .await;
     }
 }
 

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use quinn::{Connection, RecvStream};
 use tokio::sync::{mpsc, Notify};
@@ -215,15 +214,9 @@ impl Replica {
 
     /// Closes the connection, stops the tasks and syncs the WAL.
     pub async fn shutdown(mut self) {
-        self.shared.endpoint.close(close::SHUTDOWN, b"replica shutting down");
-        self.tasks.shutdown().await;
-        for wal in self.shared.store.spaces() {
-            if let Err(e) = wal.sync() {
-                tracing::warn!(space = %wal.space(), error = %e, "sync at shutdown failed");
-            }
-        }
+        super::close_and_sync(&self.shared.endpoint, &mut self.tasks, &self.shared.store, b"replica shutting down")
+            .await;
         lock(&self.shared.link).state = ConnectionState::Stopped;
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
     }
 }
 
