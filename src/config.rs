@@ -131,6 +131,7 @@ impl PrimaryConfig {
             )));
         }
         check_heartbeat(&self.heartbeat)?;
+        check_entry_fits(&self.wal, &self.limits)?;
         if self.epoch.0 == 0 {
             return Err(ConfigError("epoch must be at least 1".into()));
         }
@@ -199,8 +200,23 @@ impl ReplicaConfig {
         if self.reconnect_initial.is_zero() || self.reconnect_initial > self.reconnect_max {
             return Err(ConfigError("reconnect_initial must be > 0 and <= reconnect_max".into()));
         }
-        check_heartbeat(&self.heartbeat)
+        check_heartbeat(&self.heartbeat)?;
+        check_entry_fits(&self.wal, &self.limits)
     }
+}
+
+/// The largest entry the WAL accepts must fit in one frame, or it could never be shipped.
+fn check_entry_fits(wal: &WalConfig, limits: &FrameLimits) -> Result<(), ConfigError> {
+    let needed = wal.max_entry_bytes as usize + crate::codec::batch::ENTRY_HEADER_LEN;
+    if needed > limits.max_batch_bytes {
+        return Err(ConfigError(format!(
+            "wal.max_entry_bytes {} plus its {}-byte header exceeds the frame limit {}: such an entry could be written but never shipped; lower wal.max_entry_bytes or raise limits.max_batch_bytes on every node",
+            wal.max_entry_bytes,
+            crate::codec::batch::ENTRY_HEADER_LEN,
+            limits.max_batch_bytes
+        )));
+    }
+    Ok(())
 }
 
 fn check_heartbeat(hb: &HeartbeatConfig) -> Result<(), ConfigError> {
@@ -228,5 +244,15 @@ mod tests {
         r.validate().unwrap();
         r.primary = None;
         assert!(r.validate().is_err());
+    }
+
+    #[test]
+    fn the_largest_wal_entry_must_fit_in_a_frame() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut p = PrimaryConfig::new("p", addr, "/tmp/x");
+        p.limits.max_batch_bytes = p.wal.max_entry_bytes as usize;
+        assert!(p.validate().unwrap_err().0.contains("never shipped"));
+        p.limits = FrameLimits::default();
+        p.validate().unwrap();
     }
 }

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use walship::entry::Entry;
 use walship::net::status::ConnectionState;
 use walship::{ApplyHook, Replica, SpaceId};
+// (Entry, Future, Pin, Arc are imported above for the hooks.)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_32_spaces_converge_to_identical_logs() {
@@ -292,15 +293,18 @@ async fn a_replica_behind_retention_gets_a_typed_error_for_that_space_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_log_diverged_is_refused_for_that_space() {
     let c = Cluster::new();
-    let primary = c.primary().await;
+    let mut cfg = c.primary_config("127.0.0.1:0".parse().unwrap());
+    cfg.epoch = walship::Epoch(2);
+    let primary = walship::Primary::start(cfg, c.ca.issue("primary").unwrap()).await.unwrap();
     let (good, forked) = (SpaceId::new("good").unwrap(), SpaceId::new("forked").unwrap());
     write(&primary, &[good.clone(), forked.clone()], 50).await;
-    // The replica's copy of `forked` was written by another primary, in another epoch.
+    // The replica's copy of `forked` came from an older primary (epoch 1) whose entries the current
+    // primary (epoch 2) does not have.
     {
         let store = walship::wal::WalStore::open(&c.path("replica-1"), Default::default()).unwrap();
         let w = store.space(&forked).unwrap();
         for i in 1..=10u64 {
-            w.append(walship::Epoch(7), 0, payload(&forked, i)).unwrap();
+            w.append(walship::Epoch(1), 0, payload(&forked, i)).unwrap();
         }
     }
     let r1 = c.replica("replica-1", primary.local_addr()).await;
@@ -315,7 +319,101 @@ async fn a_replica_whose_log_diverged_is_refused_for_that_space() {
             .any(|s| s.log.space == forked && s.error.as_deref().is_some_and(|e| e.contains("Diverged")))
     })
     .await;
-    assert_eq!(r1.space(&forked).unwrap().last_epoch(), walship::Epoch(7), "the forked copy is left untouched");
+    assert_eq!(r1.space(&forked).unwrap().last_epoch(), walship::Epoch(1), "the forked copy is left untouched");
     r1.shutdown().await;
+
+    // A replica that has seen a newer epoch than the primary's refuses it as deposed.
+    {
+        let store = walship::wal::WalStore::open(&c.path("replica-1"), Default::default()).unwrap();
+        let w = store.space(&SpaceId::new("newer").unwrap()).unwrap();
+        w.append(walship::Epoch(3), 0, payload(&forked, 1)).unwrap();
+    }
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    wait_for("the deposed primary to be refused", || {
+        r1.status().last_error.as_deref().is_some_and(|e| e.contains("epoch"))
+    })
+    .await;
+    assert_ne!(r1.status().connection, ConnectionState::Connected);
+    r1.shutdown().await;
+    primary.shutdown().await;
+}
+
+/// Records what the hook applied, slowly, and says when it starts.
+struct SlowHook {
+    applied: Arc<std::sync::Mutex<Vec<u64>>>,
+    started: tokio::sync::mpsc::UnboundedSender<()>,
+}
+
+impl ApplyHook for SlowHook {
+    fn apply<'a>(&'a self, _space: &'a SpaceId, entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let _ = self.started.send(());
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            self.applied.lock().unwrap().extend(entries.iter().map(|e| e.seq.0));
+        })
+    }
+}
+
+/// Regression (review B1): a disconnect while the hook runs must not make it skip or repeat entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apply_hook_sees_every_entry_once_across_disconnects() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let applied = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let r = Replica::start_with_hook(
+        c.replica_config("replica-1", primary.local_addr()),
+        c.ca.issue("replica-1").unwrap(),
+        Some(Arc::new(SlowHook { applied: applied.clone(), started: tx })),
+    )
+    .await
+    .unwrap();
+    let sp = spaces(1);
+    write(&primary, &sp, 10).await;
+    started.recv().await.unwrap();
+    assert!(r.disconnect());
+    write(&primary, &sp, 10).await;
+    wait_for("the hook to apply 20 entries", || applied.lock().unwrap().len() >= 20).await;
+    assert_eq!(*applied.lock().unwrap(), (1..=20).collect::<Vec<_>>());
+    wait_for("applied reported", || r.status().spaces[0].applied_seq.0 == 20).await;
+    r.shutdown().await;
+    primary.shutdown().await;
+}
+
+/// Regression (review B4): the largest entry the WAL accepts must also ship.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_entry_the_wal_accepts_is_shipped() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let r = c.replica("replica-1", primary.local_addr()).await;
+    let sp = spaces(1);
+    let big = bytes::Bytes::from(vec![7u8; 16 * 1024 * 1024]);
+    primary.append(&sp[0], 1, big.clone()).unwrap();
+    primary.append(&sp[0], 1, bytes::Bytes::from_static(b"small")).unwrap();
+    converge(&primary, &[&r]).await;
+    assert_eq!(r.space(&sp[0]).unwrap().read_from(walship::Seq(1), 1, usize::MAX).unwrap()[0].payload, big);
+    r.shutdown().await;
+    primary.shutdown().await;
+}
+
+/// Regression (review B3): a space the replica could not store (its folder was blocked) resumes on
+/// its own once it can, without a reconnect, while the other spaces go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_space_the_replica_could_not_store_resumes_when_it_can() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let sp = spaces(2);
+    std::fs::create_dir_all(c.path("replica-1")).unwrap();
+    let blocker = c.path("replica-1").join(sp[0].as_str());
+    std::fs::write(&blocker, b"not a folder").unwrap();
+    let r = c.replica("replica-1", primary.local_addr()).await;
+    write(&primary, &sp, 10).await;
+    wait_for("the other space", || r.space(&sp[1]).is_some_and(|w| w.last_seq().0 == 10)).await;
+    assert!(r.space(&sp[0]).is_none());
+    std::fs::remove_file(&blocker).unwrap();
+    write(&primary, &sp, 10).await;
+    converge(&primary, &[&r]).await;
+    assert_eq!(r.status().reconnects, 0, "recovered without a reconnect");
+    r.shutdown().await;
     primary.shutdown().await;
 }

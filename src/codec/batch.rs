@@ -32,9 +32,10 @@ pub const ENTRY_HEADER_LEN: usize = 17;
 pub const FLAG_COMPRESSION_SKIPPED: u16 = 1;
 const KNOWN_FLAGS: u16 = FLAG_COMPRESSION_SKIPPED;
 
-/// Default bound on a batch's uncompressed payload: large enough for big catch-up batches, small
-/// enough that a hostile header cannot make a replica allocate much.
-pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Default bound on a batch's uncompressed payload: room for the largest entry the WAL accepts by
+/// default (16 MiB) with its header, small enough that a hostile header cannot make a replica
+/// allocate much.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
 
 /// Bounds a decoder enforces before it allocates anything.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -336,7 +337,8 @@ impl BatchDecoder {
 }
 
 fn parse_entries(header: &BatchHeader, raw: &Bytes) -> Result<Vec<Entry>, DecodeError> {
-    let mut entries = Vec::with_capacity(header.count as usize);
+    // The count is the peer's word: reserve for a bounded number, grow past it only as entries parse.
+    let mut entries = Vec::with_capacity((header.count as usize).min(4096));
     let mut pos = 0usize;
     for i in 0..u64::from(header.count) {
         let rest = &raw[pos..];

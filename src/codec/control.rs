@@ -133,6 +133,8 @@ pub enum ErrorCode {
     Shutdown,
     /// Anything else.
     Internal,
+    /// The replica has seen a newer primary epoch: this primary was deposed.
+    StaleEpoch,
 }
 
 /// An error report.

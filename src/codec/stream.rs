@@ -112,6 +112,9 @@ impl StreamHeader {
             return Err(DecodeError::TooLarge { what: "space id", len, max: MAX_SPACE_ID_LEN });
         }
         let malformed = |reason: String| DecodeError::Malformed { what: "stream header", reason };
+        if b[6..8].iter().chain(&b[8 + len..72]).any(|&x| x != 0) {
+            return Err(malformed("reserved bytes or space id padding are not zero".into()));
+        }
         let id = std::str::from_utf8(&b[8..8 + len]).map_err(|e| malformed(e.to_string()))?;
         let space = SpaceId::new(id).map_err(|e| malformed(e.to_string()))?;
         let start_seq = Seq(u64::from_le_bytes(b[72..80].try_into().unwrap_or_default()));

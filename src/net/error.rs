@@ -34,7 +34,7 @@ pub enum NetError {
     Write(#[from] quinn::WriteError),
     /// Reading from a stream failed.
     #[error("stream read failed: {0}")]
-    Read(#[from] quinn::ReadError),
+    Read(quinn::ReadError),
     /// A stream ended in the middle of a frame or message.
     #[error("stream ended in the middle of a {0}")]
     UnexpectedEnd(&'static str),
@@ -52,11 +52,22 @@ pub enum NetError {
     Timeout(&'static str),
 }
 
+impl From<quinn::ReadError> for NetError {
+    /// A read that failed because the connection is gone reports why it went (the peer's close
+    /// reason), not just "connection lost".
+    fn from(e: quinn::ReadError) -> Self {
+        match e {
+            quinn::ReadError::ConnectionLost(c) => NetError::Connection(c),
+            other => NetError::Read(other),
+        }
+    }
+}
+
 impl From<quinn::ReadExactError> for NetError {
     fn from(e: quinn::ReadExactError) -> Self {
         match e {
             quinn::ReadExactError::FinishedEarly(_) => NetError::UnexpectedEnd("frame"),
-            quinn::ReadExactError::ReadError(e) => NetError::Read(e),
+            quinn::ReadExactError::ReadError(e) => e.into(),
         }
     }
 }

@@ -76,6 +76,9 @@ struct SpaceShip {
     /// Catch-up requests: each send restarts the stream from the sequence given.
     restart: watch::Sender<Seq>,
     error: Mutex<Option<String>>,
+    /// The replica reported this space diverged: retrying cannot help, only a catch-up request
+    /// (after the operator repaired the replica) resumes it.
+    halted: std::sync::atomic::AtomicBool,
 }
 
 impl Primary {
@@ -304,7 +307,17 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     if hello.protocol_version != PROTOCOL_VERSION {
         let reason = format!("replica speaks protocol {}, this primary {}", hello.protocol_version, PROTOCOL_VERSION);
         let _ = write_control(&mut send, &error_msg(ErrorCode::UnsupportedVersion, None, &reason)).await;
-        conn.close(close::PROTOCOL, b"unsupported protocol version");
+        conn.close(close::PROTOCOL, reason.as_bytes());
+        return Err(NetError::Protocol(reason));
+    }
+    if hello.epoch > shared.config.epoch {
+        let reason = format!(
+            "replica has seen epoch {}, this primary is at epoch {}: a newer primary exists; this one must not serve",
+            hello.epoch, shared.config.epoch
+        );
+        let _ = write_control(&mut send, &error_msg(ErrorCode::StaleEpoch, None, &reason)).await;
+        // The close can overtake the message: its reason says it too.
+        conn.close(close::PROTOCOL, reason.as_bytes());
         return Err(NetError::Protocol(reason));
     }
     if hello.node_name != name {
@@ -346,12 +359,8 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
 
     // Decide where each space resumes and answer with a welcome.
     let positions: HashMap<SpaceId, SpacePosition> = hello.spaces.into_iter().map(|p| (p.space.clone(), p)).collect();
-    for pos in positions.values() {
-        // Make the spaces the replica knows exist here too, so the check below covers them.
-        if shared.store.get(&pos.space).is_none() && pos.last_seq.0 > 0 {
-            shared.store.space(&pos.space)?;
-        }
-    }
+    // Spaces the replica holds and this primary does not are checked (and refused as diverged) if
+    // they are ever created here; a hello never creates spaces on the primary.
     let welcome = Welcome {
         protocol_version: PROTOCOL_VERSION,
         primary_id: shared.node_id,
@@ -471,7 +480,7 @@ async fn control_reader(session: Arc<Session>, mut control: ControlReader) {
         let msg = match control.read().await {
             Ok(Some(m)) => m,
             Ok(None) => return,
-            Err(NetError::Read(quinn::ReadError::ConnectionLost(_))) => return,
+            Err(NetError::Connection(_)) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "bad control message from replica; closing the connection");
                 session.conn.close(close::PROTOCOL, b"bad control message");
@@ -492,11 +501,19 @@ async fn control_reader(session: Arc<Session>, mut control: ControlReader) {
             ControlMessage::CatchUp(c) => {
                 tracing::info!(space = %c.space, from = %c.from_seq, reason = %c.reason, "replica asks for catch-up");
                 if let Some(ship) = lock(&session.spaces).get(&c.space) {
+                    ship.halted.store(false, Ordering::Release);
                     ship.restart.send_replace(c.from_seq);
                 }
             }
             ControlMessage::Error(e) => {
-                tracing::warn!(code = ?e.code, space = ?e.space, reason = %e.reason, "replica reports an error")
+                tracing::warn!(code = ?e.code, space = ?e.space, reason = %e.reason, "replica reports an error");
+                let ship = e.space.as_ref().and_then(|s| lock(&session.spaces).get(s).cloned());
+                if let Some(ship) = ship {
+                    if e.code == ErrorCode::Diverged {
+                        ship.halted.store(true, Ordering::Release);
+                    }
+                    *lock(&ship.error) = Some(format!("replica reports {:?}: {}", e.code, e.reason));
+                }
             }
             other => {
                 tracing::warn!(?other, "unexpected control message from replica; closing the connection");
@@ -533,6 +550,7 @@ async fn space_manager(shared: Arc<Shared>, session: Arc<Session>, positions: Ha
                 acked: Notify::new(),
                 restart,
                 error: Mutex::new(None),
+                halted: std::sync::atomic::AtomicBool::new(false),
             });
             lock(&session.spaces).insert(wal.space().clone(), ship.clone());
             match start {
@@ -561,6 +579,10 @@ fn empty_position(space: &SpaceId) -> SpacePosition {
     }
 }
 
+/// Pause before a shipper resumes a stream the replica stopped without asking for catch-up, or after
+/// a local error: long enough not to spin, short enough to recover quickly.
+const STOPPED_RETRY: Duration = Duration::from_secs(1);
+
 enum Interrupt {
     Restart(Seq),
     Closed,
@@ -584,18 +606,36 @@ async fn ship_space(shared: Arc<Shared>, session: Arc<Session>, wal: SpaceWal, s
             Ok(Interrupt::Restart(seq)) => from = seq,
             Ok(Interrupt::Closed) => return,
             Err(e) => {
-                if matches!(e, NetError::Wal(WalError::Truncated { .. })) {
-                    let reason = format!("{e}; rebuild the replica's copy of this space from a snapshot");
-                    *lock(&ship.error) = Some(reason.clone());
-                    let _ = session.control.send(error_msg(ErrorCode::Truncated, Some(space.clone()), &reason));
-                } else {
-                    tracing::warn!(%space, error = %e, "shipping stopped");
-                    *lock(&ship.error) = Some(e.to_string());
+                if session.conn.close_reason().is_some() {
+                    return;
                 }
-                // Wait for a catch-up request (or the end of the connection) before trying again.
-                match restart.changed().await {
-                    Ok(()) => from = *restart.borrow_and_update(),
-                    Err(_) => return,
+                let (code, retry) = match &e {
+                    // Retrying cannot help: the replica needs a snapshot (or the operator a fix).
+                    NetError::Wal(WalError::Truncated { .. }) => (ErrorCode::Truncated, false),
+                    NetError::Encode(_) => (ErrorCode::Internal, false),
+                    // A local I/O error may clear (disk space freed): try again after a pause.
+                    _ => (ErrorCode::Internal, true),
+                };
+                let reason = match code {
+                    ErrorCode::Truncated => format!("{e}; rebuild the replica's copy of this space from a snapshot"),
+                    _ => format!("{e}"),
+                };
+                tracing::warn!(%space, error = %reason, retry, "shipping stopped");
+                *lock(&ship.error) = Some(reason.clone());
+                let _ = session.control.send(error_msg(code, Some(space.clone()), &reason));
+                // Wait for a catch-up request, a retry, or the end of the connection.
+                let retry_after = async {
+                    match retry {
+                        true => tokio::time::sleep(STOPPED_RETRY).await,
+                        false => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = restart.changed() => match r {
+                        Ok(()) => from = *restart.borrow_and_update(),
+                        Err(_) => return,
+                    },
+                    _ = retry_after => from = lock(&ship.progress).durable().next(),
                 }
                 *lock(&ship.error) = None;
             }
@@ -619,7 +659,12 @@ async fn ship_stream(
             r = restart.changed() => return Ok(restart_or_closed(r, restart)),
         }
     }
-    let mut sink = FrameSink::open(session, wal.space(), from).await?;
+    // Opening waits while the connection is at its stream limit: a catch-up must still get through.
+    let mut sink = tokio::select! {
+        sink = FrameSink::open(session, wal.space(), from) => sink?,
+        r = restart.changed() => return Ok(restart_or_closed(r, restart)),
+    };
+    *lock(&ship.error) = None;
     loop {
         // Flow control of our own: bounded unacknowledged bytes per (space, replica).
         loop {
@@ -656,11 +701,22 @@ async fn ship_stream(
         tokio::select! {
             r = sink.send(wal.space(), first, frame) => match r {
                 Ok(()) => {}
-                // The replica stopped the stream: a catch-up request is on its way.
-                Err(quinn::WriteError::Stopped(_)) => {
-                    return match restart.changed().await {
-                        Ok(()) => Ok(Interrupt::Restart(*restart.borrow_and_update())),
-                        Err(_) => Ok(Interrupt::Closed),
+                // The replica stopped the stream: for a catch-up, the request is on its way; for
+                // anything else (it could not store the space, say) nothing will come, so resume
+                // from its durable position after a pause.
+                Err(quinn::WriteError::Stopped(code)) => {
+                    if code != stream_code::CATCH_UP && !ship.halted.load(Ordering::Acquire) {
+                        *lock(&ship.error) = Some(format!("replica stopped the stream (code {code}); retrying"));
+                    }
+                    let retry = async {
+                        tokio::time::sleep(STOPPED_RETRY).await;
+                        while ship.halted.load(Ordering::Acquire) {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    return tokio::select! {
+                        r = restart.changed() => Ok(restart_or_closed(r, restart)),
+                        _ = retry => Ok(Interrupt::Restart(lock(&ship.progress).durable().next())),
                     };
                 }
                 Err(e) => return Err(e.into()),

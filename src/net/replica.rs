@@ -8,13 +8,16 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use quinn::{Connection, RecvStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
 use crate::codec::batch::space_tag;
-use crate::codec::control::{Ack, CatchUp, Hello, SpaceAck, SpacePosition, DEFAULT_MAX_CONTROL_BYTES};
+use crate::codec::control::{
+    Ack, CatchUp, ErrorCode, ErrorMessage, Hello, SpaceAck, SpacePosition, DEFAULT_MAX_CONTROL_BYTES,
+};
 use crate::codec::heartbeat::SeqSummary;
 use crate::codec::stream::StreamKind;
 use crate::codec::{BatchDecoder, ControlMessage, DecodedBatch, PROTOCOL_VERSION};
@@ -36,6 +39,12 @@ use crate::wal::{SpaceWal, SyncPolicy, WalError, WalStore};
 
 /// Called with every run of entries a replica has made durable, in order, per space. The entries
 /// count as applied once the returned future completes; a slow hook holds back only its own space.
+///
+/// Each space has one applier task, owned by the [`Replica`] (not by a connection), that reads
+/// durable entries from the replica's WAL from `applied + 1` on: reconnects, catch-ups and resent
+/// batches never skip or repeat an entry while the replica runs. At start, `applied` is the WAL's
+/// last sequence: the embedding server rebuilds its state from its own copy of the log (replaying
+/// `Replica::space(id)` from its checkpoint) before the hook takes over.
 pub trait ApplyHook: Send + Sync + 'static {
     /// Applies `entries` (contiguous, in order) of `space`.
     fn apply<'a>(&'a self, space: &'a SpaceId, entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
@@ -59,6 +68,8 @@ struct Shared {
     /// Spaces whose durable or applied position may have moved since their last ack: the ack loop
     /// looks at these only, so an idle replica with 10,000 spaces does no work.
     unacked: Mutex<HashMap<SpaceId, Arc<SpaceState>>>,
+    /// New spaces whose applier must start (only with a hook).
+    new_appliers: mpsc::UnboundedSender<Arc<SpaceState>>,
 }
 
 struct SpaceState {
@@ -84,6 +95,8 @@ struct LinkState {
 #[derive(Clone)]
 struct Session {
     conn: Connection,
+    /// Data arriving counts as a sign of life too: a deep queue may delay heartbeats.
+    liveness: Arc<Mutex<Liveness>>,
     primary_id: NodeId,
     epoch: Epoch,
     control: mpsc::UnboundedSender<ControlMessage>,
@@ -128,6 +141,14 @@ impl Replica {
         for wal in store.spaces() {
             spaces.insert(wal.space().clone(), Arc::new(SpaceState::new(wal)));
         }
+        let (new_appliers, appliers_rx) = mpsc::unbounded_channel();
+        if hook.is_some() {
+            for s in spaces.values() {
+                let _ = new_appliers.send(s.clone());
+            }
+        }
+        // A replica never accepts a primary older than the newest epoch in its logs (a deposed one).
+        let seen_epoch = store.spaces().iter().map(|w| w.last_epoch()).max().unwrap_or(Epoch(0));
         let shared = Arc::new(Shared {
             node_id: NodeId::from_name(&config.name),
             config,
@@ -138,7 +159,7 @@ impl Replica {
             link: Mutex::new(LinkState {
                 state: ConnectionState::Connecting,
                 primary: None,
-                epoch: Epoch(0),
+                epoch: seen_epoch,
                 conn: None,
                 last_error: None,
                 connections: 0,
@@ -146,8 +167,12 @@ impl Replica {
             }),
             ack_needed: Notify::new(),
             unacked: Mutex::new(HashMap::new()),
+            new_appliers,
         });
         let mut tasks = JoinSet::new();
+        if let Some(hook) = shared.hook.clone() {
+            tasks.spawn(run_appliers(shared.clone(), hook, appliers_rx));
+        }
         if let Some(addr) = shared.config.primary {
             tasks.spawn(dial_loop(shared.clone(), addr));
         }
@@ -239,7 +264,15 @@ impl Shared {
             return Ok(s.clone());
         }
         let wal = self.store.space(id)?;
-        Ok(lock(&self.spaces).entry(id.clone()).or_insert_with(|| Arc::new(SpaceState::new(wal))).clone())
+        let mut spaces = lock(&self.spaces);
+        let state = spaces.entry(id.clone()).or_insert_with(|| {
+            let state = Arc::new(SpaceState::new(wal));
+            if self.hook.is_some() {
+                let _ = self.new_appliers.send(state.clone());
+            }
+            state
+        });
+        Ok(state.clone())
     }
 
     /// Marks a space's positions as moved and wakes the ack loop.
@@ -364,8 +397,13 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
     tracing::info!(primary = %welcome.primary_name, epoch = %welcome.epoch, "connected to the primary");
 
     let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let session =
-        Session { conn: conn.clone(), primary_id: welcome.primary_id, epoch: welcome.epoch, control: control_tx };
+    let session = Session {
+        conn: conn.clone(),
+        liveness: liveness.clone(),
+        primary_id: welcome.primary_id,
+        epoch: welcome.epoch,
+        control: control_tx,
+    };
     let mut tasks = JoinSet::new();
     tasks.spawn(control_writer(send, control_rx));
     tasks.spawn(control_reader(shared.clone(), control, conn.clone()));
@@ -423,9 +461,11 @@ async fn control_reader(shared: Arc<Shared>, mut control: ControlReader, conn: C
         match control.read().await {
             Ok(Some(ControlMessage::Error(e))) => {
                 tracing::warn!(code = ?e.code, space = ?e.space, reason = %e.reason, "primary reports an error");
-                match e.space.map(|s| shared.space_state(&s)) {
-                    Some(Ok(state)) => *lock(&state.error) = Some(format!("{:?}: {}", e.code, e.reason)),
-                    _ => lock(&shared.link).last_error = Some(format!("{:?}: {}", e.code, e.reason)),
+                // Never create a space on the peer's word: only record errors for spaces held here.
+                let state = e.space.and_then(|s| lock(&shared.spaces).get(&s).cloned());
+                match state {
+                    Some(state) => *lock(&state.error) = Some(format!("{:?}: {}", e.code, e.reason)),
+                    None => lock(&shared.link).last_error = Some(format!("{:?}: {}", e.code, e.reason)),
                 }
             }
             Ok(Some(other)) => {
@@ -433,7 +473,7 @@ async fn control_reader(shared: Arc<Shared>, mut control: ControlReader, conn: C
                 conn.close(close::PROTOCOL, b"unexpected control message");
                 return;
             }
-            Ok(None) | Err(NetError::Read(quinn::ReadError::ConnectionLost(_))) => return,
+            Ok(None) | Err(NetError::Connection(_)) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "bad control message from the primary; closing");
                 conn.close(close::PROTOCOL, b"bad control message");
@@ -485,6 +525,9 @@ enum StreamEnd {
     Done,
     /// The space needs a catch-up from its last durable sequence.
     CatchUp(String),
+    /// This node cannot store the space right now (disk full, I/O error): the primary retries
+    /// after a pause instead of resending at once.
+    LocalFailure(String),
 }
 
 /// Receives one data stream: a space's own, or (single-stream mode) the multiplexed one.
@@ -527,16 +570,24 @@ async fn receive_space_stream(shared: Arc<Shared>, session: Session, mut recv: R
     let generation = state.generation.fetch_add(1, Ordering::AcqRel) + 1;
     *lock(&state.error) = None;
     let end = receive_batches(&shared, &session, &state, generation, header.start_seq, &mut recv).await;
-    if let StreamEnd::CatchUp(reason) = end {
-        let from = state.wal.last_seq().next();
-        tracing::info!(space = %header.space, %from, %reason, "asking the primary for catch-up");
-        state.catch_ups.fetch_add(1, Ordering::Relaxed);
-        let _ = recv.stop(stream_code::CATCH_UP);
-        let _ = session.control.send(ControlMessage::CatchUp(CatchUp {
-            space: header.space.clone(),
-            from_seq: from,
-            reason,
-        }));
+    match end {
+        StreamEnd::Done => {}
+        StreamEnd::CatchUp(reason) => {
+            let from = state.wal.last_seq().next();
+            tracing::info!(space = %header.space, %from, %reason, "asking the primary for catch-up");
+            state.catch_ups.fetch_add(1, Ordering::Relaxed);
+            let _ = recv.stop(stream_code::CATCH_UP);
+            let _ = session.control.send(ControlMessage::CatchUp(CatchUp {
+                space: header.space.clone(),
+                from_seq: from,
+                reason,
+            }));
+        }
+        StreamEnd::LocalFailure(reason) => {
+            tracing::error!(space = %header.space, %reason, "cannot store the space; the primary will retry");
+            *lock(&state.error) = Some(reason);
+            let _ = recv.stop(stream_code::LOCAL_FAILURE);
+        }
     }
 }
 
@@ -563,15 +614,22 @@ async fn receive_batches(
                 return StreamEnd::Done;
             }
         };
+        lock(&session.liveness).on_activity(tokio::time::Instant::now().into_std());
         if state.generation.load(Ordering::Acquire) != generation {
             return StreamEnd::Done;
         }
         match apply_batch(shared, session, state, batch).await {
             Ok(()) => {}
             Err(Reject::CatchUp(reason)) => return StreamEnd::CatchUp(reason),
+            Err(Reject::Local(reason)) => return StreamEnd::LocalFailure(reason),
             Err(Reject::Diverged(reason)) => {
                 tracing::error!(space = %wal.space(), %reason, "the primary's log diverges from ours; stopping this space");
-                *lock(&state.error) = Some(reason);
+                *lock(&state.error) = Some(reason.clone());
+                let _ = session.control.send(ControlMessage::Error(ErrorMessage {
+                    code: ErrorCode::Diverged,
+                    space: Some(wal.space().clone()),
+                    reason,
+                }));
                 return StreamEnd::Done;
             }
         }
@@ -599,7 +657,7 @@ async fn receive_mux_stream(
         let state = shared.space_state(&header.space)?;
         match apply_batch(shared, session, &state, batch).await {
             Ok(()) => {}
-            Err(Reject::CatchUp(reason) | Reject::Diverged(reason)) => {
+            Err(Reject::CatchUp(reason) | Reject::Diverged(reason) | Reject::Local(reason)) => {
                 *lock(&state.error) = Some(reason.clone());
                 return Err(NetError::Protocol(format!("space {}: {reason}", header.space)));
             }
@@ -619,6 +677,8 @@ enum Reject {
     CatchUp(String),
     /// The primary's entries conflict with ours: stop the space.
     Diverged(String),
+    /// This node failed to store the batch.
+    Local(String),
 }
 
 /// Validates a decoded batch against the session and the local log, appends it, makes it durable per
@@ -651,7 +711,7 @@ async fn apply_batch(
         let (wal2, entries) = (wal.clone(), batch.entries);
         match tokio::task::spawn_blocking(move || wal2.append_replicated(&entries).map(|r| (r, entries))).await {
             Ok(r) => r,
-            Err(e) => return Err(Reject::CatchUp(format!("append task failed: {e}"))),
+            Err(e) => return Err(Reject::Local(format!("append task failed: {e}"))),
         }
     } else {
         wal.append_replicated(&batch.entries).map(|r| (r, batch.entries))
@@ -659,17 +719,62 @@ async fn apply_batch(
     let entries = match result {
         Ok((_, entries)) => entries,
         Err(e @ WalError::Conflict { .. }) => return Err(Reject::Diverged(e.to_string())),
-        Err(e) => return Err(Reject::CatchUp(format!("local append failed: {e}"))),
+        // Bad entries were caught by the decoder; what is left is this node's own failure.
+        Err(e @ (WalError::BadChecksum { .. } | WalError::Gap { .. })) => return Err(Reject::CatchUp(e.to_string())),
+        Err(e) => return Err(Reject::Local(format!("local append failed: {e}"))),
     };
-    let new = &entries[entries.partition_point(|e| e.seq <= last_before)..];
-    if let Some(hook) = &shared.hook {
-        // Durable already: ack that now, whatever the hook takes.
-        shared.ack_later(wal.space());
-        hook.apply(wal.space(), new).await;
-    }
-    if let Some(e) = new.last() {
-        state.applied.fetch_max(e.seq.0, Ordering::AcqRel);
+    // With a hook, the space's applier picks the entries up from the WAL once durable; without
+    // one, an entry counts as applied as soon as it is stored.
+    if shared.hook.is_none() {
+        if let Some(e) = entries.last() {
+            state.applied.fetch_max(e.seq.0, Ordering::AcqRel);
+        }
     }
     shared.ack_later(wal.space());
     Ok(())
+}
+
+/// Runs one applier per space (the hook's caller), for the replica's whole life.
+async fn run_appliers(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, mut rx: mpsc::UnboundedReceiver<Arc<SpaceState>>) {
+    let mut appliers = JoinSet::new();
+    while let Some(state) = rx.recv().await {
+        appliers.spawn(apply_space(shared.clone(), hook.clone(), state));
+        while appliers.try_join_next().is_some() {}
+    }
+}
+
+/// Most entries handed to the hook in one call.
+const APPLY_BATCH_ENTRIES: usize = 4096;
+/// Most entry bytes handed to the hook in one call.
+const APPLY_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// Hands a space's durable entries to the hook, in order, each exactly once, from `applied + 1`.
+async fn apply_space(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, state: Arc<SpaceState>) {
+    let wal = state.wal.clone();
+    // Only a policy that lags durability needs to watch it (a receiver costs every append a wake).
+    let mut durable_rx = (!matches!(shared.config.wal.sync, SyncPolicy::Never)).then(|| wal.subscribe_durable());
+    loop {
+        let next = Seq(state.applied.load(Ordering::Acquire)).next();
+        wal.wait_for(next).await;
+        if let Some(rx) = durable_rx.as_mut() {
+            if rx.wait_for(|d| *d >= next).await.is_err() {
+                return;
+            }
+        }
+        let durable = wal.durable_seq();
+        let mut entries = match wal.read_from(next, APPLY_BATCH_ENTRIES, APPLY_BATCH_BYTES) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(space = %wal.space(), error = %e, "cannot read entries to apply; retrying");
+                *lock(&state.error) = Some(format!("apply: {e}"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        entries.retain(|e| e.seq <= durable);
+        let Some(last) = entries.last().map(|e| e.seq) else { continue };
+        hook.apply(wal.space(), &entries).await;
+        state.applied.store(last.0, Ordering::Release);
+        shared.ack_later(wal.space());
+    }
 }
