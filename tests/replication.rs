@@ -417,3 +417,43 @@ async fn a_space_the_replica_could_not_store_resumes_when_it_can() {
     r.shutdown().await;
     primary.shutdown().await;
 }
+
+/// Regression (review B2): a primary that lost its unsynced tail and wrote other entries at the same
+/// sequences in the same epoch must not be followed silently: the digest check refuses the space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_rewrote_its_tail_in_the_same_epoch_is_refused() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let addr = primary.local_addr();
+    let sp = spaces(2);
+    let r = c.replica("replica-1", addr).await;
+    write(&primary, &sp, 100).await;
+    converge(&primary, &[&r]).await;
+    r.shutdown().await;
+    primary.shutdown().await;
+    // Power loss on the primary: the last 10 entries of space 0 never reached its disk.
+    {
+        let store = walship::wal::WalStore::open(&c.path("primary"), c.primary_config(addr).wal).unwrap();
+        store.space(&sp[0]).unwrap().truncate_suffix(walship::Seq(90)).unwrap();
+    }
+    let primary = c.primary_at(addr).await;
+    for i in 0..30u64 {
+        primary.append(&sp[0], 9, bytes::Bytes::from(format!("new-{i}"))).unwrap();
+    }
+    write(&primary, &sp[1..], 10).await;
+    let r = c.replica("replica-1", addr).await;
+    wait_for("space 1 to converge", || {
+        r.space(&sp[1]).map(|w| w.digest()) == Some(primary.space(&sp[1]).unwrap().digest())
+    })
+    .await;
+    wait_for("a Diverged error for space 0", || {
+        r.status()
+            .spaces
+            .iter()
+            .any(|s| s.log.space == sp[0] && s.error.as_deref().is_some_and(|e| e.contains("Diverged")))
+    })
+    .await;
+    assert_eq!(r.space(&sp[0]).unwrap().last_seq().0, 100, "the replica's copy is left as it was");
+    r.shutdown().await;
+    primary.shutdown().await;
+}

@@ -533,7 +533,12 @@ async fn space_manager(shared: Arc<Shared>, session: Arc<Session>, positions: Ha
             if lock(&session.spaces).contains_key(wal.space()) {
                 continue;
             }
-            let local = LocalLog { first_seq: wal.first_seq(), last_seq: wal.last_seq(), epoch_at_replica_last: None };
+            let local = LocalLog {
+                first_seq: wal.first_seq(),
+                last_seq: wal.last_seq(),
+                epoch_at_replica_last: None,
+                digest_at_replica_last: None,
+            };
             let start = match positions.get(wal.space()) {
                 None => resume_point(local, &empty_position(wal.space())),
                 Some(pos) => {
@@ -541,7 +546,14 @@ async fn space_manager(shared: Arc<Shared>, session: Arc<Session>, positions: Ha
                         Ok(v) => v.first().filter(|e| e.seq == pos.last_seq).map(|e| e.epoch),
                         Err(_) => None,
                     };
-                    resume_point(LocalLog { epoch_at_replica_last: epoch_at, ..local }, pos)
+                    let digest_at = wal.digest_at(pos.last_seq).unwrap_or_else(|e| {
+                        tracing::warn!(space = %wal.space(), error = %e, "cannot compute the digest to compare");
+                        None
+                    });
+                    resume_point(
+                        LocalLog { epoch_at_replica_last: epoch_at, digest_at_replica_last: digest_at, ..local },
+                        pos,
+                    )
                 }
             };
             let (restart, _) = watch::channel(Seq::ZERO);

@@ -1,6 +1,7 @@
 //! Deciding, from a replica's hello, whether and where it resumes a space.
 
 use crate::codec::control::{ErrorCode, SpacePosition};
+use crate::entry::LogDigest;
 use crate::types::{Epoch, Seq};
 
 /// What a primary knows of its own log of a space, for checking a replica's position.
@@ -12,6 +13,8 @@ pub struct LocalLog {
     pub last_seq: Seq,
     /// Epoch of the primary's entry at the replica's `last_seq`, if the primary still holds it.
     pub epoch_at_replica_last: Option<Epoch>,
+    /// The primary's log digest up to the replica's `last_seq`, if known.
+    pub digest_at_replica_last: Option<LogDigest>,
 }
 
 /// Why a replica cannot resume a space.
@@ -25,8 +28,10 @@ pub struct Refusal {
 
 /// Where shipping of a space starts for a replica at `pos`, or why it cannot.
 ///
-/// The replica resumes after its last durable entry if that entry is the primary's (same epoch at
-/// that sequence), and if the primary still holds the entries after it.
+/// The replica resumes after its last entry if its log up to there is the primary's: same epoch at
+/// that sequence, and the same digest of the whole prefix (which also catches a primary that lost an
+/// unsynced tail and wrote other entries at the same sequences in the same epoch), and if the primary
+/// still holds the entries after it.
 pub fn resume_point(local: LocalLog, pos: &SpacePosition) -> Result<Seq, Refusal> {
     let from = pos.last_seq.next();
     if pos.last_seq > local.last_seq {
@@ -53,6 +58,17 @@ pub fn resume_point(local: LocalLog, pos: &SpacePosition) -> Result<Seq, Refusal
             // The primary no longer has the entry to compare (retention); it can still resume if the
             // next one is held.
             None => {}
+        }
+    }
+    if let Some(d) = local.digest_at_replica_last {
+        if d != pos.digest {
+            return Err(Refusal {
+                code: ErrorCode::Diverged,
+                reason: format!(
+                    "the replica's log up to {} has digest {} but the primary's has {}: same positions, other entries (the primary may have lost an unsynced tail); the replica's log of this space must be cut back or rebuilt",
+                    pos.last_seq, pos.digest, d
+                ),
+            });
         }
     }
     if from < local.first_seq {
@@ -83,7 +99,12 @@ mod tests {
     }
 
     fn log(first: u64, last: u64, epoch_at: Option<u64>) -> LocalLog {
-        LocalLog { first_seq: Seq(first), last_seq: Seq(last), epoch_at_replica_last: epoch_at.map(Epoch) }
+        LocalLog {
+            first_seq: Seq(first),
+            last_seq: Seq(last),
+            epoch_at_replica_last: epoch_at.map(Epoch),
+            digest_at_replica_last: None,
+        }
     }
 
     #[test]
@@ -100,5 +121,13 @@ mod tests {
         assert_eq!(resume_point(log(50, 100, None), &pos(40, 2)).unwrap_err().code, ErrorCode::Truncated);
         // The entry itself was removed but the next one is held: resume.
         assert_eq!(resume_point(log(41, 100, None), &pos(40, 2)), Ok(Seq(41)));
+    }
+
+    #[test]
+    fn refuses_same_epoch_other_entries() {
+        let same = LocalLog { digest_at_replica_last: Some(LogDigest::EMPTY), ..log(1, 100, Some(2)) };
+        assert_eq!(resume_point(same, &pos(40, 2)), Ok(Seq(41)));
+        let other = LocalLog { digest_at_replica_last: Some(LogDigest(7)), ..log(1, 100, Some(2)) };
+        assert_eq!(resume_point(other, &pos(40, 2)).unwrap_err().code, ErrorCode::Diverged);
     }
 }

@@ -469,6 +469,34 @@ impl SpaceWal {
         self.inner.lock().digest
     }
 
+    /// The log digest up to and including `seq` (the digest of the empty prefix for `Seq(0)`), to
+    /// check that another node's copy ending at `seq` is a prefix of this log. `None` if `seq` is past
+    /// the end, or before what retention kept (the digest just before the first entry held is known).
+    /// Reads at most one index interval (64 KiB) of one segment.
+    pub fn digest_at(&self, seq: Seq) -> Result<Option<LogDigest>, WalError> {
+        let inner = &self.inner;
+        // Lock order: disk, then state (as reads and suffix truncation take them).
+        let _disk = inner.disk.read().unwrap_or_else(PoisonError::into_inner);
+        let st = inner.lock();
+        if seq > st.last_seq {
+            return Ok(None);
+        }
+        if seq == st.last_seq {
+            return Ok(Some(st.digest));
+        }
+        let Some(first) = st.segments().next() else { return Ok(None) };
+        if seq.next() == first.first_seq {
+            return Ok(Some(first.base_digest));
+        }
+        if seq < first.first_seq {
+            return Ok(None);
+        }
+        let Some(keep) = st.segments().position(|g| g.first_seq <= seq && seq <= g.last_seq) else {
+            return Ok(None);
+        };
+        inner.locate_end(&st, keep, seq).map(|(_, digest, _)| Some(digest))
+    }
+
     /// Receiver of `last_seq` changes: appends wake waiters without polling.
     pub fn subscribe(&self) -> watch::Receiver<Seq> {
         // Under the lock appends publish under, so no append can slip between (see `publish`).

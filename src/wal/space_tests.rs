@@ -604,3 +604,23 @@ mod model {
             .unwrap();
     }
 }
+
+#[test]
+fn digest_at_matches_the_digest_of_every_prefix_across_segments_and_retention() {
+    let root = tempfile::tempdir().unwrap();
+    let wal = open(root.path(), never().segment_bytes(4096));
+    let mut prefixes = vec![LogDigest::EMPTY];
+    for i in 0..600u64 {
+        wal.append(Epoch(1), (i % 3) as u8, Bytes::from(format!("entry {i} {}", "z".repeat((i % 50) as usize))))
+            .unwrap();
+        prefixes.push(wal.digest());
+    }
+    for (seq, d) in prefixes.iter().enumerate() {
+        assert_eq!(wal.digest_at(Seq(seq as u64)).unwrap(), Some(*d), "prefix {seq}");
+    }
+    assert_eq!(wal.digest_at(Seq(601)).unwrap(), None);
+    let first = wal.truncate_prefix(Seq(300)).unwrap();
+    assert_eq!(wal.digest_at(Seq(first.0 - 1)).unwrap(), Some(prefixes[first.0 as usize - 1]));
+    assert_eq!(wal.digest_at(Seq(first.0 - 2)).unwrap(), None);
+    assert_eq!(wal.digest_at(Seq(550)).unwrap(), Some(prefixes[550]));
+}
