@@ -75,8 +75,8 @@ pub const DEFAULT_SOCKET_BUFFER_SIZE: usize = 4 * 1024 * 1024;
 ///
 /// The congestion controller is BBR by default. A loss-based controller (Cubic, NewReno) caps
 /// throughput near `MSS / RTT * 1.22 / sqrt(loss)` on links with random loss: measured here at 1%
-/// loss and 40 ms RTT, Cubic carried 0.19 MB/s and fell 46 s behind a 10,000 entries/s writer,
-/// where BBR kept up with a lag p99 of 63 ms (docs/PERFORMANCE.md). quinn's BBR is experimental
+/// loss and 40 ms RTT, Cubic carried 0.21 MB/s and ended 76 s behind a 10,000 entries/s writer,
+/// where BBR kept up with a lag p99 of 62 ms (docs/PERFORMANCE.md section 8). quinn's BBR is experimental
 /// and, under sustained overload, fills the bottleneck queue (unfair to other traffic on a shared
 /// link): choose [`CongestionControl::Cubic`] for links shared with other traffic.
 #[derive(Debug, Clone, PartialEq, Eq)]
