@@ -35,6 +35,7 @@ struct Args {
 #[tokio::main]
 async fn main() {
     common::init_tracing_with("warn");
+    common::raise_fd_limit();
     match run(Args::parse()).await {
         Ok(true) => {}
         Ok(false) => std::process::exit(2),

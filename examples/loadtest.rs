@@ -204,6 +204,7 @@ impl Link {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     common::init_tracing_with("error");
+    common::raise_fd_limit();
     let args = Args::parse();
     let result = if args.processes { processes::run(args).await } else { run(args).await };
     match result {

@@ -80,6 +80,7 @@ fn parse_dial(s: &str) -> Result<ReplicaAddr, String> {
 #[tokio::main]
 async fn main() {
     common::init_tracing();
+    common::raise_fd_limit();
     if let Err(e) = run(Args::parse()).await {
         eprintln!("primary: {e}");
         std::process::exit(1);

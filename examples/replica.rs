@@ -52,6 +52,7 @@ struct Args {
 #[tokio::main]
 async fn main() {
     common::init_tracing();
+    common::raise_fd_limit();
     if let Err(e) = run(Args::parse()).await {
         eprintln!("replica: {e}");
         std::process::exit(1);

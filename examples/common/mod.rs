@@ -115,3 +115,21 @@ pub fn init_tracing_with(default: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
 }
+
+/// Raises the soft open-file limit to the hard limit: every space keeps its active segment open,
+/// so a node with thousands of spaces needs more than the usual soft default of 1,024.
+pub fn raise_fd_limit() {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+                lim.rlim_cur = lim.rlim_max;
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    tracing::debug!("cannot raise the open-file limit");
+                }
+            }
+        }
+    }
+}
