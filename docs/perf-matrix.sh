@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs the load-test matrices behind docs/PERFORMANCE.md and prints their tables.
-#   scripts/perf-matrix.sh hol          # per-space streams vs --single-stream at 0/1/2/5% loss, 20 ms delay
-#   scripts/perf-matrix.sh lag          # lag at 10,000 entries/s at 0/1/5% loss, 20 ms delay
-#   scripts/perf-matrix.sh compression  # none / lz4 / zstd on the load-test payload
-#   scripts/perf-matrix.sh cc           # cubic vs bbr under random loss and a bandwidth cap
-#   scripts/perf-matrix.sh table FILES  # the table of saved reports
+#   docs/perf-matrix.sh hol          # per-space streams vs --single-stream at 0/1/2/5% loss, 20 ms delay
+#   docs/perf-matrix.sh lag          # lag at 10,000 entries/s at 0/1/5% loss, 20 ms delay
+#   docs/perf-matrix.sh compression  # none / lz4 / zstd on the load-test payload
+#   docs/perf-matrix.sh cc           # cubic vs bbr under random loss and a bandwidth cap
+#   docs/perf-matrix.sh table FILES  # the table of saved reports
 # Reports (JSON) go to target/perf/. Needs python3 for the tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
