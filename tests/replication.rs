@@ -31,6 +31,13 @@ async fn two_replicas_32_spaces_converge_to_identical_logs() {
         s.replicas.len() == 2 && s.replicas.iter().all(|r| r.max_lag.entries == 0 && r.max_lag.ms == 0)
     })
     .await;
+    // The primary's heartbeats summarize the same positions: 32 spaces, 64,000 entries, no lag.
+    wait_for("a caught-up heartbeat from the primary", || {
+        r1.status()
+            .primary_heartbeat
+            .is_some_and(|h| (h.summary.spaces, h.summary.total_last_seq, h.summary.max_lag_entries) == (32, 64_000, 0))
+    })
+    .await;
     r1.shutdown().await;
     r2.shutdown().await;
     primary.shutdown().await;

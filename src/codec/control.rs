@@ -3,7 +3,7 @@
 //! New message kinds are added as new enum variants at the end, so older peers fail with a clear
 //! "malformed control message" instead of misreading them.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use super::error::{DecodeError, EncodeError};
@@ -192,15 +192,10 @@ impl ControlMessage {
     }
 }
 
-/// Appends an encoded message to an output buffer (for writers that coalesce several messages).
-pub fn put_message(out: &mut BytesMut, msg: &ControlMessage) -> Result<(), EncodeError> {
-    out.put(msg.encode()?);
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BufMut;
     use proptest::prelude::*;
 
     fn sid(s: &str) -> SpaceId {
@@ -242,7 +237,7 @@ mod tests {
     fn round_trip_in_pieces() {
         let mut wire = BytesMut::new();
         for m in samples() {
-            put_message(&mut wire, &m).unwrap();
+            wire.extend_from_slice(&m.encode().unwrap());
         }
         // Feed the stream one byte at a time: messages come out whole and in order.
         let mut buf = BytesMut::new();

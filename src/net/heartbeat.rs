@@ -8,9 +8,10 @@ use quinn::Connection;
 use crate::codec::heartbeat::SeqSummary;
 use crate::codec::Heartbeat;
 use crate::config::HeartbeatConfig;
-use crate::net::close;
+use crate::net::{close, lock};
 use crate::protocol::liveness::Liveness;
 use crate::types::Epoch;
+use crate::wal::WalStore;
 
 /// Sends heartbeats every `cfg.interval`, reads the peer's, and closes the connection when the peer
 /// has been silent longer than `cfg.timeout` or sends a malformed heartbeat. Returns when the
@@ -57,8 +58,13 @@ pub(crate) async fn run(
     }
 }
 
-/// Locks a mutex, recovering the data if a panicking thread poisoned it (our state stays consistent
-/// under every single update, so a poisoned lock holds valid data).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// The position summary a node's heartbeats carry: its spaces and their last sequences, and the
+/// largest lag in entries it sees (a primary: of the peer replica over all spaces; a replica: 0).
+pub(crate) fn store_summary(store: &WalStore, max_lag_entries: u64) -> SeqSummary {
+    let spaces = store.spaces();
+    SeqSummary {
+        spaces: spaces.len() as u32,
+        total_last_seq: spaces.iter().map(|w| w.last_seq().0).sum(),
+        max_lag_entries,
+    }
 }

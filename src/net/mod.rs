@@ -17,6 +17,12 @@ pub use replica::{ApplyHook, Replica};
 
 use std::time::Duration;
 
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (our state stays consistent
+/// under every single update, so a poisoned lock holds valid data).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The end of a node's shutdown: close the endpoint, stop the node's tasks, sync every space's WAL,
 /// and let the connections drain so the address is free again.
 async fn close_and_sync(

@@ -18,14 +18,14 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
 use crate::codec::control::{ErrorCode, ErrorMessage, SpacePosition, SpaceRange, Welcome};
-use crate::codec::heartbeat::SeqSummary;
 use crate::codec::stream::{mux_preamble, StreamHeader};
 use crate::codec::{BatchEncoder, ControlMessage, PROTOCOL_VERSION};
 use crate::config::PrimaryConfig;
 use crate::entry::now_us;
 use crate::net::error::NetError;
 use crate::net::framed::{write_control, ControlReader};
-use crate::net::heartbeat::{self, lock};
+use crate::net::heartbeat::{self, store_summary};
+use crate::net::lock;
 use crate::net::status::{PathStats, PrimaryStatus, ReplicaView, SpaceLog, SpaceReplication};
 use crate::net::tls::{self, NodeIdentity};
 use crate::net::{close, endpoint, stream_code, HANDSHAKE_TIMEOUT};
@@ -389,7 +389,10 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
             shared.config.heartbeat.clone(),
             session.liveness.clone(),
             shared.config.epoch,
-            move || summary(&shared2.store),
+            {
+                let session = session.clone();
+                move || store_summary(&shared2.store, max_lag_entries(&shared2.store, &session))
+            },
         ));
     }
     tasks.spawn(space_manager(shared.clone(), session.clone(), positions));
@@ -399,13 +402,18 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     Ok(())
 }
 
-fn summary(store: &WalStore) -> SeqSummary {
-    let spaces = store.spaces();
-    SeqSummary {
-        spaces: spaces.len() as u32,
-        total_last_seq: spaces.iter().map(|w| w.last_seq().0).sum(),
-        max_lag_entries: 0,
-    }
+/// The replica's largest lag in entries over all spaces shipped to it, for its heartbeats.
+fn max_lag_entries(store: &WalStore, session: &Session) -> u64 {
+    let ships: Vec<(SpaceId, Arc<SpaceShip>)> =
+        lock(&session.spaces).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    ships
+        .iter()
+        .filter_map(|(space, ship)| {
+            let head = store.get(space)?.last_seq();
+            Some(head.0.saturating_sub(lock(&ship.progress).durable().0))
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 fn error_msg(code: ErrorCode, space: Option<SpaceId>, reason: &str) -> ControlMessage {

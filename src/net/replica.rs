@@ -18,7 +18,6 @@ use crate::codec::batch::space_tag;
 use crate::codec::control::{
     Ack, CatchUp, ErrorCode, ErrorMessage, Hello, SpaceAck, SpacePosition, DEFAULT_MAX_CONTROL_BYTES,
 };
-use crate::codec::heartbeat::SeqSummary;
 use crate::codec::stream::StreamKind;
 use crate::codec::{BatchDecoder, ControlMessage, DecodedBatch, PROTOCOL_VERSION};
 use crate::config::ReplicaConfig;
@@ -28,8 +27,9 @@ use crate::net::framed::{
     read_batch, read_mux_header, read_mux_preamble_rest, read_stream_header_rest, read_stream_kind, write_control,
     ControlReader,
 };
-use crate::net::heartbeat::{self, lock};
-use crate::net::status::{ConnectionState, ReplicaSpace, ReplicaStatus, SpaceLog};
+use crate::net::heartbeat::{self, store_summary};
+use crate::net::lock;
+use crate::net::status::{ConnectionState, PrimaryHeartbeat, ReplicaSpace, ReplicaStatus, SpaceLog};
 use crate::net::tls::{self, NodeIdentity};
 use crate::net::{close, endpoint, stream_code, HANDSHAKE_TIMEOUT};
 use crate::protocol::backoff::Backoff;
@@ -212,6 +212,11 @@ impl Replica {
             primary: link.primary.clone(),
             epoch: link.epoch,
             rtt_ms: link.liveness.as_ref().and_then(|l| lock(l).rtt()).map(|d| d.as_secs_f64() * 1e3),
+            primary_heartbeat: link.liveness.as_ref().and_then(|l| {
+                let l = lock(l);
+                let (epoch, summary) = l.peer();
+                epoch.map(|epoch| PrimaryHeartbeat { epoch, summary, received: l.received() })
+            }),
             reconnects: link.connections.saturating_sub(1),
             last_error: link.last_error.clone(),
             spaces: states
@@ -415,14 +420,7 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
             shared.config.heartbeat.clone(),
             liveness,
             welcome.epoch,
-            move || {
-                let spaces = shared2.store.spaces();
-                SeqSummary {
-                    spaces: spaces.len() as u32,
-                    total_last_seq: spaces.iter().map(|w| w.last_seq().0).sum(),
-                    max_lag_entries: 0,
-                }
-            },
+            move || store_summary(&shared2.store, 0),
         ));
     }
     let streams = {

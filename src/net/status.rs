@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::entry::LogDigest;
+use crate::codec::heartbeat::SeqSummary;
 use crate::protocol::health::Health;
 use crate::protocol::progress::Lag;
 use crate::types::{Epoch, Seq, SpaceId};
@@ -30,13 +30,9 @@ impl SpaceLog {
             first_seq: wal.first_seq(),
             last_seq: wal.last_seq(),
             durable_seq: wal.durable_seq(),
-            digest: digest_hex(wal.digest()),
+            digest: wal.digest().to_string(),
         }
     }
-}
-
-pub(crate) fn digest_hex(d: LogDigest) -> String {
-    format!("{:016x}", d.0)
 }
 
 /// A primary's view of one replica's copy of one space.
@@ -162,6 +158,17 @@ pub struct ReplicaSpace {
     pub error: Option<String>,
 }
 
+/// The primary's view, from its heartbeats: a cheap cross-check of the exact positions.
+#[derive(Clone, Debug, Serialize)]
+pub struct PrimaryHeartbeat {
+    /// The primary's epoch.
+    pub epoch: Epoch,
+    /// Its spaces, the sum of their last sequences, and this replica's largest lag in entries.
+    pub summary: SeqSummary,
+    /// Heartbeats received on the current connection.
+    pub received: u64,
+}
+
 /// Everything a replica reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct ReplicaStatus {
@@ -177,6 +184,8 @@ pub struct ReplicaStatus {
     pub epoch: Epoch,
     /// Round-trip time from heartbeats, in ms.
     pub rtt_ms: Option<f64>,
+    /// What the primary's last heartbeat said, once one arrived on the current connection.
+    pub primary_heartbeat: Option<PrimaryHeartbeat>,
     /// Successful connections so far, minus one.
     pub reconnects: u64,
     /// Last connection error, if the replica is not connected.
