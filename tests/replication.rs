@@ -11,7 +11,7 @@ use common::*;
 use tokio::sync::watch;
 use walship::entry::Entry;
 use walship::net::status::ConnectionState;
-use walship::{ApplyHook, Replica, SpaceId};
+use walship::{ApplyHook, Primary, Replica, SpaceId};
 // (Entry, Future, Pin, Arc are imported above for the hooks.)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,6 +401,36 @@ async fn the_largest_entry_the_wal_accepts_is_shipped() {
     assert_eq!(r.space(&sp[0]).unwrap().read_from(walship::Seq(1), 1, usize::MAX).unwrap()[0].payload, big);
     r.shutdown().await;
     primary.shutdown().await;
+}
+
+/// Uncompressed frames refer to large payloads instead of copying them (`encode_parts`): entries
+/// on both sides of that threshold, on per-space streams and on the multiplexed one, arrive intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncompressed_frames_with_large_and_small_entries_arrive_intact() {
+    for single_stream in [false, true] {
+        let c = Cluster::new();
+        let mut config = c.primary_config("127.0.0.1:0".parse().unwrap());
+        config.compression = walship::codec::Compression::None;
+        config.single_stream = single_stream;
+        let primary = Primary::start(config, c.ca.issue("primary").unwrap()).await.unwrap();
+        let r = c.replica("replica-1", primary.local_addr()).await;
+        let sp = spaces(3);
+        let sizes = [0usize, 5, 1000, 64 * 1024 - 1, 64 * 1024, 200_000, 17, 1 << 20, 3];
+        for (i, space) in sp.iter().enumerate() {
+            for (j, n) in sizes.iter().enumerate() {
+                let fill = (i * sizes.len() + j) as u8;
+                primary.append(space, 1, bytes::Bytes::from(vec![fill; *n])).unwrap();
+            }
+        }
+        converge(&primary, &[&r]).await;
+        for space in &sp {
+            let got = r.space(space).unwrap().read_from(walship::Seq(1), 100, usize::MAX).unwrap();
+            let want = primary.space(space).unwrap().read_from(walship::Seq(1), 100, usize::MAX).unwrap();
+            assert_eq!(got, want);
+        }
+        r.shutdown().await;
+        primary.shutdown().await;
+    }
 }
 
 /// Regression (review B3): a space the replica could not store (its folder was blocked) resumes on

@@ -66,7 +66,7 @@ struct Session {
     liveness: Arc<Mutex<Liveness>>,
     control: mpsc::UnboundedSender<ControlMessage>,
     /// In single-stream mode: the queue of (stream header, frame) pairs of the one multiplexed stream.
-    mux: Option<mpsc::Sender<[Bytes; 2]>>,
+    mux: Option<mpsc::Sender<Vec<Bytes>>>,
 }
 
 /// Shared state of one (space, replica) shipper.
@@ -424,12 +424,12 @@ fn error_msg(code: ErrorCode, space: Option<SpaceId>, reason: &str) -> ControlMe
 const MUX_QUEUE_FRAMES: usize = 64;
 
 /// Writes every space's frames to one stream (single-stream mode): what per-space streams avoid.
-async fn mux_writer(conn: Connection, mut rx: mpsc::Receiver<[Bytes; 2]>) {
+async fn mux_writer(conn: Connection, mut rx: mpsc::Receiver<Vec<Bytes>>) {
     let result = async {
         let mut send = conn.open_uni().await?;
         send.write_all(&mux_preamble()).await?;
-        while let Some(mut pair) = rx.recv().await {
-            send.write_all_chunks(&mut pair).await?;
+        while let Some(mut parts) = rx.recv().await {
+            send.write_all_chunks(&mut parts).await?;
         }
         Ok::<(), NetError>(())
     }
@@ -442,7 +442,7 @@ async fn mux_writer(conn: Connection, mut rx: mpsc::Receiver<[Bytes; 2]>) {
 /// Where a shipper's frames go: its space's own stream, or the shared multiplexed stream.
 enum FrameSink {
     Stream(SendStream),
-    Mux(mpsc::Sender<[Bytes; 2]>),
+    Mux(mpsc::Sender<Vec<Bytes>>),
 }
 
 impl FrameSink {
@@ -455,12 +455,13 @@ impl FrameSink {
         Ok(FrameSink::Stream(send))
     }
 
-    async fn send(&mut self, space: &SpaceId, first: Seq, frame: Bytes) -> Result<(), quinn::WriteError> {
+    /// Sends one frame, given as the pieces [`BatchEncoder::encode_parts`] made of it.
+    async fn send(&mut self, space: &SpaceId, first: Seq, mut frame: Vec<Bytes>) -> Result<(), quinn::WriteError> {
         match self {
-            FrameSink::Stream(send) => send.write_chunk(frame).await,
+            FrameSink::Stream(send) => send.write_all_chunks(&mut frame).await,
             FrameSink::Mux(tx) => {
-                let header = StreamHeader { space: space.clone(), start_seq: first }.encode();
-                tx.send([header, frame]).await.map_err(|_| quinn::WriteError::ClosedStream)
+                frame.insert(0, StreamHeader { space: space.clone(), start_seq: first }.encode());
+                tx.send(frame).await.map_err(|_| quinn::WriteError::ClosedStream)
             }
         }
     }
@@ -715,8 +716,8 @@ async fn ship_stream(
         let (Some(first), Some(last)) = (entries.first().map(|e| e.seq), entries.last().map(|e| e.seq)) else {
             continue;
         };
-        let frame = encoder.encode(wal.space(), &entries)?;
-        let len = frame.len();
+        let mut frame = Vec::with_capacity(4);
+        let len = encoder.encode_parts(wal.space(), &entries, &mut frame)?;
         drop(entries);
         tokio::select! {
             r = sink.send(wal.space(), first, frame) => match r {

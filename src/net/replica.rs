@@ -707,12 +707,12 @@ async fn apply_batch(
     let blocking = matches!(shared.config.wal.sync, SyncPolicy::Always) || h.uncompressed_len >= BLOCKING_APPEND_BYTES;
     let result = if blocking {
         let (wal2, entries) = (wal.clone(), batch.entries);
-        match tokio::task::spawn_blocking(move || wal2.append_replicated(&entries).map(|r| (r, entries))).await {
+        match tokio::task::spawn_blocking(move || wal2.append_decoded(&entries).map(|r| (r, entries))).await {
             Ok(r) => r,
             Err(e) => return Err(Reject::Local(format!("append task failed: {e}"))),
         }
     } else {
-        wal.append_replicated(&batch.entries).map(|r| (r, batch.entries))
+        wal.append_decoded(&batch.entries).map(|r| (r, batch.entries))
     };
     let entries = match result {
         Ok((_, entries)) => entries,

@@ -64,6 +64,13 @@ impl std::fmt::Debug for SpaceWal {
     }
 }
 
+/// Whether [`SpaceWal::append_replicated`] still has to verify each entry's checksum.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Checksums {
+    Verify,
+    AlreadyVerified,
+}
+
 /// Result of [`SpaceWal::append_replicated`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplicatedAppend {
@@ -255,6 +262,16 @@ impl SpaceWal {
     /// [`WalError::Gap`]. Entries older than retention cannot be compared and are skipped. The batch is
     /// checked entirely before anything is written: on error nothing is appended.
     pub fn append_replicated(&self, entries: &[Entry]) -> Result<ReplicatedAppend, WalError> {
+        self.append_replicated_checked(entries, Checksums::Verify)
+    }
+
+    /// [`SpaceWal::append_replicated`] for entries a [`crate::codec::BatchDecoder`] has just returned:
+    /// it verified every entry's checksum, so the replica's hot path checks each entry once.
+    pub(crate) fn append_decoded(&self, entries: &[Entry]) -> Result<ReplicatedAppend, WalError> {
+        self.append_replicated_checked(entries, Checksums::AlreadyVerified)
+    }
+
+    fn append_replicated_checked(&self, entries: &[Entry], checksums: Checksums) -> Result<ReplicatedAppend, WalError> {
         for e in entries {
             self.check_len(e.payload.len())?;
             if e.seq == Seq::ZERO {
@@ -264,7 +281,7 @@ impl SpaceWal {
                     reason: "entries start at 1",
                 });
             }
-            if !e.verify() {
+            if checksums == Checksums::Verify && !e.verify() {
                 return Err(WalError::BadChecksum { space: self.inner.space.clone(), seq: e.seq });
             }
         }
