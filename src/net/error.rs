@@ -48,6 +48,9 @@ pub enum NetError {
     #[error("protocol violation: {0}")]
     Protocol(String),
     /// The peer did not answer in time.
+    #[error("a blocking task failed ({0}); the node is shutting down or hit a bug: restart it")]
+    Task(String),
+
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
 }

@@ -23,6 +23,23 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Entries of `wal` from `from` on ([`crate::wal::SpaceWal::read_from`]): from the memory tail
+/// when it holds them, else read from disk on a blocking thread, so a catch-up from old segments
+/// never stalls the runtime's threads (which must keep draining the UDP socket).
+pub(crate) async fn read_entries(
+    wal: &crate::wal::SpaceWal,
+    from: crate::types::Seq,
+    max_entries: usize,
+    max_bytes: usize,
+) -> Result<Vec<crate::entry::Entry>, NetError> {
+    if let Some(entries) = wal.read_from_memory(from, max_entries, max_bytes)? {
+        return Ok(entries);
+    }
+    let wal = wal.clone();
+    let read = tokio::task::spawn_blocking(move || wal.read_from(from, max_entries, max_bytes));
+    Ok(read.await.map_err(|e| NetError::Task(format!("WAL read: {e}")))??)
+}
+
 /// The end of a node's shutdown: close the endpoint, stop the node's tasks, sync every space's WAL,
 /// and let the connections drain so the address is free again.
 async fn close_and_sync(

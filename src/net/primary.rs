@@ -25,10 +25,10 @@ use crate::entry::now_us;
 use crate::net::error::NetError;
 use crate::net::framed::{write_control, ControlReader};
 use crate::net::heartbeat::{self, store_summary};
-use crate::net::lock;
 use crate::net::status::{PathStats, PrimaryStatus, ReplicaView, SpaceLog, SpaceReplication};
 use crate::net::tls::{self, NodeIdentity};
 use crate::net::{close, endpoint, stream_code, HANDSHAKE_TIMEOUT};
+use crate::net::{lock, read_entries};
 use crate::protocol::backoff::Backoff;
 use crate::protocol::handshake::{resume_point, LocalLog};
 use crate::protocol::health::Health;
@@ -709,7 +709,7 @@ async fn ship_stream(
             }
             continue;
         }
-        let mut entries = wal.read_from(next, cfg.max_batch_entries, cfg.max_batch_bytes)?;
+        let mut entries = read_entries(wal, next, cfg.max_batch_entries, cfg.max_batch_bytes).await?;
         if let Some(cut) = entries.iter().position(|e| e.epoch != entries[0].epoch) {
             entries.truncate(cut);
         }

@@ -28,10 +28,10 @@ use crate::net::framed::{
     ControlReader,
 };
 use crate::net::heartbeat::{self, store_summary};
-use crate::net::lock;
 use crate::net::status::{ConnectionState, PrimaryHeartbeat, ReplicaSpace, ReplicaStatus, SpaceLog};
 use crate::net::tls::{self, NodeIdentity};
 use crate::net::{close, endpoint, stream_code, HANDSHAKE_TIMEOUT};
+use crate::net::{lock, read_entries};
 use crate::protocol::backoff::Backoff;
 use crate::protocol::liveness::Liveness;
 use crate::types::{Epoch, NodeId, Seq, SpaceId};
@@ -264,11 +264,15 @@ impl SpaceState {
 }
 
 impl Shared {
-    fn space_state(&self, id: &SpaceId) -> Result<Arc<SpaceState>, WalError> {
+    /// The state of space `id`, opening its WAL on first use. Creating (or recovering) a space's
+    /// folder does file I/O, so that runs on a blocking thread.
+    async fn space_state(&self, id: &SpaceId) -> Result<Arc<SpaceState>, NetError> {
         if let Some(s) = lock(&self.spaces).get(id) {
             return Ok(s.clone());
         }
-        let wal = self.store.space(id)?;
+        let (store, space) = (self.store.clone(), id.clone());
+        let opened = tokio::task::spawn_blocking(move || store.space(&space)).await;
+        let wal = opened.map_err(|e| NetError::Task(format!("opening space {id}: {e}")))??;
         let mut spaces = lock(&self.spaces);
         let state = spaces.entry(id.clone()).or_insert_with(|| {
             let state = Arc::new(SpaceState::new(wal));
@@ -556,7 +560,7 @@ async fn receive_space_stream(shared: Arc<Shared>, session: Session, mut recv: R
             return;
         }
     };
-    let state = match shared.space_state(&header.space) {
+    let state = match shared.space_state(&header.space).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(space = %header.space, error = %e, "cannot open the space's WAL; stopping its stream");
@@ -652,7 +656,7 @@ async fn receive_mux_stream(
                 header.space, header.start_seq, batch.header.start_seq
             )));
         }
-        let state = shared.space_state(&header.space)?;
+        let state = shared.space_state(&header.space).await?;
         match apply_batch(shared, session, &state, batch).await {
             Ok(()) => {}
             Err(Reject::CatchUp(reason) | Reject::Diverged(reason) | Reject::Local(reason)) => {
@@ -760,7 +764,7 @@ async fn apply_space(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, state: Arc<S
             }
         }
         let durable = wal.durable_seq();
-        let mut entries = match wal.read_from(next, APPLY_BATCH_ENTRIES, APPLY_BATCH_BYTES) {
+        let mut entries = match read_entries(&wal, next, APPLY_BATCH_ENTRIES, APPLY_BATCH_BYTES).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(space = %wal.space(), error = %e, "cannot read entries to apply; retrying");

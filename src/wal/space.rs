@@ -365,6 +365,22 @@ impl SpaceWal {
         Ok(outcome.entries)
     }
 
+    /// [`SpaceWal::read_from`] if the memory tail can answer without touching the disk, `None` if the
+    /// entries must be read from the segments (so an async caller can move that read to a blocking
+    /// thread).
+    pub fn read_from_memory(
+        &self,
+        from: Seq,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Option<Vec<Entry>>, WalError> {
+        if from == Seq::ZERO {
+            return self.read_from(from, max_entries, max_bytes).map(Some);
+        }
+        let st = self.inner.lock();
+        self.inner.read_memory(&st, from, max_entries.max(1), max_bytes)
+    }
+
     /// Retention: deletes the oldest segments whose entries are all `<= upto` (whole segments only; never
     /// the active one). Returns the new first sequence. The digest is unchanged.
     pub fn truncate_prefix(&self, upto: Seq) -> Result<Seq, WalError> {

@@ -114,6 +114,18 @@ fn round_trip_across_rollover_from_tail_and_disk() {
 }
 
 #[test]
+fn memory_only_reads_say_when_the_disk_is_needed() {
+    let root = tempfile::tempdir().unwrap();
+    let wal = open(root.path(), never().segment_bytes(600).tail_max_entries(10));
+    let expected = fill(&wal, 50);
+    // The tail holds the last 10 entries: those come from memory, older ones need the disk.
+    assert_eq!(wal.read_from_memory(Seq(45), 100, usize::MAX).unwrap(), Some(expected[44..].to_vec()));
+    assert_eq!(wal.read_from_memory(Seq(3), 100, usize::MAX).unwrap(), None);
+    assert_eq!(wal.read_from_memory(Seq(51), 100, usize::MAX).unwrap(), Some(vec![]));
+    assert!(matches!(wal.read_from_memory(Seq(0), 1, 1), Err(WalError::OutOfRange { .. })));
+}
+
+#[test]
 fn catch_up_reads_use_the_sparse_index_in_large_segments() {
     let root = tempfile::tempdir().unwrap();
     let config = never().segment_bytes(1 << 20).tail_max_entries(0);
