@@ -310,7 +310,7 @@ impl BatchEncoder {
 /// Payloads at least this long go out as references to the entry's own buffer rather than copies.
 /// Below it, copying is cheaper: quinn 0.11 finds the piece holding a stream offset by walking its
 /// send buffer's pieces in order, so many small pieces cost more than the copy they save (with a
-/// 1 KiB threshold, 4 KiB entries replicated 18% slower in `cargo bench --bench ceiling`).
+/// 1 KiB threshold, 4 KiB entries replicated 7-13% slower in `cargo bench --bench ceiling`).
 pub const ZERO_COPY_MIN_ENTRY: usize = 64 * 1024;
 
 fn put_entry_header(out: &mut BytesMut, e: &Entry) {
