@@ -40,6 +40,14 @@ pub(crate) async fn read_entries(
     Ok(read.await.map_err(|e| NetError::Task(format!("WAL read: {e}")))??)
 }
 
+/// Opens (and recovers) a node's WAL store on a blocking thread: recovering thousands of spaces
+/// reads their segments, which must not stall the runtime the node is embedded in.
+async fn open_store(dir: &std::path::Path, config: &crate::wal::WalConfig) -> Result<crate::wal::WalStore, NetError> {
+    let (dir, config) = (dir.to_path_buf(), config.clone());
+    let opened = tokio::task::spawn_blocking(move || crate::wal::WalStore::open(&dir, config)).await;
+    Ok(opened.map_err(|e| NetError::Task(format!("opening the WAL store: {e}")))??)
+}
+
 /// The end of a node's shutdown: close the endpoint, stop the node's tasks, sync every space's WAL,
 /// and let the connections drain so the address is free again.
 async fn close_and_sync(

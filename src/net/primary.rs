@@ -28,9 +28,9 @@ use crate::net::heartbeat::{self, store_summary};
 use crate::net::status::{PathStats, PrimaryStatus, ReplicaView, SpaceLog, SpaceReplication};
 use crate::net::tls::{self, NodeIdentity};
 use crate::net::{close, endpoint, stream_code, HANDSHAKE_TIMEOUT};
-use crate::net::{lock, read_entries};
+use crate::net::{lock, open_store, read_entries};
 use crate::protocol::backoff::Backoff;
-use crate::protocol::handshake::{resume_point, LocalLog};
+use crate::protocol::handshake::{resume_point, LocalLog, Refusal};
 use crate::protocol::health::Health;
 use crate::protocol::liveness::Liveness;
 use crate::protocol::progress::{Lag, ReplicaProgress};
@@ -94,7 +94,7 @@ impl Primary {
     /// [`endpoint::server_endpoint`] makes them.
     pub async fn with_endpoint(config: PrimaryConfig, endpoint: quinn::Endpoint) -> Result<Primary, NetError> {
         config.validate()?;
-        let store = WalStore::open(&config.data_dir, config.wal.clone())?;
+        let store = open_store(&config.data_dir, &config.wal).await?;
         let shared = Arc::new(Shared {
             node_id: NodeId::from_name(&config.name),
             config,
@@ -533,38 +533,31 @@ async fn control_reader(session: Arc<Session>, mut control: ControlReader) {
     }
 }
 
-/// Starts a shipper for every space, and for every space created later.
+/// Starts a shipper for every space, and for every space created later (each taken once, in the
+/// order the store opened them).
 async fn space_manager(shared: Arc<Shared>, session: Arc<Session>, positions: HashMap<SpaceId, SpacePosition>) {
     let mut shippers = JoinSet::new();
     let mut spaces_rx = shared.store.subscribe_spaces();
+    let positions = Arc::new(positions);
+    let mut seen = 0;
     loop {
-        for wal in shared.store.spaces() {
-            if lock(&session.spaces).contains_key(wal.space()) {
-                continue;
+        spaces_rx.borrow_and_update();
+        let new = shared.store.spaces_since(seen);
+        seen += new.len();
+        // Comparing with the replica's position reads an entry and a digest, maybe from disk, for
+        // each space (thousands on a reconnect): off the runtime's threads.
+        let positions = positions.clone();
+        let starts = tokio::task::spawn_blocking(move || {
+            new.into_iter().map(|wal| (resume_from(&wal, positions.get(wal.space())), wal)).collect::<Vec<_>>()
+        });
+        let starts = match starts.await {
+            Ok(starts) => starts,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot compute where the replica's spaces resume");
+                return;
             }
-            let local = LocalLog {
-                first_seq: wal.first_seq(),
-                last_seq: wal.last_seq(),
-                epoch_at_replica_last: None,
-                digest_at_replica_last: None,
-            };
-            let start = match positions.get(wal.space()) {
-                None => resume_point(local, &empty_position(wal.space())),
-                Some(pos) => {
-                    let epoch_at = match wal.read_from(pos.last_seq, 1, 0) {
-                        Ok(v) => v.first().filter(|e| e.seq == pos.last_seq).map(|e| e.epoch),
-                        Err(_) => None,
-                    };
-                    let digest_at = wal.digest_at(pos.last_seq).unwrap_or_else(|e| {
-                        tracing::warn!(space = %wal.space(), error = %e, "cannot compute the digest to compare");
-                        None
-                    });
-                    resume_point(
-                        LocalLog { epoch_at_replica_last: epoch_at, digest_at_replica_last: digest_at, ..local },
-                        pos,
-                    )
-                }
-            };
+        };
+        for (start, wal) in starts {
             let (restart, _) = watch::channel(Seq::ZERO);
             let ship = Arc::new(SpaceShip {
                 progress: Mutex::new(ReplicaProgress::new(Seq(start.as_ref().map_or(0, |s| s.0 - 1)))),
@@ -589,6 +582,29 @@ async fn space_manager(shared: Arc<Shared>, session: Arc<Session>, positions: Ha
             return;
         }
     }
+}
+
+/// Where shipping `wal` to a replica starts, given what the replica said it holds of the space
+/// (`None`: nothing), or why it cannot (blocking: may read the WAL's segments).
+fn resume_from(wal: &SpaceWal, replica: Option<&SpacePosition>) -> Result<Seq, Refusal> {
+    let local = LocalLog {
+        first_seq: wal.first_seq(),
+        last_seq: wal.last_seq(),
+        epoch_at_replica_last: None,
+        digest_at_replica_last: None,
+    };
+    let Some(pos) = replica else {
+        return resume_point(local, &empty_position(wal.space()));
+    };
+    let epoch_at = match wal.read_from(pos.last_seq, 1, 0) {
+        Ok(v) => v.first().filter(|e| e.seq == pos.last_seq).map(|e| e.epoch),
+        Err(_) => None,
+    };
+    let digest_at = wal.digest_at(pos.last_seq).unwrap_or_else(|e| {
+        tracing::warn!(space = %wal.space(), error = %e, "cannot compute the digest to compare");
+        None
+    });
+    resume_point(LocalLog { epoch_at_replica_last: epoch_at, digest_at_replica_last: digest_at, ..local }, pos)
 }
 
 fn empty_position(space: &SpaceId) -> SpacePosition {

@@ -31,7 +31,7 @@ use crate::net::heartbeat::{self, store_summary};
 use crate::net::status::{ConnectionState, PrimaryHeartbeat, ReplicaSpace, ReplicaStatus, SpaceLog};
 use crate::net::tls::{self, NodeIdentity};
 use crate::net::{close, endpoint, stream_code, HANDSHAKE_TIMEOUT};
-use crate::net::{lock, read_entries};
+use crate::net::{lock, open_store, read_entries};
 use crate::protocol::backoff::Backoff;
 use crate::protocol::liveness::Liveness;
 use crate::types::{Epoch, NodeId, Seq, SpaceId};
@@ -136,7 +136,7 @@ impl Replica {
         hook: Option<Arc<dyn ApplyHook>>,
     ) -> Result<Replica, NetError> {
         config.validate()?;
-        let store = WalStore::open(&config.data_dir, config.wal.clone())?;
+        let store = open_store(&config.data_dir, &config.wal).await?;
         let mut spaces = HashMap::new();
         for wal in store.spaces() {
             spaces.insert(wal.space().clone(), Arc::new(SpaceState::new(wal)));

@@ -1,6 +1,6 @@
 //! [`WalStore`]: a root folder holding one [`SpaceWal`] per space, opened once and shared.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -24,7 +24,7 @@ pub struct WalStore {
 
 impl std::fmt::Debug for WalStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WalStore").field("root", &self.inner.root).field("spaces", &self.lock().len()).finish()
+        f.debug_struct("WalStore").field("root", &self.inner.root).field("spaces", &self.lock().opened.len()).finish()
     }
 }
 
@@ -32,8 +32,25 @@ struct StoreInner {
     root: PathBuf,
     config: WalConfig,
     syncer: Option<Syncer>,
-    spaces: Mutex<BTreeMap<SpaceId, SpaceWal>>,
+    spaces: Mutex<Spaces>,
     count: watch::Sender<usize>,
+}
+
+/// The open spaces, by id and in the order they were opened (so a watcher can take just the new ones).
+#[derive(Default)]
+struct Spaces {
+    by_id: BTreeMap<SpaceId, SpaceWal>,
+    opened: Vec<SpaceWal>,
+    /// One gate per space being opened (or whose opening failed), so that a space's folder is
+    /// opened by one caller at a time while the store's lock is free for everyone else.
+    opening: HashMap<SpaceId, Arc<Mutex<()>>>,
+}
+
+impl Spaces {
+    fn insert(&mut self, wal: SpaceWal) {
+        self.opened.push(wal.clone());
+        self.by_id.insert(wal.space().clone(), wal);
+    }
 }
 
 impl WalStore {
@@ -45,7 +62,7 @@ impl WalStore {
             SyncPolicy::Interval(every) => Some(Syncer::start(every).ctx("start the WAL sync thread for", root)?),
             _ => None,
         };
-        let mut spaces = BTreeMap::new();
+        let mut spaces = Spaces::default();
         for entry in std::fs::read_dir(root).ctx("list", root)? {
             let entry = entry.ctx("list", root)?;
             if !entry.file_type().ctx("stat", &entry.path())?.is_dir() {
@@ -55,41 +72,61 @@ impl WalStore {
                 tracing::debug!(path = %entry.path().display(), "WAL store: ignoring a folder that is not a space id");
                 continue;
             };
-            let wal = SpaceWal::open_with(root, id.clone(), config.clone(), syncer.as_ref())?;
-            spaces.insert(id, wal);
+            spaces.insert(SpaceWal::open_with(root, id, config.clone(), syncer.as_ref())?);
         }
-        tracing::info!(root = %root.display(), spaces = spaces.len(), "WAL store opened");
-        let count = watch::Sender::new(spaces.len());
+        tracing::info!(root = %root.display(), spaces = spaces.opened.len(), "WAL store opened");
+        let count = watch::Sender::new(spaces.opened.len());
         Ok(WalStore {
             inner: Arc::new(StoreInner { root: root.to_path_buf(), config, syncer, spaces: Mutex::new(spaces), count }),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<SpaceId, SpaceWal>> {
+    fn lock(&self) -> MutexGuard<'_, Spaces> {
         self.inner.spaces.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The log of `id`, opened (created if new) on first use and cached.
+    ///
+    /// Opening (creating the folder, or recovering one a previous run left) happens outside the
+    /// store's lock: other spaces stay usable meanwhile, and concurrent callers for the same space
+    /// wait for the one that opens it.
     pub fn space(&self, id: &SpaceId) -> Result<SpaceWal, WalError> {
-        let mut spaces = self.lock();
-        if let Some(w) = spaces.get(id) {
-            return Ok(w.clone());
+        let gate = {
+            let mut spaces = self.lock();
+            if let Some(w) = spaces.by_id.get(id) {
+                return Ok(w.clone());
+            }
+            spaces.opening.entry(id.clone()).or_default().clone()
+        };
+        let _opener = gate.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(w) = self.get(id) {
+            return Ok(w); // Opened by the caller we waited for.
         }
         let wal =
             SpaceWal::open_with(&self.inner.root, id.clone(), self.inner.config.clone(), self.inner.syncer.as_ref())?;
-        spaces.insert(id.clone(), wal.clone());
-        self.inner.count.send_replace(spaces.len());
+        let mut spaces = self.lock();
+        // Callers still waiting on this gate find the space in `by_id`; after a failure the gate
+        // stays, so the next attempt is serialized with those waiters too.
+        spaces.opening.remove(id);
+        spaces.insert(wal.clone());
+        self.inner.count.send_replace(spaces.opened.len());
         Ok(wal)
     }
 
     /// The log of `id` if it exists.
     pub fn get(&self, id: &SpaceId) -> Option<SpaceWal> {
-        self.lock().get(id).cloned()
+        self.lock().by_id.get(id).cloned()
     }
 
     /// Every space's log, sorted by space id.
     pub fn spaces(&self) -> Vec<SpaceWal> {
-        self.lock().values().cloned().collect()
+        self.lock().by_id.values().cloned().collect()
+    }
+
+    /// The spaces opened after the first `seen`, in the order they were opened: with
+    /// [`WalStore::subscribe_spaces`], a watcher takes each new space once, without rescanning.
+    pub fn spaces_since(&self, seen: usize) -> Vec<SpaceWal> {
+        self.lock().opened.get(seen..).map(<[SpaceWal]>::to_vec).unwrap_or_default()
     }
 
     /// The root folder.
@@ -97,7 +134,7 @@ impl WalStore {
         &self.inner.root
     }
 
-    /// Receiver of the number of spaces; it changes when a space is created.
+    /// Receiver of the number of spaces; it changes when a space is created (see [`WalStore::spaces_since`]).
     pub fn subscribe_spaces(&self) -> watch::Receiver<usize> {
         self.inner.count.subscribe()
     }
@@ -114,6 +151,34 @@ mod tests {
 
     fn id(s: &str) -> SpaceId {
         SpaceId::new(s).unwrap()
+    }
+
+    #[test]
+    fn concurrent_first_uses_of_a_space_share_one_log() {
+        let root = tempfile::tempdir().unwrap();
+        let store = WalStore::open(root.path(), WalConfig::default().sync(SyncPolicy::Never)).unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let wal = store.space(&id(&format!("s{}", i % 5))).unwrap();
+                        wal.append(Epoch(1), t, Bytes::from_static(b"x")).unwrap();
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        // Two logs opened on one folder would have reused sequence numbers.
+        assert_eq!(store.spaces().len(), 5);
+        assert!(store.spaces().iter().all(|w| w.last_seq() == Seq(80)));
+        assert_eq!(store.spaces_since(0).len(), 5);
+        drop(store);
+        let store = WalStore::open(root.path(), WalConfig::default().sync(SyncPolicy::Never)).unwrap();
+        assert!(store
+            .spaces()
+            .iter()
+            .all(|w| w.last_seq() == Seq(80) && w.read_from(Seq(1), 100, usize::MAX).unwrap().len() == 80));
     }
 
     #[test]
@@ -134,6 +199,10 @@ mod tests {
             }
             assert!(rx.has_changed().unwrap());
             assert_eq!(*rx.borrow_and_update(), 3);
+            let opened = |seen| store.spaces_since(seen).iter().map(|w| w.space().to_string()).collect::<Vec<_>>();
+            assert_eq!(opened(0), ["zeta", "alpha", "mid.dle"], "in the order they were opened");
+            assert_eq!(opened(2), ["mid.dle"]);
+            assert!(opened(3).is_empty() && opened(9).is_empty());
             // Cached: the same log, not a second open of the folder.
             store.space(&id("alpha")).unwrap().append(Epoch(2), 1, Bytes::from_static(b"more")).unwrap();
             assert_eq!(store.get(&id("alpha")).unwrap().last_seq(), Seq(6));
