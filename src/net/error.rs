@@ -47,10 +47,10 @@ pub enum NetError {
     /// The peer broke the protocol (wrong message, wrong identity, wrong version).
     #[error("protocol violation: {0}")]
     Protocol(String),
-    /// The peer did not answer in time.
+    /// Work moved to a blocking thread (disk reads, opening WALs) did not complete.
     #[error("a blocking task failed ({0}); the node is shutting down or hit a bug: restart it")]
     Task(String),
-
+    /// The peer did not answer in time.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
 }

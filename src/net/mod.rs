@@ -82,6 +82,8 @@ pub mod close {
     pub const PROTOCOL: VarInt = VarInt::from_u32(3);
     /// The peer is not who it must be.
     pub const UNAUTHORIZED: VarInt = VarInt::from_u32(4);
+    /// This node failed internally; the peer should reconnect.
+    pub const LOCAL_FAILURE: VarInt = VarInt::from_u32(5);
 }
 
 /// Application error codes of a data stream (`stop` / `reset`).

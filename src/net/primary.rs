@@ -65,7 +65,8 @@ struct Session {
     spaces: Mutex<HashMap<SpaceId, Arc<SpaceShip>>>,
     liveness: Arc<Mutex<Liveness>>,
     control: mpsc::UnboundedSender<ControlMessage>,
-    /// In single-stream mode: the queue of (stream header, frame) pairs of the one multiplexed stream.
+    /// In single-stream mode: the queue of the one multiplexed stream; each item is a stream header
+    /// followed by the pieces of one frame.
     mux: Option<mpsc::Sender<Vec<Bytes>>>,
 }
 
@@ -545,41 +546,60 @@ async fn space_manager(shared: Arc<Shared>, session: Arc<Session>, positions: Ha
         let new = shared.store.spaces_since(seen);
         seen += new.len();
         // Comparing with the replica's position reads an entry and a digest, maybe from disk, for
-        // each space (thousands on a reconnect): off the runtime's threads.
-        let positions = positions.clone();
-        let starts = tokio::task::spawn_blocking(move || {
-            new.into_iter().map(|wal| (resume_from(&wal, positions.get(wal.space())), wal)).collect::<Vec<_>>()
-        });
-        let starts = match starts.await {
-            Ok(starts) => starts,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot compute where the replica's spaces resume");
-                return;
-            }
-        };
-        for (start, wal) in starts {
-            let (restart, _) = watch::channel(Seq::ZERO);
-            let ship = Arc::new(SpaceShip {
-                progress: Mutex::new(ReplicaProgress::new(Seq(start.as_ref().map_or(0, |s| s.0 - 1)))),
-                acked: Notify::new(),
-                restart,
-                error: Mutex::new(None),
-                halted: std::sync::atomic::AtomicBool::new(false),
+        // each space (thousands on a reconnect): off the runtime's threads, a chunk at a time so
+        // the first spaces start shipping while the others are compared.
+        for chunk in new.chunks(RESUME_CHUNK) {
+            let (chunk, positions) = (chunk.to_vec(), positions.clone());
+            let starts = tokio::task::spawn_blocking(move || {
+                chunk.into_iter().map(|wal| (resume_from(&wal, positions.get(wal.space())), wal)).collect::<Vec<_>>()
             });
-            lock(&session.spaces).insert(wal.space().clone(), ship.clone());
-            match start {
-                Ok(from) => {
-                    shippers.spawn(ship_space(shared.clone(), session.clone(), wal, ship, from));
-                }
-                Err(refusal) => {
-                    tracing::warn!(space = %wal.space(), reason = %refusal.reason, "space cannot be replicated to this replica");
-                    *lock(&ship.error) = Some(refusal.reason.clone());
-                    let _ = session.control.send(error_msg(refusal.code, Some(wal.space().clone()), &refusal.reason));
+            match starts.await {
+                Ok(starts) => start_shippers(&shared, &session, &mut shippers, starts),
+                Err(e) => {
+                    // Without shippers the replica would stay connected and get nothing: make it
+                    // reconnect (and so start over) instead.
+                    tracing::error!(error = %e, "cannot compute where the replica's spaces resume; closing");
+                    session.conn.close(close::LOCAL_FAILURE, b"primary failed to start its shippers");
+                    return;
                 }
             }
         }
         if spaces_rx.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Spaces whose resume points one blocking task computes (see `space_manager`).
+const RESUME_CHUNK: usize = 64;
+
+/// Starts a shipper for each space at its resume point, or tells the replica why a space cannot be
+/// replicated to it.
+fn start_shippers(
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+    shippers: &mut JoinSet<()>,
+    starts: Vec<(Result<Seq, Refusal>, SpaceWal)>,
+) {
+    for (start, wal) in starts {
+        let (restart, _) = watch::channel(Seq::ZERO);
+        let ship = Arc::new(SpaceShip {
+            progress: Mutex::new(ReplicaProgress::new(Seq(start.as_ref().map_or(0, |s| s.0 - 1)))),
+            acked: Notify::new(),
+            restart,
+            error: Mutex::new(None),
+            halted: std::sync::atomic::AtomicBool::new(false),
+        });
+        lock(&session.spaces).insert(wal.space().clone(), ship.clone());
+        match start {
+            Ok(from) => {
+                shippers.spawn(ship_space(shared.clone(), session.clone(), wal, ship, from));
+            }
+            Err(refusal) => {
+                tracing::warn!(space = %wal.space(), reason = %refusal.reason, "space cannot be replicated to this replica");
+                *lock(&ship.error) = Some(refusal.reason.clone());
+                let _ = session.control.send(error_msg(refusal.code, Some(wal.space().clone()), &refusal.reason));
+            }
         }
     }
 }

@@ -102,15 +102,26 @@ impl WalStore {
         if let Some(w) = self.get(id) {
             return Ok(w); // Opened by the caller we waited for.
         }
-        let wal =
-            SpaceWal::open_with(&self.inner.root, id.clone(), self.inner.config.clone(), self.inner.syncer.as_ref())?;
+        let opened =
+            SpaceWal::open_with(&self.inner.root, id.clone(), self.inner.config.clone(), self.inner.syncer.as_ref());
         let mut spaces = self.lock();
-        // Callers still waiting on this gate find the space in `by_id`; after a failure the gate
-        // stays, so the next attempt is serialized with those waiters too.
-        spaces.opening.remove(id);
-        spaces.insert(wal.clone());
-        self.inner.count.send_replace(spaces.opened.len());
-        Ok(wal)
+        match opened {
+            Ok(wal) => {
+                // Callers still waiting on this gate will find the space in `by_id`.
+                spaces.opening.remove(id);
+                spaces.insert(wal.clone());
+                self.inner.count.send_replace(spaces.opened.len());
+                Ok(wal)
+            }
+            Err(e) => {
+                // Waiters (who hold the gate too) try in turn; with none, forget the gate, so ids
+                // that never open (named by a peer, say) leave nothing behind.
+                if Arc::strong_count(&gate) == 2 {
+                    spaces.opening.remove(id);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// The log of `id` if it exists.
@@ -179,6 +190,20 @@ mod tests {
             .spaces()
             .iter()
             .all(|w| w.last_seq() == Seq(80) && w.read_from(Seq(1), 100, usize::MAX).unwrap().len() == 80));
+    }
+
+    #[test]
+    fn a_space_that_cannot_open_leaves_nothing_behind() {
+        let root = tempfile::tempdir().unwrap();
+        let store = WalStore::open(root.path(), WalConfig::default().sync(SyncPolicy::Never)).unwrap();
+        // A file where the space's folder would go.
+        std::fs::write(root.path().join("blocked"), b"x").unwrap();
+        assert!(store.space(&id("blocked")).is_err());
+        assert!(store.space(&id("blocked")).is_err(), "and again, without a stale gate in the way");
+        assert!(store.lock().opening.is_empty() && store.spaces().is_empty());
+        std::fs::remove_file(root.path().join("blocked")).unwrap();
+        assert_eq!(store.space(&id("blocked")).unwrap().last_seq(), Seq(0));
+        assert!(store.lock().opening.is_empty());
     }
 
     #[test]
