@@ -30,8 +30,7 @@ use crate::net::framed::{
 use crate::net::heartbeat::{self, store_summary};
 use crate::net::status::{ConnectionState, PrimaryHeartbeat, ReplicaSpace, ReplicaStatus, SpaceLog};
 use crate::net::tls::{self, NodeIdentity};
-use crate::net::{close, endpoint, stream_code, HANDSHAKE_TIMEOUT};
-use crate::net::{lock, open_store, read_entries};
+use crate::net::{close, endpoint, lock, open_store, read_entries, stream_code, HANDSHAKE_TIMEOUT};
 use crate::protocol::backoff::Backoff;
 use crate::protocol::liveness::Liveness;
 use crate::types::{Epoch, NodeId, Seq, SpaceId};

@@ -41,8 +41,8 @@ struct StoreInner {
 struct Spaces {
     by_id: BTreeMap<SpaceId, SpaceWal>,
     opened: Vec<SpaceWal>,
-    /// One gate per space being opened (or whose opening failed), so that a space's folder is
-    /// opened by one caller at a time while the store's lock is free for everyone else.
+    /// One gate per space being opened, so that a space's folder is opened by one caller at a time
+    /// while the store's lock is free for everyone else.
     opening: HashMap<SpaceId, Arc<Mutex<()>>>,
 }
 
