@@ -29,7 +29,7 @@ use walship::config::{PrimaryConfig, ReplicaConfig};
 use walship::entry::{now_us, Entry};
 use walship::net::endpoint::{client_config, server_config, TransportSettings};
 use walship::net::tls::ClusterCa;
-use walship::netsim::{self, GilbertElliott, Impairment, SimNetwork};
+use walship::netsim::{self, SimNetwork};
 use walship::payload::PayloadGen;
 use walship::wal::SpaceWal;
 use walship::{ApplyHook, Epoch, Primary, Replica, SpaceId};
@@ -58,24 +58,8 @@ struct Args {
     /// WAL durability on every node: never, always, interval:10ms.
     #[arg(long, default_value = "never", value_parser = common::parse_sync)]
     sync: walship::wal::SyncPolicy,
-    /// Independent packet loss, each direction (e.g. 2%).
-    #[arg(long, default_value = "0%", value_parser = netsim::parse_percent)]
-    loss: f64,
-    /// Burst loss as P_GOOD_TO_BAD,P_BAD_TO_GOOD,LOSS_IN_GOOD,LOSS_IN_BAD (Gilbert-Elliott).
-    #[arg(long, value_parser = netsim::parse_burst)]
-    burst: Option<GilbertElliott>,
-    /// One-way delay, each direction.
-    #[arg(long, default_value = "0ms", value_parser = netsim::parse_duration)]
-    delay: Duration,
-    /// Extra random one-way delay, up to this much.
-    #[arg(long, default_value = "0ms", value_parser = netsim::parse_duration)]
-    jitter: Duration,
-    /// Probability that a packet is held back and overtaken.
-    #[arg(long, default_value = "0%", value_parser = netsim::parse_percent)]
-    reorder: f64,
-    /// Probability that a packet is delivered twice.
-    #[arg(long, default_value = "0%", value_parser = netsim::parse_percent)]
-    duplicate: f64,
+    #[command(flatten)]
+    impair: common::ImpairmentFlags,
     /// Bandwidth cap of the link, each direction (e.g. 100mbit).
     #[arg(long, value_parser = netsim::parse_rate)]
     link_rate: Option<u64>,
@@ -217,21 +201,8 @@ async fn main() {
     }
 }
 
-fn impairment(args: &Args) -> Impairment {
-    Impairment {
-        loss: args.loss,
-        burst: args.burst,
-        delay: args.delay,
-        jitter: args.jitter,
-        reorder: args.reorder,
-        duplicate: args.duplicate,
-        rate_bytes_per_s: args.link_rate,
-        ..Impairment::default()
-    }
-}
-
 async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
-    let imp = impairment(&args);
+    let imp = args.impair.impairment(args.link_rate, None);
     imp.validate()?;
     let dir = tempfile::tempdir()?;
     let ca = ClusterCa::generate("loadtest CA")?;
@@ -614,7 +585,7 @@ mod processes {
     }
 
     pub async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
-        let imp = impairment(&args);
+        let imp = args.impair.impairment(args.link_rate, None);
         imp.validate()?;
         let bin_dir = match &args.bin_dir {
             Some(d) => d.clone(),

@@ -17,8 +17,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+
+mod common;
 use walship::netsim::forwarder::{Forwarder, ForwarderControl};
-use walship::netsim::{parse_burst, parse_duration, parse_percent, parse_rate, GilbertElliott, Impairment};
+use walship::netsim::{parse_duration, parse_rate};
 
 #[derive(Parser, Debug)]
 #[command(about = "UDP forwarder that impairs traffic like a bad network link (both directions)")]
@@ -29,30 +31,14 @@ struct Args {
     /// Address datagrams are forwarded to (the server).
     #[arg(long)]
     upstream: SocketAddr,
-    /// Independent loss per packet: 2%, 0.5% or 0.02.
-    #[arg(long, value_parser = parse_percent, default_value = "0")]
-    loss: f64,
-    /// Fixed one-way delay: 20ms, 1.5s.
-    #[arg(long, value_parser = parse_duration, default_value = "0ms")]
-    delay: Duration,
-    /// Extra one-way delay, uniform in 0..=jitter (may reorder packets, like netem).
-    #[arg(long, value_parser = parse_duration, default_value = "0ms")]
-    jitter: Duration,
-    /// Probability a packet is held back (delay/2 + jitter + 5 ms) so later ones overtake it.
-    #[arg(long, value_parser = parse_percent, default_value = "0")]
-    reorder: f64,
-    /// Probability a packet is delivered twice.
-    #[arg(long, value_parser = parse_percent, default_value = "0")]
-    duplicate: f64,
+    #[command(flatten)]
+    impair: common::ImpairmentFlags,
     /// Bandwidth cap per direction: 100mbit, 1gbit, 500kbit, 12.5MB/s (default unlimited).
     #[arg(long, value_parser = parse_rate)]
     rate: Option<u64>,
     /// Rate queue size in bytes (drop-tail; default one second at --rate).
     #[arg(long)]
     queue_bytes: Option<u64>,
-    /// Burst loss (Gilbert-Elliott) P_GB,P_BG,LOSS_G,LOSS_B, e.g. 1%,30%,0%,50%.
-    #[arg(long, value_parser = parse_burst)]
-    burst: Option<GilbertElliott>,
     /// Seed of the impairment decisions.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -86,16 +72,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let imp = Impairment {
-        loss: args.loss,
-        burst: args.burst,
-        delay: args.delay,
-        jitter: args.jitter,
-        reorder: args.reorder,
-        duplicate: args.duplicate,
-        rate_bytes_per_s: args.rate,
-        queue_limit_bytes: args.queue_bytes,
-    };
+    let imp = args.impair.impairment(args.rate, args.queue_bytes);
     if let Some(every) = args.partition_every {
         if every.is_zero() || args.partition_for >= every {
             return Err(format!(

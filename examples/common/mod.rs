@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use walship::netsim::{self, GilbertElliott, Impairment};
 use walship::payload::PayloadGen;
 use walship::wal::{SpaceWal, SyncPolicy};
 use walship::{Epoch, SpaceId};
@@ -130,6 +131,45 @@ pub fn raise_fd_limit() {
                     tracing::debug!("cannot raise the open-file limit");
                 }
             }
+        }
+    }
+}
+
+/// The impairment flags the load test and `lossy_link` share; each applies to both directions.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ImpairmentFlags {
+    /// Independent packet loss, each direction: 2%, 0.5% or 0.02.
+    #[arg(long, default_value = "0%", value_parser = netsim::parse_percent)]
+    pub loss: f64,
+    /// Burst loss (Gilbert-Elliott) P_GOOD_TO_BAD,P_BAD_TO_GOOD,LOSS_IN_GOOD,LOSS_IN_BAD, e.g. 1%,30%,0%,50%.
+    #[arg(long, value_parser = netsim::parse_burst)]
+    pub burst: Option<GilbertElliott>,
+    /// Fixed one-way delay, each direction: 20ms, 1.5s.
+    #[arg(long, default_value = "0ms", value_parser = netsim::parse_duration)]
+    pub delay: Duration,
+    /// Extra one-way delay, uniform in 0..=jitter (may reorder packets, like netem).
+    #[arg(long, default_value = "0ms", value_parser = netsim::parse_duration)]
+    pub jitter: Duration,
+    /// Probability that a packet is held back (delay/2 + jitter + 5 ms) so later ones overtake it.
+    #[arg(long, default_value = "0%", value_parser = netsim::parse_percent)]
+    pub reorder: f64,
+    /// Probability that a packet is delivered twice.
+    #[arg(long, default_value = "0%", value_parser = netsim::parse_percent)]
+    pub duplicate: f64,
+}
+
+impl ImpairmentFlags {
+    /// The impairment of one direction, with a bandwidth cap (bytes/s) and its queue if given.
+    pub fn impairment(&self, rate_bytes_per_s: Option<u64>, queue_limit_bytes: Option<u64>) -> Impairment {
+        Impairment {
+            loss: self.loss,
+            burst: self.burst,
+            delay: self.delay,
+            jitter: self.jitter,
+            reorder: self.reorder,
+            duplicate: self.duplicate,
+            rate_bytes_per_s,
+            queue_limit_bytes,
         }
     }
 }
