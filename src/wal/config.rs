@@ -36,6 +36,11 @@ pub struct WalConfig {
     pub tail_max_bytes: usize,
     /// Memory tail budget in entries. Default 262 144. 0 disables the tail (every read goes to disk).
     pub tail_max_entries: usize,
+    /// Memory tail budget in bytes of all the spaces of a [`WalStore`](super::WalStore) together
+    /// (a lone [`SpaceWal`](super::SpaceWal) counts alone), so memory stays bounded however many
+    /// spaces there are. A space that appends while the store is over it drops its own oldest
+    /// entries (they are then read from the segments). Default 512 MiB.
+    pub store_tail_max_bytes: usize,
     /// Largest payload accepted, and the bound on any length read from disk. Default 16 MiB.
     /// Never lower it below the largest entry already written: recovery treats a longer record as damage.
     pub max_entry_bytes: u32,
@@ -48,6 +53,7 @@ impl Default for WalConfig {
             sync: SyncPolicy::Interval(Duration::from_millis(10)),
             tail_max_bytes: 32 * 1024 * 1024,
             tail_max_entries: 262_144,
+            store_tail_max_bytes: 512 * 1024 * 1024,
             max_entry_bytes: 16 * 1024 * 1024,
         }
     }
@@ -69,6 +75,12 @@ impl WalConfig {
     /// Sets [`WalConfig::tail_max_bytes`].
     pub fn tail_max_bytes(mut self, bytes: usize) -> Self {
         self.tail_max_bytes = bytes;
+        self
+    }
+
+    /// Sets [`WalConfig::store_tail_max_bytes`].
+    pub fn store_tail_max_bytes(mut self, bytes: usize) -> Self {
+        self.store_tail_max_bytes = bytes;
         self
     }
 
@@ -101,6 +113,7 @@ mod tests {
             .sync(SyncPolicy::Always)
             .tail_max_bytes(2)
             .tail_max_entries(3)
+            .store_tail_max_bytes(5)
             .max_entry_bytes(4);
         assert_eq!(
             c,
@@ -109,6 +122,7 @@ mod tests {
                 sync: SyncPolicy::Always,
                 tail_max_bytes: 2,
                 tail_max_entries: 3,
+                store_tail_max_bytes: 5,
                 max_entry_bytes: 4
             }
         );

@@ -28,7 +28,7 @@ use super::recovery::recover;
 use super::scan::{check_record, Scan, Scanner};
 use super::segment::{encode_record, record_len, segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
 use super::syncer::{Flush, Syncer};
-use super::tail::MemTail;
+use super::tail::{MemTail, TailBudget};
 
 /// Read size when rebuilding a digest for a suffix truncation (at most one index interval is scanned).
 const LOCATE_CHUNK: usize = 64 * 1024;
@@ -135,19 +135,23 @@ impl State {
 impl SpaceWal {
     /// Opens (or creates) the log of `space` in `<root>/<space>/`, recovering it from its segments.
     pub fn open(root: &Path, space: SpaceId, config: WalConfig) -> Result<SpaceWal, WalError> {
-        SpaceWal::open_with(root, space, config, None)
+        let budget = TailBudget::new(config.store_tail_max_bytes);
+        SpaceWal::open_with(root, space, config, None, &budget)
     }
 
-    /// [`SpaceWal::open`] sharing an Interval sync thread (a store passes its own).
+    /// [`SpaceWal::open`] sharing an Interval sync thread and a memory tail budget (a store passes
+    /// its own).
     pub(crate) fn open_with(
         root: &Path,
         space: SpaceId,
         config: WalConfig,
         syncer: Option<&Syncer>,
+        tail_budget: &Arc<TailBudget>,
     ) -> Result<SpaceWal, WalError> {
         let dir = root.join(space.as_str());
         std::fs::create_dir_all(&dir).ctx("create space folder", &dir)?;
-        let r = recover(&dir, &config)?;
+        let mut r = recover(&dir, &config)?;
+        r.tail.share(tail_budget.clone());
         tracing::debug!(space = %space, first = %r.sealed.first().unwrap_or(&r.active).first_seq, last = %r.last_seq, segments = r.sealed.len() + 1, "WAL opened");
 
         let syncer = match (config.sync, syncer) {
@@ -622,6 +626,7 @@ impl Inner {
     fn write_run(&self, st: &mut State, entries: &mut [Entry]) -> Result<(), WalError> {
         let before = st.last_seq;
         let result = self.write_parts(st, entries);
+        st.tail.settle();
         if st.last_seq != before {
             publish(&self.last_tx, st.last_seq);
             self.wake_waiters();

@@ -12,6 +12,7 @@ use super::config::{SyncPolicy, WalConfig};
 use super::error::{IoContext, WalError};
 use super::space::SpaceWal;
 use super::syncer::Syncer;
+use super::tail::TailBudget;
 
 /// The logs of every space under one root folder (`<root>/<space-id>/`). Cheap to clone.
 ///
@@ -32,6 +33,7 @@ struct StoreInner {
     root: PathBuf,
     config: WalConfig,
     syncer: Option<Syncer>,
+    tail_budget: Arc<TailBudget>,
     spaces: Mutex<Spaces>,
     count: watch::Sender<usize>,
 }
@@ -62,6 +64,7 @@ impl WalStore {
             SyncPolicy::Interval(every) => Some(Syncer::start(every).ctx("start the WAL sync thread for", root)?),
             _ => None,
         };
+        let tail_budget = TailBudget::new(config.store_tail_max_bytes);
         let mut spaces = Spaces::default();
         for entry in std::fs::read_dir(root).ctx("list", root)? {
             let entry = entry.ctx("list", root)?;
@@ -72,12 +75,19 @@ impl WalStore {
                 tracing::debug!(path = %entry.path().display(), "WAL store: ignoring a folder that is not a space id");
                 continue;
             };
-            spaces.insert(SpaceWal::open_with(root, id, config.clone(), syncer.as_ref())?);
+            spaces.insert(SpaceWal::open_with(root, id, config.clone(), syncer.as_ref(), &tail_budget)?);
         }
         tracing::info!(root = %root.display(), spaces = spaces.opened.len(), "WAL store opened");
         let count = watch::Sender::new(spaces.opened.len());
         Ok(WalStore {
-            inner: Arc::new(StoreInner { root: root.to_path_buf(), config, syncer, spaces: Mutex::new(spaces), count }),
+            inner: Arc::new(StoreInner {
+                root: root.to_path_buf(),
+                config,
+                syncer,
+                tail_budget,
+                spaces: Mutex::new(spaces),
+                count,
+            }),
         })
     }
 
@@ -102,8 +112,14 @@ impl WalStore {
         if let Some(w) = self.get(id) {
             return Ok(w); // Opened by the caller we waited for.
         }
-        let opened =
-            SpaceWal::open_with(&self.inner.root, id.clone(), self.inner.config.clone(), self.inner.syncer.as_ref());
+        let inner = &self.inner;
+        let opened = SpaceWal::open_with(
+            &inner.root,
+            id.clone(),
+            inner.config.clone(),
+            inner.syncer.as_ref(),
+            &inner.tail_budget,
+        );
         let mut spaces = self.lock();
         match opened {
             Ok(wal) => {
@@ -204,6 +220,32 @@ mod tests {
         std::fs::remove_file(root.path().join("blocked")).unwrap();
         assert_eq!(store.space(&id("blocked")).unwrap().last_seq(), Seq(0));
         assert!(store.lock().opening.is_empty());
+    }
+
+    #[test]
+    fn memory_tails_stay_within_the_store_budget_however_many_spaces() {
+        let root = tempfile::tempdir().unwrap();
+        let config = WalConfig::default().sync(SyncPolicy::Never).store_tail_max_bytes(64 * 1024);
+        let store = WalStore::open(root.path(), config.clone()).unwrap();
+        let payload = Bytes::from(vec![b'p'; 1000]);
+        for round in 0..20u64 {
+            for s in 0..50 {
+                let wal = store.space(&id(&format!("s{s}"))).unwrap();
+                wal.append(Epoch(1), 1, payload.clone()).unwrap();
+                assert!(store.inner.tail_budget.used() <= 64 * 1024, "round {round}, space {s}");
+            }
+        }
+        // What left memory is read from the segments.
+        for wal in store.spaces() {
+            let all = wal.read_from(Seq(1), 100, usize::MAX).unwrap();
+            assert_eq!(all.len(), 20);
+            assert!(all.iter().all(|e| e.payload == payload && e.verify()));
+        }
+        drop(store);
+        // Reopened, recovery refills the tails within the budget too.
+        let store = WalStore::open(root.path(), config).unwrap();
+        assert!(store.inner.tail_budget.used() <= 64 * 1024);
+        assert!(store.inner.tail_budget.used() > 32 * 1024);
     }
 
     #[test]

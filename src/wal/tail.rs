@@ -1,19 +1,51 @@
 //! The memory tail: the most recent entries of a log, so shipping live entries never reads disk.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use crate::entry::Entry;
 use crate::types::Seq;
 
 use super::segment::RECORD_HEADER_LEN;
 
+/// The bytes all the memory tails of a store hold, against one budget
+/// ([`super::WalConfig::store_tail_max_bytes`]).
+#[derive(Debug)]
+pub(crate) struct TailBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl TailBudget {
+    pub fn new(max: usize) -> Arc<TailBudget> {
+        Arc::new(TailBudget { used: AtomicUsize::new(0), max })
+    }
+
+    /// Bytes above the budget.
+    fn excess(&self) -> usize {
+        self.used.load(Ordering::Relaxed).saturating_sub(self.max)
+    }
+
+    #[cfg(test)]
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
 /// A bounded run of the log's last entries, contiguous in seq and ending at the log's `last_seq`.
+///
+/// Bounded by its own limits on every push, and by the store's [`TailBudget`] once per write
+/// ([`MemTail::settle`]): one atomic update per batch of entries, not one per entry.
 #[derive(Debug)]
 pub(crate) struct MemTail {
     entries: VecDeque<Entry>,
     bytes: usize,
     max_bytes: usize,
     max_entries: usize,
+    budget: Arc<TailBudget>,
+    /// Change of `bytes` not yet applied to the budget.
+    unsettled: isize,
 }
 
 /// What one entry costs against the byte budget: its payload plus a record header's worth of overhead.
@@ -22,24 +54,72 @@ fn cost(e: &Entry) -> usize {
 }
 
 impl MemTail {
-    /// An empty tail bounded by `max_bytes` and `max_entries`.
+    /// An empty tail bounded by `max_bytes` and `max_entries`, counting against a budget of its own
+    /// until [`MemTail::share`] moves it to a store's.
     pub fn new(max_bytes: usize, max_entries: usize) -> MemTail {
-        MemTail { entries: VecDeque::with_capacity(max_entries.min(4096)), bytes: 0, max_bytes, max_entries }
+        MemTail {
+            entries: VecDeque::with_capacity(max_entries.min(4096)),
+            bytes: 0,
+            max_bytes,
+            max_entries,
+            budget: TailBudget::new(usize::MAX),
+            unsettled: 0,
+        }
     }
 
-    /// Adds the entry after the current last one, evicting the oldest entries beyond the budget.
+    /// Counts this tail against `budget` from now on (dropping its oldest entries if that is over).
+    pub fn share(&mut self, budget: Arc<TailBudget>) {
+        self.settle();
+        self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
+        budget.used.fetch_add(self.bytes, Ordering::Relaxed);
+        self.budget = budget;
+        self.settle();
+    }
+
+    /// Adds the entry after the current last one, evicting the oldest entries beyond this tail's
+    /// limits. Call [`MemTail::settle`] after a run of pushes.
     #[inline]
     pub fn push(&mut self, e: Entry) {
         if self.max_entries == 0 {
             return;
         }
-        self.bytes += cost(&e);
+        let c = cost(&e);
+        self.bytes += c;
+        self.unsettled += c as isize;
         self.entries.push_back(e);
         while self.entries.len() > self.max_entries || (self.bytes > self.max_bytes && !self.entries.is_empty()) {
             if let Some(old) = self.entries.pop_front() {
                 self.bytes -= cost(&old);
+                self.unsettled -= cost(&old) as isize;
             }
         }
+    }
+
+    /// Applies the pushes since the last call to the store's budget; if the store is over it, drops
+    /// this tail's oldest entries until it is not (or this tail is empty).
+    pub fn settle(&mut self) {
+        let delta = std::mem::take(&mut self.unsettled);
+        if delta >= 0 {
+            self.budget.used.fetch_add(delta as usize, Ordering::Relaxed);
+        } else {
+            self.budget.used.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
+        let mut excess = self.budget.excess();
+        let mut freed = 0;
+        while excess > 0 {
+            let Some(old) = self.entries.pop_front() else { break };
+            let c = cost(&old);
+            self.bytes -= c;
+            freed += c;
+            excess = excess.saturating_sub(c);
+        }
+        self.budget.used.fetch_sub(freed, Ordering::Relaxed);
+    }
+
+    /// Removes `c` bytes from this tail's count and from the budget (entries dropped outside a push).
+    fn release(&mut self, c: usize) {
+        self.bytes -= c;
+        self.budget.used.fetch_sub(c, Ordering::Relaxed);
     }
 
     /// Sequence of the oldest entry held.
@@ -73,18 +153,20 @@ impl MemTail {
 
     /// Drops entries after `seq` (a suffix truncation).
     pub fn truncate_after(&mut self, seq: Seq) {
+        self.settle();
         while self.entries.back().is_some_and(|e| e.seq > seq) {
             if let Some(e) = self.entries.pop_back() {
-                self.bytes -= cost(&e);
+                self.release(cost(&e));
             }
         }
     }
 
     /// Drops entries before `seq` (retention).
     pub fn drop_before(&mut self, seq: Seq) {
+        self.settle();
         while self.entries.front().is_some_and(|e| e.seq < seq) {
             if let Some(e) = self.entries.pop_front() {
-                self.bytes -= cost(&e);
+                self.release(cost(&e));
             }
         }
     }
@@ -93,6 +175,14 @@ impl MemTail {
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+}
+
+impl Drop for MemTail {
+    fn drop(&mut self) {
+        // What the budget counts for this tail: its bytes but for the changes not yet settled.
+        let counted = self.bytes as isize - self.unsettled;
+        self.budget.used.fetch_sub(counted.max(0) as usize, Ordering::Relaxed);
     }
 }
 
@@ -125,6 +215,43 @@ mod tests {
         let mut off = MemTail::new(1000, 0);
         off.push(e(1, 1));
         assert_eq!(off.first_seq(), None);
+    }
+
+    #[test]
+    fn tails_of_a_store_share_one_budget() {
+        let per = 100 + RECORD_HEADER_LEN;
+        let budget = TailBudget::new(5 * per);
+        let (mut a, mut b) = (MemTail::new(usize::MAX, 100), MemTail::new(usize::MAX, 100));
+        a.share(budget.clone());
+        b.share(budget.clone());
+        for s in 1..=4 {
+            a.push(e(s, 100));
+        }
+        a.settle();
+        assert_eq!((a.len(), budget.used()), (4, 4 * per));
+        // b goes over the store's budget: it drops its own oldest entries, not a's.
+        for s in 1..=3 {
+            b.push(e(s, 100));
+        }
+        b.settle();
+        assert_eq!((a.len(), b.len(), b.first_seq()), (4, 1, Some(Seq(3))));
+        assert_eq!(budget.used(), 5 * per);
+        // A tail whose entries alone exceed the budget keeps none of them.
+        b.push(e(4, 10 * per));
+        b.settle();
+        assert_eq!((b.len(), budget.used()), (0, 4 * per));
+        // Truncation, retention and dropping a tail give its bytes back.
+        a.truncate_after(Seq(3));
+        a.drop_before(Seq(2));
+        assert_eq!((a.len(), budget.used()), (2, 2 * per));
+        a.push(e(4, 100));
+        drop(a);
+        assert_eq!(budget.used(), 0, "unsettled pushes are not counted twice");
+        // Moving a filled tail to a smaller budget trims it at once.
+        let mut c = MemTail::new(usize::MAX, 100);
+        (1..=4).for_each(|s| c.push(e(s, 100)));
+        c.share(TailBudget::new(2 * per));
+        assert_eq!((c.len(), c.first_seq()), (2, Some(Seq(3))));
     }
 
     #[test]
