@@ -35,8 +35,8 @@ impl TailBudget {
 
 /// A bounded run of the log's last entries, contiguous in seq and ending at the log's `last_seq`.
 ///
-/// Bounded by its own limits on every push, and by the store's [`TailBudget`] once per write
-/// ([`MemTail::settle`]): one atomic update per batch of entries, not one per entry.
+/// Bounded by its own limits on every push, and by the store's [`TailBudget`] every few KiB of
+/// writes ([`MemTail::settle_if_due`]): one atomic update per batch of entries, not one per entry.
 #[derive(Debug)]
 pub(crate) struct MemTail {
     entries: VecDeque<Entry>,
@@ -47,6 +47,9 @@ pub(crate) struct MemTail {
     /// Change of `bytes` not yet applied to the budget.
     unsettled: isize,
 }
+
+/// How far a tail's bytes may drift from what the store's budget counts for it.
+pub(crate) const SETTLE_EVERY_BYTES: usize = 4096;
 
 /// What one entry costs against the byte budget: its payload plus a record header's worth of overhead.
 fn cost(e: &Entry) -> usize {
@@ -92,6 +95,16 @@ impl MemTail {
                 self.bytes -= cost(&old);
                 self.unsettled -= cost(&old) as isize;
             }
+        }
+    }
+
+    /// [`MemTail::settle`] once this tail's unsettled change reaches [`SETTLE_EVERY_BYTES`]: writers
+    /// of many spaces then rarely touch the shared counter, and the store holds at most its budget
+    /// plus that much per space.
+    #[inline]
+    pub fn settle_if_due(&mut self) {
+        if self.unsettled.unsigned_abs() >= SETTLE_EVERY_BYTES {
+            self.settle();
         }
     }
 
