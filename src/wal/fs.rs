@@ -29,6 +29,25 @@ pub(crate) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Res
     }
 }
 
+/// Asks the kernel to start writing `offset..offset + len` of `file` to disk without waiting for it
+/// (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`; elsewhere nothing). Advisory: durability still
+/// comes from fsync, which then finds less to write. Errors are left for that fsync to report.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
+        // SAFETY: the descriptor is open for the lifetime of `file`; the call reads no memory of ours.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, offset, len);
+    }
+}
+
 /// Writes all of `buf` at `offset` (one `pwrite` for a regular file unless the OS splits it).
 pub(crate) fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     #[cfg(unix)]

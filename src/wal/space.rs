@@ -22,13 +22,19 @@ use crate::types::{EntryKind, Epoch, Seq, SpaceId};
 use super::config::{SyncPolicy, WalConfig};
 use super::durability::{publish, Durability, SyncFailure, SyncTarget};
 use super::error::{IoContext, WalError};
-use super::fs::{create_segment, open_rw, sync_dir, write_all_at};
+use super::fs::{create_segment, open_rw, start_writeback, sync_dir, write_all_at};
 use super::read::{self, ReadCache};
 use super::recovery::recover;
 use super::scan::{check_record, Scan, Scanner};
 use super::segment::{encode_record, record_len, segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
 use super::syncer::{Flush, Syncer};
 use super::tail::{MemTail, TailBudget};
+
+/// Under a syncing policy, the kernel is asked to start writing the active segment out every this
+/// many bytes, so that neither the Interval syncer's fsync nor the one that seals a full segment
+/// (under the space's lock) finds much left to write. Without it, sealing waited for up to 10 ms
+/// of writes (7.5 ms at 700 MB/s of 4 KiB appends here); RocksDB's `bytes_per_sync` does the same.
+const WRITEBACK_EVERY: u64 = 1024 * 1024;
 
 /// Read size when rebuilding a digest for a suffix truncation (at most one index interval is scanned).
 const LOCATE_CHUNK: usize = 64 * 1024;
@@ -113,6 +119,8 @@ struct State {
     tail: MemTail,
     /// Bumped by every suffix truncation.
     generation: u64,
+    /// Offset of the active segment up to which writeback was started ([`fs::start_writeback`]).
+    written_back: u64,
     /// Resume positions and open files of disk reads.
     reads: ReadCache,
 }
@@ -170,6 +178,7 @@ impl SpaceWal {
             digest: r.digest,
             tail: r.tail,
             generation: 0,
+            written_back: 0,
             reads: ReadCache::default(),
         };
         // Recovery fsynced what it cut; what it read may still be only in the page cache (a previous
@@ -676,6 +685,12 @@ impl Inner {
                 }
                 return Err(WalError::io("write", &st.active.path, e));
             }
+            let end = start + scratch.len() as u64;
+            if self.config.fsyncs() && end.saturating_sub(st.written_back) >= WRITEBACK_EVERY {
+                let from = st.written_back.min(start);
+                start_writeback(&st.active_file, from, end - from);
+                st.written_back = end;
+            }
             let State { active, tail, digest, .. } = &mut *st;
             let mut offset = start;
             for e in &mut entries[i..j] {
@@ -710,6 +725,7 @@ impl Inner {
         let file = create_segment(&self.dir, &path, &header, durable)?;
         tracing::debug!(space = %self.space, segment = %path.display(), "WAL: new segment");
         let sealed = std::mem::replace(&mut st.active, Segment::new(path, header));
+        st.written_back = 0;
         st.sealed.push_back(sealed);
         st.active_file = Arc::new(file);
         Ok(())
