@@ -38,9 +38,10 @@ pub struct WalConfig {
     pub tail_max_entries: usize,
     /// Memory tail budget in bytes of all the spaces of a [`WalStore`](super::WalStore) together
     /// (a lone [`SpaceWal`](super::SpaceWal) counts alone), so memory stays bounded however many
-    /// spaces there are (up to 4 KiB per space of recent appends may not be counted yet). A space
-    /// that appends while the store is over it drops its own oldest entries (they are then read
-    /// from the segments). Default 512 MiB.
+    /// spaces there are. A space that appends while the store is over it drops its own oldest
+    /// entries (they are then read from the segments) down to its fair share (this / spaces), or
+    /// all of them past twice this: the store holds at most twice this, plus up to 4 KiB per space
+    /// not yet counted. Default 512 MiB.
     pub store_tail_max_bytes: usize,
     /// Largest payload accepted, and the bound on any length read from disk. Default 16 MiB.
     /// Never lower it below the largest entry already written: recovery treats a longer record as damage.

