@@ -74,11 +74,7 @@ impl MemTail {
             bytes: 0,
             max_bytes,
             max_entries,
-            budget: {
-                let own = TailBudget::new(usize::MAX);
-                own.tails.store(1, Ordering::Relaxed);
-                own
-            },
+            budget: Arc::new(TailBudget { used: AtomicUsize::new(0), tails: AtomicUsize::new(1), max: usize::MAX }),
             unsettled: 0,
         }
     }
