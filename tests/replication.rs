@@ -433,6 +433,25 @@ async fn uncompressed_frames_with_large_and_small_entries_arrive_intact() {
     }
 }
 
+/// A store-wide memory tail budget far below what is written: shippers read most entries back
+/// from the segments (on blocking threads), and every log still converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_store_tail_budget_ships_from_disk_and_converges() {
+    let c = Cluster::new();
+    let mut config = c.primary_config("127.0.0.1:0".parse().unwrap());
+    config.wal.store_tail_max_bytes = 64 * 1024;
+    config.wal.segment_bytes = 256 * 1024;
+    let primary = Primary::start(config, c.ca.issue("primary").unwrap()).await.unwrap();
+    let sp = spaces(16);
+    // Written before the replica exists: everything it gets is a catch-up.
+    write(&primary, &sp, 400).await;
+    let r = c.replica("replica-1", primary.local_addr()).await;
+    write(&primary, &sp, 200).await;
+    converge(&primary, &[&r]).await;
+    r.shutdown().await;
+    primary.shutdown().await;
+}
+
 /// Regression (review B3): a space the replica could not store (its folder was blocked) resumes on
 /// its own once it can, without a reconnect, while the other spaces go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
