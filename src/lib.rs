@@ -80,5 +80,11 @@ pub mod types;
 pub mod wal;
 
 pub use entry::{Entry, LogDigest};
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it (every update under these
+/// locks leaves the data consistent, so a poisoned lock still holds valid data).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 pub use net::{ApplyHook, Primary, Replica};
 pub use types::{EntryKind, Epoch, NodeId, Seq, SpaceId};

@@ -42,6 +42,17 @@ pub(crate) async fn write_control(send: &mut SendStream, msg: &ControlMessage) -
     Ok(())
 }
 
+/// Sends the messages queued on `rx` on a control stream, in order, until the queue or the stream
+/// closes.
+pub(crate) async fn control_writer(mut send: SendStream, mut rx: tokio::sync::mpsc::UnboundedReceiver<ControlMessage>) {
+    while let Some(msg) = rx.recv().await {
+        if let Err(e) = write_control(&mut send, &msg).await {
+            tracing::debug!(error = %e, "control stream closed");
+            return;
+        }
+    }
+}
+
 /// Reads the first four bytes of a data stream and says what kind of stream it is.
 pub(crate) async fn read_stream_kind(recv: &mut RecvStream) -> Result<([u8; 4], StreamKind), NetError> {
     let mut magic = [0u8; 4];
@@ -65,13 +76,21 @@ pub(crate) async fn read_mux_preamble_rest(recv: &mut RecvStream, magic: [u8; 4]
     Ok(check_mux_preamble(&b)?)
 }
 
-/// Reads the stream header before a frame on a multiplexed stream; `None` at a clean end.
-pub(crate) async fn read_mux_header(recv: &mut RecvStream) -> Result<Option<StreamHeader>, NetError> {
-    let mut b = [0u8; STREAM_HEADER_LEN];
+/// Reads the next `N` bytes, or `None` if the stream ended cleanly right here (between frames).
+async fn read_array_or_end<const N: usize>(recv: &mut RecvStream) -> Result<Option<[u8; N]>, NetError> {
+    let mut b = [0u8; N];
     match recv.read_exact(&mut b).await {
-        Ok(()) => Ok(Some(StreamHeader::decode(&b)?)),
+        Ok(()) => Ok(Some(b)),
         Err(quinn::ReadExactError::FinishedEarly(0)) => Ok(None),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads the stream header before a frame on a multiplexed stream; `None` at a clean end.
+pub(crate) async fn read_mux_header(recv: &mut RecvStream) -> Result<Option<StreamHeader>, NetError> {
+    match read_array_or_end::<STREAM_HEADER_LEN>(recv).await? {
+        Some(b) => Ok(Some(StreamHeader::decode(&b)?)),
+        None => Ok(None),
     }
 }
 
@@ -80,18 +99,12 @@ pub(crate) async fn read_mux_header(recv: &mut RecvStream) -> Result<Option<Stre
 pub(crate) async fn read_batch(
     recv: &mut RecvStream,
     decoder: &mut BatchDecoder,
-) -> Result<Option<(DecodedBatch, usize)>, NetError> {
-    let mut h = [0u8; BATCH_HEADER_LEN];
-    match recv.read_exact(&mut h).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
+) -> Result<Option<DecodedBatch>, NetError> {
+    let Some(h) = read_array_or_end::<BATCH_HEADER_LEN>(recv).await? else { return Ok(None) };
     let limits: FrameLimits = *decoder.limits();
     let header = BatchHeader::decode(&h, &limits)?;
     let payload = read_exactly(recv, header.payload_len as usize).await?;
-    let wire_len = BATCH_HEADER_LEN + payload.len();
-    Ok(Some((decoder.decode_payload(header, payload)?, wire_len)))
+    Ok(Some(decoder.decode_payload(header, payload)?))
 }
 
 /// Reads exactly `len` bytes, without copying when quinn hands them over in one chunk.

@@ -29,9 +29,11 @@ pub(crate) async fn run(
         tokio::select! {
             _ = tick.tick() => {
                 let now = tokio::time::Instant::now().into_std();
+                // The summary walks every space: not while the liveness the receive side updates is locked.
+                let summary = summary();
                 let (hb, dead) = {
                     let l = lock(&liveness);
-                    (l.heartbeat(now, epoch, summary()), l.is_dead(now))
+                    (l.heartbeat(now, epoch, summary), l.is_dead(now))
                 };
                 if dead {
                     tracing::warn!(peer = %conn.remote_address(), timeout = ?cfg.timeout, "peer silent too long; closing the connection");

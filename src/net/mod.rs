@@ -17,11 +17,7 @@ pub use replica::{ApplyHook, Replica};
 
 use std::time::Duration;
 
-/// Locks a mutex, recovering the data if a panicking thread poisoned it (our state stays consistent
-/// under every single update, so a poisoned lock holds valid data).
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub(crate) use crate::lock;
 
 /// Entries of `wal` from `from` on ([`crate::wal::SpaceWal::read_from`]): from the memory tail
 /// when it holds them, else read from disk on a blocking thread, so a catch-up from old segments
@@ -58,10 +54,16 @@ async fn close_and_sync(
 ) {
     endpoint.close(close::SHUTDOWN, reason);
     tasks.shutdown().await;
-    for wal in store.spaces() {
-        if let Err(e) = wal.sync() {
-            tracing::warn!(space = %wal.space(), error = %e, "sync at shutdown failed");
+    let store = store.clone();
+    let synced = tokio::task::spawn_blocking(move || {
+        for wal in store.spaces() {
+            if let Err(e) = wal.sync() {
+                tracing::warn!(space = %wal.space(), error = %e, "sync at shutdown failed");
+            }
         }
+    });
+    if let Err(e) = synced.await {
+        tracing::warn!(error = %e, "sync at shutdown did not complete");
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }

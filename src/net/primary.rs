@@ -17,13 +17,14 @@ use quinn::{Connection, SendStream};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
+use crate::codec::batch::ENTRY_HEADER_LEN;
 use crate::codec::control::{ErrorCode, ErrorMessage, SpacePosition, SpaceRange, Welcome};
 use crate::codec::stream::{mux_preamble, StreamHeader};
 use crate::codec::{BatchEncoder, ControlMessage, PROTOCOL_VERSION};
 use crate::config::PrimaryConfig;
 use crate::entry::now_us;
 use crate::net::error::NetError;
-use crate::net::framed::{write_control, ControlReader};
+use crate::net::framed::{control_writer, write_control, ControlReader};
 use crate::net::heartbeat::{self, store_summary};
 use crate::net::status::{PathStats, PrimaryStatus, ReplicaView, SpaceLog, SpaceReplication};
 use crate::net::tls::{self, NodeIdentity};
@@ -165,15 +166,20 @@ impl Primary {
         };
         let now = now_us();
         for wal in self.shared.store.spaces() {
+            let head = wal.last_seq();
             let ship = session.as_ref().and_then(|s| lock(&s.spaces).get(wal.space()).cloned());
             let (sent, durable, applied, lag, inflight, error) = match &ship {
                 Some(ship) => {
-                    let p = lock(&ship.progress);
-                    let (_, entries, bytes) = p.totals();
+                    let (sent, durable, applied, (_, entries, bytes), inflight) = {
+                        let p = lock(&ship.progress);
+                        (p.sent(), p.durable(), p.applied(), p.totals(), p.inflight_bytes() as u64)
+                    };
                     view.bytes_sent += bytes;
                     view.entries_sent += entries;
-                    let lag = p.lag(wal.last_seq(), oldest_age_ms(&wal, p.durable(), now), mean_entry_bytes(&wal));
-                    (p.sent(), p.durable(), p.applied(), lag, p.inflight_bytes() as u64, lock(&ship.error).clone())
+                    // These may read the WAL's segments: not while the shipper's progress is locked.
+                    let (age, mean) = (oldest_age_ms(&wal, durable, now), mean_entry_bytes(&wal));
+                    let lag = lock(&ship.progress).lag(head, age, mean);
+                    (sent, durable, applied, lag, inflight, lock(&ship.error).clone())
                 }
                 None => (Seq::ZERO, Seq::ZERO, Seq::ZERO, Lag::default(), 0, None),
             };
@@ -182,7 +188,7 @@ impl Primary {
             view.max_lag.ms = view.max_lag.ms.max(lag.ms);
             view.spaces.push(SpaceReplication {
                 space: wal.space().clone(),
-                head: wal.last_seq(),
+                head,
                 sent,
                 durable,
                 applied,
@@ -233,7 +239,7 @@ fn oldest_age_ms(wal: &SpaceWal, durable: Seq, now_us: u64) -> u64 {
 
 fn mean_entry_bytes(wal: &SpaceWal) -> u64 {
     match wal.read_from(wal.last_seq(), 1, 0) {
-        Ok(v) => v.first().map(|e| e.payload.len() as u64 + 17).unwrap_or(0),
+        Ok(v) => v.first().map(|e| (e.payload.len() + ENTRY_HEADER_LEN) as u64).unwrap_or(0),
         Err(_) => 0,
     }
 }
@@ -470,15 +476,6 @@ impl FrameSink {
     fn reset(&mut self) {
         if let FrameSink::Stream(send) = self {
             let _ = send.reset(stream_code::CATCH_UP);
-        }
-    }
-}
-
-async fn control_writer(mut send: SendStream, mut rx: mpsc::UnboundedReceiver<ControlMessage>) {
-    while let Some(msg) = rx.recv().await {
-        if let Err(e) = write_control(&mut send, &msg).await {
-            tracing::debug!(error = %e, "control stream closed");
-            return;
         }
     }
 }

@@ -24,8 +24,8 @@ use crate::config::ReplicaConfig;
 use crate::entry::Entry;
 use crate::net::error::NetError;
 use crate::net::framed::{
-    read_batch, read_mux_header, read_mux_preamble_rest, read_stream_header_rest, read_stream_kind, write_control,
-    ControlReader,
+    control_writer, read_batch, read_mux_header, read_mux_preamble_rest, read_stream_header_rest, read_stream_kind,
+    write_control, ControlReader,
 };
 use crate::net::heartbeat::{self, store_summary};
 use crate::net::status::{ConnectionState, PrimaryHeartbeat, ReplicaSpace, ReplicaStatus, SpaceLog};
@@ -333,7 +333,9 @@ async fn accept_loop(shared: Arc<Shared>) {
         match incoming.await {
             Ok(conn) => {
                 let shared = shared.clone();
-                // One session at a time: a newer dial from the primary replaces the current one.
+                // One session at a time: a newer dial from the primary waits in the endpoint's
+                // queue until this one ends (the primary redials only once it lost this
+                // connection, which this side notices within the heartbeat timeout).
                 let result = run_session(&shared, conn).await;
                 let reason = result.err().map(|e| e.to_string()).unwrap_or_else(|| "connection closed".into());
                 shared.set_state(ConnectionState::Disconnected, Some(reason));
@@ -446,14 +448,6 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
     let reason = conn.closed().await;
     tasks.shutdown().await;
     Err(NetError::Connection(reason))
-}
-
-async fn control_writer(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<ControlMessage>) {
-    while let Some(msg) = rx.recv().await {
-        if write_control(&mut send, &msg).await.is_err() {
-            return;
-        }
-    }
 }
 
 /// Reads the primary's error reports (a space diverged or truncated).
@@ -607,7 +601,7 @@ async fn receive_batches(
     let mut decoder = BatchDecoder::new(shared.config.limits);
     loop {
         let batch = match read_batch(recv, &mut decoder).await {
-            Ok(Some((b, _wire_len))) => b,
+            Ok(Some(b)) => b,
             Ok(None) => return StreamEnd::Done,
             Err(NetError::Decode(e)) => return StreamEnd::CatchUp(format!("bad frame: {e}")),
             Err(e) => {
@@ -648,7 +642,7 @@ async fn receive_mux_stream(
     read_mux_preamble_rest(recv, magic).await?;
     let mut decoder = BatchDecoder::new(shared.config.limits);
     while let Some(header) = read_mux_header(recv).await? {
-        let (batch, _) = read_batch(recv, &mut decoder).await?.ok_or(NetError::UnexpectedEnd("multiplexed frame"))?;
+        let batch = read_batch(recv, &mut decoder).await?.ok_or(NetError::UnexpectedEnd("multiplexed frame"))?;
         if batch.header.start_seq != header.start_seq {
             return Err(NetError::Protocol(format!(
                 "mux header says {} starts at {}, the frame at {}",
@@ -710,26 +704,24 @@ async fn apply_batch(
     let blocking = matches!(shared.config.wal.sync, SyncPolicy::Always) || h.uncompressed_len >= BLOCKING_APPEND_BYTES;
     let result = if blocking {
         let (wal2, entries) = (wal.clone(), batch.entries);
-        match tokio::task::spawn_blocking(move || wal2.append_decoded(&entries).map(|r| (r, entries))).await {
+        match tokio::task::spawn_blocking(move || wal2.append_decoded(&entries)).await {
             Ok(r) => r,
             Err(e) => return Err(Reject::Local(format!("append task failed: {e}"))),
         }
     } else {
-        wal.append_decoded(&batch.entries).map(|r| (r, batch.entries))
+        wal.append_decoded(&batch.entries)
     };
-    let entries = match result {
-        Ok((_, entries)) => entries,
+    match result {
+        Ok(_) => {}
         Err(e @ WalError::Conflict { .. }) => return Err(Reject::Diverged(e.to_string())),
         // Bad entries were caught by the decoder; what is left is this node's own failure.
         Err(e @ (WalError::BadChecksum { .. } | WalError::Gap { .. })) => return Err(Reject::CatchUp(e.to_string())),
         Err(e) => return Err(Reject::Local(format!("local append failed: {e}"))),
-    };
+    }
     // With a hook, the space's applier picks the entries up from the WAL once durable; without
     // one, an entry counts as applied as soon as it is stored.
     if shared.hook.is_none() {
-        if let Some(e) = entries.last() {
-            state.applied.fetch_max(e.seq.0, Ordering::AcqRel);
-        }
+        state.applied.fetch_max(h.last_seq().0, Ordering::AcqRel);
     }
     shared.ack_later(wal.space());
     Ok(())
@@ -762,8 +754,10 @@ async fn apply_space(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, state: Arc<S
                 return;
             }
         }
+        // Only durable entries are applied: read no further than them.
         let durable = wal.durable_seq();
-        let mut entries = match read_entries(&wal, next, APPLY_BATCH_ENTRIES, APPLY_BATCH_BYTES).await {
+        let want = APPLY_BATCH_ENTRIES.min(durable.0.saturating_sub(next.0).saturating_add(1) as usize);
+        let mut entries = match read_entries(&wal, next, want, APPLY_BATCH_BYTES).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(space = %wal.space(), error = %e, "cannot read entries to apply; retrying");
@@ -772,6 +766,7 @@ async fn apply_space(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, state: Arc<S
                 continue;
             }
         };
+        // A read returns at least one entry, which may be past `durable` if that lags the wake-up.
         entries.retain(|e| e.seq <= durable);
         let Some(last) = entries.last().map(|e| e.seq) else { continue };
         hook.apply(wal.space(), &entries).await;

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::model::{derive_seed, Impairment, LinkModel, LinkStats};
+use crate::lock;
 
 /// A client (source address) silent this long is forgotten and its upstream socket closed.
 pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,10 +39,6 @@ pub const SOCKET_BUFFER_SIZE: usize = 4 * 1024 * 1024;
 
 const MAX_DATAGRAM: usize = 65_535;
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A direction through the forwarder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -17,7 +17,7 @@ use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -27,6 +27,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::model::{derive_seed, Impairment, LinkModel, LinkStats};
+use crate::lock;
 
 /// Datagrams a [`SimSocket`] buffers before dropping new arrivals (see
 /// [`SimNetwork::set_recv_queue`]).
@@ -34,10 +35,6 @@ pub const DEFAULT_RECV_QUEUE: usize = 4096;
 
 /// First port handed out for binds to port 0.
 const FIRST_EPHEMERAL_PORT: u16 = 49152;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// An in-memory UDP switch. Cloning gives another handle to the same network.
 ///
