@@ -124,7 +124,8 @@ impl PrimaryConfig {
         if self.max_batch_entries == 0 || self.max_batch_bytes == 0 {
             return Err(ConfigError("max_batch_entries and max_batch_bytes must be at least 1".into()));
         }
-        if self.max_batch_bytes + self.max_batch_entries.saturating_mul(32) > self.limits.max_batch_bytes {
+        if self.max_batch_bytes.saturating_add(self.max_batch_entries.saturating_mul(32)) > self.limits.max_batch_bytes
+        {
             return Err(ConfigError(format!(
                 "max_batch_bytes {} (plus entry headers) exceeds the frame limit {}; lower it or raise limits.max_batch_bytes on both sides",
                 self.max_batch_bytes, self.limits.max_batch_bytes

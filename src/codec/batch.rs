@@ -89,6 +89,13 @@ impl BatchHeader {
         Seq(self.start_seq.0 + u64::from(self.count) - 1)
     }
 
+    /// Sets the payload checksum from `frame` (this header's room, then the payload) and writes the
+    /// header into its first bytes.
+    fn seal(&mut self, frame: &mut [u8]) {
+        self.payload_crc = crc32c::crc32c(&frame[BATCH_HEADER_LEN..]);
+        self.write(frame);
+    }
+
     fn write(&self, out: &mut [u8]) {
         let out = &mut out[..BATCH_HEADER_LEN];
         out[0..4].copy_from_slice(&BATCH_MAGIC.to_le_bytes());
@@ -175,7 +182,8 @@ impl BatchHeader {
     }
 }
 
-/// Builds batch frames. Keeps compression contexts and a scratch buffer between batches.
+/// Builds batch frames. Keeps compression contexts between batches (no buffers: each shipper has
+/// an encoder, and a buffer kept per space would add up with thousands of spaces).
 pub struct BatchEncoder {
     primary: NodeId,
     compression: Compression,
@@ -288,21 +296,20 @@ impl BatchEncoder {
             put_entry_header(&mut raw, e);
             raw.put_slice(&e.payload);
         }
-        let mut out = Vec::with_capacity(BATCH_HEADER_LEN + raw_len / 2);
-        out.resize(BATCH_HEADER_LEN, 0);
+        let mut out = vec![0u8; BATCH_HEADER_LEN];
         let n = self.compressor.compress(self.compression, &raw[BATCH_HEADER_LEN..], &mut out)?;
-        let mut frame = if n < raw_len {
+        let frame = if n < raw_len {
             header.codec = self.compression.codec();
             header.payload_len = n as u32;
-            BytesMut::from(Bytes::from(out))
+            header.seal(&mut out);
+            Bytes::from(out)
         } else {
             header.flags |= FLAG_COMPRESSION_SKIPPED;
-            raw
+            header.seal(&mut raw);
+            raw.freeze()
         };
-        header.payload_crc = crc32c::crc32c(&frame[BATCH_HEADER_LEN..]);
-        header.write(&mut frame[..BATCH_HEADER_LEN]);
         let len = frame.len();
-        parts.push(frame.freeze());
+        parts.push(frame);
         Ok(len)
     }
 }

@@ -151,9 +151,8 @@ pub struct ErrorMessage {
 impl ControlMessage {
     /// Encodes the message with its length prefix.
     pub fn encode(&self) -> Result<Bytes, EncodeError> {
-        let mut out = vec![0u8; CONTROL_LEN_PREFIX];
-        let mut out =
-            postcard::to_extend(self, std::mem::take(&mut out)).map_err(|e| EncodeError::Serialize(e.to_string()))?;
+        let mut out = postcard::to_extend(self, vec![0u8; CONTROL_LEN_PREFIX])
+            .map_err(|e| EncodeError::Serialize(e.to_string()))?;
         let len = (out.len() - CONTROL_LEN_PREFIX) as u32;
         out[..CONTROL_LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
         Ok(Bytes::from(out))
@@ -183,12 +182,7 @@ impl ControlMessage {
 
     /// Decodes a message body (without its prefix); trailing bytes are an error.
     pub fn decode_body(body: &[u8]) -> Result<ControlMessage, DecodeError> {
-        let malformed = |reason: String| DecodeError::Malformed { what: "control message", reason };
-        let (msg, rest) = postcard::take_from_bytes::<ControlMessage>(body).map_err(|e| malformed(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(malformed(format!("{} trailing bytes", rest.len())));
-        }
-        Ok(msg)
+        super::decode_postcard("control message", body)
     }
 }
 

@@ -62,12 +62,7 @@ impl Heartbeat {
         if b.len() > MAX_HEARTBEAT_BYTES {
             return Err(DecodeError::TooLarge { what: "heartbeat", len: b.len(), max: MAX_HEARTBEAT_BYTES });
         }
-        let malformed = |reason: String| DecodeError::Malformed { what: "heartbeat", reason };
-        let (hb, rest) = postcard::take_from_bytes::<Heartbeat>(b).map_err(|e| malformed(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(malformed(format!("{} trailing bytes", rest.len())));
-        }
-        Ok(hb)
+        super::decode_postcard("heartbeat", b)
     }
 }
 

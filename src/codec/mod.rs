@@ -24,5 +24,16 @@ pub use error::{DecodeError, EncodeError};
 pub use heartbeat::Heartbeat;
 pub use stream::StreamHeader;
 
+/// Decodes exactly one postcard value from `b`: malformed input and trailing bytes are both
+/// `Malformed { what }`.
+fn decode_postcard<T: serde::de::DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T, DecodeError> {
+    let malformed = |reason: String| DecodeError::Malformed { what, reason };
+    let (value, rest) = postcard::take_from_bytes::<T>(b).map_err(|e| malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(malformed(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(value)
+}
+
 /// Version of the wire protocol spoken by this build. Frames and hellos of another version are refused.
 pub const PROTOCOL_VERSION: u8 = 1;

@@ -56,7 +56,10 @@ pub fn mux_preamble() -> [u8; MUX_PREAMBLE_LEN] {
 
 /// Checks a multiplexed stream's preamble.
 pub fn check_mux_preamble(b: &[u8; MUX_PREAMBLE_LEN]) -> Result<(), DecodeError> {
-    StreamKind::from_magic([b[0], b[1], b[2], b[3]])?;
+    let found = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    if found != MUX_MAGIC {
+        return Err(DecodeError::BadMagic { what: "mux preamble", found });
+    }
     if b[4] != PROTOCOL_VERSION {
         return Err(DecodeError::UnsupportedVersion { found: b[4], supported: PROTOCOL_VERSION });
     }

@@ -134,9 +134,13 @@ impl Durability {
     /// Marks the log as failed: it must not write or claim durability again until reopened.
     pub fn poison(&self, reason: String) {
         let mut st = self.lock();
+        self.poison_locked(&mut st, reason);
+        self.done.notify_all();
+    }
+
+    fn poison_locked(&self, st: &mut State, reason: String) {
         st.failure.get_or_insert(reason);
         self.poisoned.store(true, Ordering::Release);
-        self.done.notify_all();
     }
 
     /// Blocks until `target` is durable, fsyncing as the leader when nobody else is.
@@ -168,9 +172,7 @@ impl Durability {
             st.syncing = false;
             self.done.notify_all();
             if let Err(source) = result {
-                let reason = format!("fsync of {} failed: {source}", t.path.display());
-                st.failure.get_or_insert(reason);
-                self.poisoned.store(true, Ordering::Release);
+                self.poison_locked(&mut st, format!("fsync of {} failed: {source}", t.path.display()));
                 return Err(SyncFailure::Io { path: t.path, source });
             }
             if st.generation == t.generation {

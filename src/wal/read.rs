@@ -15,7 +15,7 @@ use crate::entry::Entry;
 use crate::types::Seq;
 
 use super::error::{IoContext, WalError};
-use super::scan::{check_record, Scan, Scanner};
+use super::scan::{check_checksum, check_seq, Scan, Scanner};
 use super::segment::{Segment, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 
 /// Bounds of one read system call.
@@ -188,10 +188,9 @@ pub(crate) fn read(
                 Scan::Record(r) => r,
             };
             let e = rec.entry;
-            if e.seq != expected {
-                let reason = format!("expected entry {expected}, found entry {}", e.seq);
-                return Err(WalError::corruption(&part.path, rec.offset, reason));
-            }
+            let corrupt = |reason| WalError::corruption(&part.path, rec.offset, reason);
+            // Sequence first, also for the records skipped to reach `from`; checksums of returned ones.
+            check_seq(&e, expected).map_err(corrupt)?;
             if e.seq < from {
                 expected = expected.next();
                 continue;
@@ -200,7 +199,7 @@ pub(crate) fn read(
                 out.stop = Some(Position { segment: part.segment, seq: e.seq, offset: rec.offset });
                 break 'parts;
             }
-            check_record(&e, expected).map_err(|reason| WalError::corruption(&part.path, rec.offset, reason))?;
+            check_checksum(&e).map_err(corrupt)?;
             expected = expected.next();
             bytes += e.payload.len();
             out.entries.push(e);

@@ -137,9 +137,20 @@ impl<'f> Scanner<'f> {
 
 /// Checks a record read from disk is the entry expected at `expected`: right sequence, valid checksum.
 pub(crate) fn check_record(e: &Entry, expected: Seq) -> Result<(), String> {
+    check_seq(e, expected)?;
+    check_checksum(e)
+}
+
+/// The sequence half of [`check_record`].
+pub(crate) fn check_seq(e: &Entry, expected: Seq) -> Result<(), String> {
     if e.seq != expected {
         return Err(format!("expected entry {expected}, found entry {}", e.seq));
     }
+    Ok(())
+}
+
+/// The checksum half of [`check_record`].
+pub(crate) fn check_checksum(e: &Entry) -> Result<(), String> {
     if !e.verify() {
         return Err(format!("checksum mismatch in entry {}", e.seq));
     }

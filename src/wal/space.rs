@@ -533,7 +533,7 @@ impl SpaceWal {
         if seq == st.last_seq {
             return Ok(Some(st.digest));
         }
-        let Some(first) = st.segments().next() else { return Ok(None) };
+        let first = st.sealed.front().unwrap_or(&st.active);
         if seq.next() == first.first_seq {
             return Ok(Some(first.base_digest));
         }
