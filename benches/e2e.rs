@@ -8,6 +8,7 @@
 //!
 //! Run: `cargo bench --bench e2e` (options: `-- --entries N --rate R --seconds S`).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,7 +98,10 @@ async fn wait_applied(lag: &LagRecorder, n: u64) {
 
 fn arg(name: &str, default: f64) -> f64 {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+    match args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)) {
+        Some(v) => v.parse().unwrap_or_else(|_| panic!("{name}: not a number: {v}")),
+        None => default,
+    }
 }
 
 fn report(h: &Histogram<u64>) -> String {
@@ -137,7 +141,17 @@ async fn main() {
         wire as f64 / delivered.as_secs_f64() / 1e6,
     );
     println!("  lag while saturated: {}", report(&s.lag.hist.lock().unwrap()));
-    let identical = s.replica.status().spaces.iter().zip(p.spaces.iter()).all(|(r, q)| r.log.digest == q.digest);
+    // Every space, by id: same last sequence and digest on both sides.
+    let ours: BTreeMap<String, _> =
+        p.spaces.iter().map(|x| (x.space.to_string(), (x.last_seq, x.digest.clone()))).collect();
+    let theirs: BTreeMap<String, _> = s
+        .replica
+        .status()
+        .spaces
+        .iter()
+        .map(|x| (x.log.space.to_string(), (x.log.last_seq, x.log.digest.clone())))
+        .collect();
+    let identical = ours == theirs;
     println!("  logs identical: {identical}");
     s.replica.shutdown().await;
     s.primary.shutdown().await;

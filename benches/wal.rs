@@ -17,6 +17,17 @@ use walship::{Epoch, Seq, SpaceId};
 const ENTRY_BYTES: usize = 128;
 const BATCH: usize = 64;
 
+/// Runs `op` `iters` times and returns how long that took; retention then trims the log (untimed).
+fn timed(wal: &SpaceWal, iters: u64, mut op: impl FnMut()) -> Duration {
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        op();
+    }
+    let took = t0.elapsed();
+    retain(wal);
+    took
+}
+
 fn space() -> SpaceId {
     SpaceId::new("bench").unwrap()
 }
@@ -50,13 +61,9 @@ fn bench_append(c: &mut Criterion) {
         group.throughput(Throughput::Elements(1));
         group.bench_function(BenchmarkId::new("append", name), |b| {
             b.iter_custom(|iters| {
-                let t0 = Instant::now();
-                for _ in 0..iters {
+                timed(&wal, iters, || {
                     wal.append(Epoch(1), 1, payload.clone()).unwrap();
-                }
-                let took = t0.elapsed();
-                retain(&wal);
-                took
+                })
             })
         });
 
@@ -64,13 +71,9 @@ fn bench_append(c: &mut Criterion) {
         group.throughput(Throughput::Elements(BATCH as u64));
         group.bench_function(BenchmarkId::new("append_batch_64", name), |b| {
             b.iter_custom(|iters| {
-                let t0 = Instant::now();
-                for _ in 0..iters {
+                timed(&wal, iters, || {
                     wal.append_batch(Epoch(1), &items).unwrap();
-                }
-                let took = t0.elapsed();
-                retain(&wal);
-                took
+                })
             })
         });
     }
@@ -89,13 +92,9 @@ fn bench_append_subscribed(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function(BenchmarkId::new("append", "never_subscribed"), |b| {
         b.iter_custom(|iters| {
-            let t0 = Instant::now();
-            for _ in 0..iters {
+            timed(&wal, iters, || {
                 wal.append(Epoch(1), 1, payload.clone()).unwrap();
-            }
-            let took = t0.elapsed();
-            retain(&wal);
-            took
+            })
         })
     });
     group.finish();

@@ -58,9 +58,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    common::init_tracing_with("warn");
     let args = Args::parse();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -100,9 +98,9 @@ async fn run(args: Args) -> Result<(), String> {
         match duration {
             Some(d) => tokio::select! {
                 _ = tokio::time::sleep(d) => {}
-                _ = shutdown_signal() => {}
+                _ = common::shutdown_signal() => {}
             },
-            None => shutdown_signal().await,
+            None => common::shutdown_signal().await,
         }
     };
     let result = fwd.run(shutdown).await;
@@ -132,28 +130,5 @@ async fn partitions(control: ForwarderControl, every: Duration, length: Duration
         tokio::time::sleep(length).await;
         control.set_partitioned(false);
         println!("partition healed");
-    }
-}
-
-/// Resolves when SIGINT or SIGTERM arrives.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
