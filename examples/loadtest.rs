@@ -612,16 +612,8 @@ mod processes {
         let total = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
         let paddr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let congestion = format!("{:?}", args.congestion).to_lowercase();
-        let sync = match args.sync {
-            walship::wal::SyncPolicy::Never => "never".to_string(),
-            walship::wal::SyncPolicy::Always => "always".to_string(),
-            walship::wal::SyncPolicy::Interval(d) => format!("interval:{}ms", d.as_millis()),
-        };
-        let compression = match args.compression {
-            Compression::None => "none".to_string(),
-            Compression::Lz4 => "lz4".to_string(),
-            Compression::Zstd { level } => format!("zstd:{level}"),
-        };
+        let sync = common::sync_flag(args.sync);
+        let compression = args.compression.to_string();
         let spawn = |name: &str, bin: &str, extra: Vec<String>| -> std::io::Result<Node> {
             let status = dir.path().join(format!("{name}.json"));
             let log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;

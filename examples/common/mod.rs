@@ -23,6 +23,15 @@ pub fn parse_sync(s: &str) -> Result<SyncPolicy, String> {
     }
 }
 
+/// The `--sync` flag value that [`parse_sync`] reads back as `policy`.
+pub fn sync_flag(policy: SyncPolicy) -> String {
+    match policy {
+        SyncPolicy::Never => "never".to_string(),
+        SyncPolicy::Always => "always".to_string(),
+        SyncPolicy::Interval(d) => format!("interval:{}us", d.as_micros()),
+    }
+}
+
 /// The names of `n` demo spaces: `space-000`, `space-001`, ...
 pub fn space_names(n: usize) -> Vec<SpaceId> {
     (0..n).map(|i| SpaceId::new(&format!("space-{i:03}")).expect("valid space id")).collect()

@@ -60,6 +60,17 @@ impl std::str::FromStr for Compression {
     }
 }
 
+impl std::fmt::Display for Compression {
+    /// The form [`Compression::from_str`](std::str::FromStr) parses: `none`, `lz4` or `zstd:LEVEL`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Compression::None => f.write_str("none"),
+            Compression::Lz4 => f.write_str("lz4"),
+            Compression::Zstd { level } => write!(f, "zstd:{level}"),
+        }
+    }
+}
+
 /// Codec id as written in a batch header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -188,6 +199,9 @@ mod tests {
         assert_eq!("zstd:3".parse::<Compression>().unwrap(), Compression::Zstd { level: 3 });
         assert!("zstd:99".parse::<Compression>().is_err());
         assert!("gzip".parse::<Compression>().is_err());
+        for c in [Compression::None, Compression::Lz4, Compression::Zstd { level: 7 }] {
+            assert_eq!(c.to_string().parse::<Compression>().unwrap(), c, "Display is what FromStr reads");
+        }
     }
 
     #[test]

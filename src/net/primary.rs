@@ -676,19 +676,9 @@ async fn ship_space(shared: Arc<Shared>, session: Arc<Session>, wal: SpaceWal, s
                 tracing::warn!(%space, error = %reason, retry, "shipping stopped");
                 *lock(&ship.error) = Some(reason.clone());
                 let _ = session.control.send(error_msg(code, Some(space.clone()), &reason));
-                // Wait for a catch-up request, a retry, or the end of the connection.
-                let retry_after = async {
-                    match retry {
-                        true => tokio::time::sleep(STOPPED_RETRY).await,
-                        false => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    r = restart.changed() => match r {
-                        Ok(()) => from = *restart.borrow_and_update(),
-                        Err(_) => return,
-                    },
-                    _ = retry_after => from = lock(&ship.progress).durable().next(),
+                match pause(&ship, &mut restart, || retry).await {
+                    Interrupt::Restart(seq) => from = seq,
+                    Interrupt::Closed => return,
                 }
                 *lock(&ship.error) = None;
             }
@@ -761,22 +751,29 @@ async fn ship_stream(
                     if code != stream_code::CATCH_UP && !ship.halted.load(Ordering::Acquire) {
                         *lock(&ship.error) = Some(format!("replica stopped the stream (code {code}); retrying"));
                     }
-                    let retry = async {
-                        tokio::time::sleep(STOPPED_RETRY).await;
-                        while ship.halted.load(Ordering::Acquire) {
-                            std::future::pending::<()>().await;
-                        }
-                    };
-                    return tokio::select! {
-                        r = restart.changed() => Ok(restart_or_closed(r, restart)),
-                        _ = retry => Ok(Interrupt::Restart(lock(&ship.progress).durable().next())),
-                    };
+                    return Ok(pause(ship, restart, || !ship.halted.load(Ordering::Acquire)).await);
                 }
                 Err(e) => return Err(e.into()),
             },
             r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
         }
         lock(&ship.progress).on_sent(first, last, len);
+    }
+}
+
+/// Waits for a catch-up request (a restart from the sequence it names), or for [`STOPPED_RETRY`]
+/// after which, if `may_retry` still says so, shipping resumes from the replica's durable position;
+/// `Closed` when the session ends.
+async fn pause(ship: &SpaceShip, restart: &mut watch::Receiver<Seq>, may_retry: impl Fn() -> bool) -> Interrupt {
+    let retry = async {
+        tokio::time::sleep(STOPPED_RETRY).await;
+        if !may_retry() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = restart.changed() => restart_or_closed(r, restart),
+        _ = retry => Interrupt::Restart(lock(&ship.progress).durable().next()),
     }
 }
 

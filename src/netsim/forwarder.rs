@@ -119,6 +119,7 @@ struct Queue {
     next_seq: u64,
 }
 
+#[derive(Clone)]
 enum Dest {
     Upstream(Arc<UdpSocket>),
     Client(SocketAddr),
@@ -372,11 +373,7 @@ impl Shared {
             let seq = queue.next_seq;
             queue.next_seq += 1;
             wake |= queue.heap.peek().map_or(true, |head| at < head.at);
-            let dest = match &dest {
-                Dest::Upstream(s) => Dest::Upstream(s.clone()),
-                Dest::Client(a) => Dest::Client(*a),
-            };
-            queue.heap.push(Item { at, seq, dir, dest, data: data.clone() });
+            queue.heap.push(Item { at, seq, dir, dest: dest.clone(), data: data.clone() });
         }
         drop(queue);
         if wake {
