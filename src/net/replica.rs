@@ -284,10 +284,8 @@ impl Shared {
     }
 
     /// Marks a space's positions as moved and wakes the ack loop.
-    fn ack_later(&self, space: &SpaceId) {
-        if let Some(s) = lock(&self.spaces).get(space).cloned() {
-            lock(&self.unacked).insert(space.clone(), s);
-        }
+    fn ack_later(&self, state: &Arc<SpaceState>) {
+        lock(&self.unacked).insert(state.wal.space().clone(), state.clone());
         self.ack_needed.notify_one();
     }
 
@@ -589,7 +587,7 @@ async fn receive_space_stream(shared: Arc<Shared>, session: Session, mut recv: R
 async fn receive_batches(
     shared: &Shared,
     session: &Session,
-    state: &SpaceState,
+    state: &Arc<SpaceState>,
     generation: u64,
     start: Seq,
     recv: &mut RecvStream,
@@ -681,7 +679,7 @@ enum Reject {
 async fn apply_batch(
     shared: &Shared,
     session: &Session,
-    state: &SpaceState,
+    state: &Arc<SpaceState>,
     batch: DecodedBatch,
 ) -> Result<(), Reject> {
     let wal = &state.wal;
@@ -723,7 +721,7 @@ async fn apply_batch(
     if shared.hook.is_none() {
         state.applied.fetch_max(h.last_seq().0, Ordering::AcqRel);
     }
-    shared.ack_later(wal.space());
+    shared.ack_later(state);
     Ok(())
 }
 
@@ -771,6 +769,6 @@ async fn apply_space(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, state: Arc<S
         let Some(last) = entries.last().map(|e| e.seq) else { continue };
         hook.apply(wal.space(), &entries).await;
         state.applied.store(last.0, Ordering::Release);
-        shared.ack_later(wal.space());
+        shared.ack_later(&state);
     }
 }
