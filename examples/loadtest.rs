@@ -52,6 +52,12 @@ struct Args {
     /// How long to write.
     #[arg(long, default_value = "30s", value_parser = netsim::parse_duration)]
     duration: Duration,
+    /// Leave the entries appended during this first part of the run out of the latency and lag
+    /// percentiles (they are still written, counted and verified). A fresh connection spends a few
+    /// round trips in slow start, which at high rates over long RTTs shows up as a one-off lag spike
+    /// that dominates the p99 of a short run; use e.g. `--warmup 2s` to measure the steady state.
+    #[arg(long, default_value = "0s", value_parser = netsim::parse_duration)]
+    warmup: Duration,
     /// Batch compression: none, lz4, zstd, zstd:LEVEL.
     #[arg(long, default_value = "lz4")]
     compression: Compression,
@@ -75,6 +81,10 @@ struct Args {
     /// Congestion controller: cubic, newreno or bbr.
     #[arg(long, default_value = "bbr")]
     congestion: walship::net::endpoint::CongestionControl,
+    /// Congestion window of a new connection (e.g. 1MB); default: quinn's (240 KB with BBR). With a
+    /// high --rate and a long --delay, the default shows up as a lag spike while the window grows.
+    #[arg(long, value_parser = common::parse_bytes)]
+    initial_window: Option<u64>,
     /// Wait this long for more entries before a batch closes (default: none).
     #[arg(long, value_parser = netsim::parse_duration)]
     linger: Option<Duration>,
@@ -115,6 +125,17 @@ fn cpu_seconds() -> Option<f64> {
     (hz > 0).then(|| ticks / hz as f64)
 }
 
+/// A warm-up as long as the run would leave nothing to time, and every percentile would read 0.
+fn check_warmup(args: &Args) -> Result<(), String> {
+    if args.warmup >= args.duration {
+        return Err(format!(
+            "--warmup {:?} must be shorter than --duration {:?}: nothing would be timed",
+            args.warmup, args.duration
+        ));
+    }
+    Ok(())
+}
+
 fn parse_write_rate(s: &str) -> Result<u64, String> {
     match s {
         "max" => Ok(0),
@@ -127,6 +148,8 @@ struct LagRecorder {
     hist: Mutex<Histogram<u64>>,
     entries: AtomicU64,
     bytes: AtomicU64,
+    /// Entries appended before this time (µs since the epoch, `--warmup`) are counted, not timed.
+    timed_from_us: AtomicU64,
 }
 
 impl LagRecorder {
@@ -135,6 +158,7 @@ impl LagRecorder {
             hist: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds")),
             entries: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            timed_from_us: AtomicU64::new(0),
         })
     }
 }
@@ -142,10 +166,13 @@ impl LagRecorder {
 impl ApplyHook for LagRecorder {
     fn apply<'a>(&'a self, _space: &'a SpaceId, entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         let now = now_us();
+        let timed_from = self.timed_from_us.load(Ordering::Relaxed);
         let mut h = self.hist.lock().unwrap_or_else(|p| p.into_inner());
         let mut bytes = 0;
         for e in entries {
-            h.saturating_record(now.saturating_sub(e.timestamp_us).max(1));
+            if e.timestamp_us >= timed_from {
+                h.saturating_record(now.saturating_sub(e.timestamp_us).max(1));
+            }
             bytes += e.payload.len() as u64;
         }
         drop(h);
@@ -202,11 +229,16 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
+    check_warmup(&args)?;
     let imp = args.impair.impairment(args.link_rate, None);
     imp.validate()?;
     let dir = tempfile::tempdir()?;
     let ca = ClusterCa::generate("loadtest CA")?;
-    let settings = TransportSettings { congestion: args.congestion, ..TransportSettings::default() };
+    let settings = TransportSettings {
+        congestion: args.congestion,
+        initial_window: args.initial_window,
+        ..TransportSettings::default()
+    };
     let mut pcfg = PrimaryConfig::new("primary", "127.0.0.1:0".parse()?, dir.path().join("primary"));
     pcfg.compression = args.compression;
     pcfg.wal.sync = args.sync;
@@ -283,13 +315,20 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         imp,
         args.seed
     );
+    if !args.warmup.is_zero() {
+        println!("warm-up: entries appended in the first {:?} are verified but not timed", args.warmup);
+    }
 
-    // Writer thread: paced appends, each timed.
+    // Writer thread: paced appends, each timed once the warm-up is over.
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicU64::new(0));
+    let timed_from_us = now_us() + args.warmup.as_micros() as u64;
+    for lag in &lags {
+        lag.timed_from_us.store(timed_from_us, Ordering::Relaxed);
+    }
     let writer = {
-        let (stop, written, rate, entry_bytes, seed) =
-            (stop.clone(), written.clone(), args.rate, args.entry_bytes, args.seed);
+        let (stop, written, rate, entry_bytes, seed, warmup) =
+            (stop.clone(), written.clone(), args.rate, args.entry_bytes, args.seed, args.warmup);
         std::thread::spawn(move || -> Result<Histogram<u64>, String> {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
             let mut gen = PayloadGen::new(seed, entry_bytes);
@@ -307,7 +346,9 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 let wal = &spaces[(n % spaces.len() as u64) as usize];
                 let t = Instant::now();
                 wal.append(Epoch(1), 1, payload).map_err(|e| e.to_string())?;
-                hist.saturating_record(t.elapsed().as_nanos() as u64);
+                if start.elapsed() >= warmup {
+                    hist.saturating_record(t.elapsed().as_nanos() as u64);
+                }
                 n += 1;
                 if n % 256 == 0 {
                     written.store(n, Ordering::Relaxed);
@@ -456,7 +497,8 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         },
         "config": {
             "replicas": args.replicas, "spaces": args.spaces, "rate": args.rate, "entry_bytes": args.entry_bytes,
-            "duration_s": args.duration.as_secs_f64(), "single_stream": args.single_stream, "seed": args.seed, "congestion": args.congestion,
+            "duration_s": args.duration.as_secs_f64(), "warmup_s": args.warmup.as_secs_f64(), "single_stream": args.single_stream,
+            "seed": args.seed, "congestion": args.congestion, "initial_window": args.initial_window,
             "sync": format!("{:?}", args.sync),
         },
         "elapsed_s": secs,
@@ -600,6 +642,7 @@ mod processes {
                 .into());
             }
         }
+        check_warmup(&args)?;
         if args.rate == 0 {
             return Err("--processes needs a finite --rate (the primary binary's writer is paced)".into());
         }
@@ -646,6 +689,9 @@ mod processes {
         if args.single_stream {
             pextra.push("--single-stream".into());
         }
+        if let Some(w) = args.initial_window {
+            pextra.extend(["--initial-window".into(), w.to_string()]);
+        }
         let primary = spawn("primary", "primary", pextra)?;
         let mut controls = Vec::new();
         let mut replicas = Vec::new();
@@ -690,7 +736,7 @@ mod processes {
             let Some(p) = read(&primary.status) else { continue };
             for (i, name) in names.iter().enumerate() {
                 let r = p["replicas"].as_array().and_then(|a| a.iter().find(|r| r["name"] == name.as_str()));
-                if let Some(ms) = r.and_then(|r| r["max_lag"]["ms"].as_u64()) {
+                if let Some(ms) = r.and_then(|r| r["max_lag"]["ms"].as_u64()).filter(|_| el >= args.warmup) {
                     lag[i].saturating_record(ms.max(1));
                 }
             }
@@ -758,8 +804,9 @@ mod processes {
             "link": { "mode": "processes", "impairment": imp.to_string() },
             "config": {
                 "replicas": args.replicas, "spaces": args.spaces, "rate": args.rate, "entry_bytes": args.entry_bytes,
-                "duration_s": args.duration.as_secs_f64(), "single_stream": args.single_stream, "seed": args.seed,
-                "congestion": args.congestion, "processes": true,
+                "duration_s": args.duration.as_secs_f64(), "warmup_s": args.warmup.as_secs_f64(),
+                "single_stream": args.single_stream, "seed": args.seed, "congestion": args.congestion,
+                "initial_window": args.initial_window, "processes": true,
             },
             "elapsed_s": secs,
         });

@@ -64,6 +64,10 @@ struct Args {
     /// Congestion controller: bbr, cubic or newreno.
     #[arg(long, default_value = "bbr")]
     congestion: walship::net::endpoint::CongestionControl,
+    /// Congestion window of a new connection (e.g. 1MB, about the link's bandwidth-delay product);
+    /// default: quinn's (240 KB with BBR). See `TransportSettings::initial_window`.
+    #[arg(long, value_parser = common::parse_bytes)]
+    initial_window: Option<u64>,
     /// Multiplex every space onto one stream (head-of-line comparisons only).
     #[arg(long)]
     single_stream: bool,
@@ -95,6 +99,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.wal.sync = args.sync;
     config.dial_replicas = args.dial.clone();
     config.transport.congestion = args.congestion;
+    config.transport.initial_window = args.initial_window;
     config.single_stream = args.single_stream;
     let primary = Primary::start(config, identity).await?;
     println!("primary {} listening on {} (data {})", args.name, primary.local_addr(), args.data.display());

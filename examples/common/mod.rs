@@ -23,6 +23,26 @@ pub fn parse_sync(s: &str) -> Result<SyncPolicy, String> {
     }
 }
 
+/// Parses a size in bytes: `1000000`, `500KB`, `1MB` (powers of 1000) or `64KiB`, `1MiB`
+/// (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    let v: u64 = num.parse().map_err(|_| format!("bad size {s:?}: use e.g. 1000000, 500KB, 1MB, 64KiB, 1MiB"))?;
+    let scale: u64 = match unit {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(format!("bad size {s:?}: unknown unit {unit:?} (B, KB, MB, GB, KiB, MiB, GiB)")),
+    };
+    v.checked_mul(scale).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
 /// The `--sync` flag value that [`parse_sync`] reads back as `policy`.
 pub fn sync_flag(policy: SyncPolicy) -> String {
     match policy {

@@ -70,6 +70,9 @@ pub const DEFAULT_INITIAL_RTT: Duration = Duration::from_millis(10);
 /// `net.core.rmem_max` / `net.core.wmem_max` (raise those with sysctl to get it all).
 pub const DEFAULT_SOCKET_BUFFER_SIZE: usize = 4 * 1024 * 1024;
 
+/// The smallest [`TransportSettings::initial_window`]: two full-size (1,500-byte) packets.
+pub const MIN_INITIAL_WINDOW: u64 = 3_000;
+
 /// Transport parameters of replication connections. [`Default`] uses the `DEFAULT_*` constants
 /// of this module, whose comments say why.
 ///
@@ -83,6 +86,14 @@ pub const DEFAULT_SOCKET_BUFFER_SIZE: usize = 4 * 1024 * 1024;
 pub struct TransportSettings {
     /// Congestion controller.
     pub congestion: CongestionControl,
+    /// The congestion window a new connection starts with, in bytes; `None` keeps quinn's
+    /// default (BBR: 240 KB, 200 packets of 1,200 bytes; Cubic and NewReno: 12 KB). A new
+    /// connection sends at most this much per round trip until its controller has measured the
+    /// link, so on a long link a high write rate falls behind at first: at 40 ms RTT and 10 MB/s
+    /// on the wire, about 300 ms of lag right after (re)connecting with BBR's default
+    /// (docs/PERFORMANCE.md section 5). A start near the link's bandwidth-delay product removes
+    /// that spike; keep the default on links shared with traffic you do not control.
+    pub initial_window: Option<u64>,
     /// See [`DEFAULT_MAX_CONCURRENT_UNI_STREAMS`].
     pub max_concurrent_uni_streams: u32,
     /// See [`DEFAULT_MAX_CONCURRENT_BIDI_STREAMS`].
@@ -113,6 +124,7 @@ impl Default for TransportSettings {
     fn default() -> Self {
         TransportSettings {
             congestion: CongestionControl::Bbr,
+            initial_window: None,
             max_concurrent_uni_streams: DEFAULT_MAX_CONCURRENT_UNI_STREAMS,
             max_concurrent_bidi_streams: DEFAULT_MAX_CONCURRENT_BIDI_STREAMS,
             stream_receive_window: DEFAULT_STREAM_RECEIVE_WINDOW,
@@ -144,11 +156,31 @@ pub enum CongestionControl {
 }
 
 impl CongestionControl {
-    fn factory(self) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
+    /// quinn's controller factory, starting at `initial_window` bytes if given.
+    fn factory(self, initial_window: Option<u64>) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
+        use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
         match self {
-            CongestionControl::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
-            CongestionControl::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
-            CongestionControl::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+            CongestionControl::Cubic => {
+                let mut c = CubicConfig::default();
+                if let Some(w) = initial_window {
+                    c.initial_window(w);
+                }
+                Arc::new(c)
+            }
+            CongestionControl::NewReno => {
+                let mut c = NewRenoConfig::default();
+                if let Some(w) = initial_window {
+                    c.initial_window(w);
+                }
+                Arc::new(c)
+            }
+            CongestionControl::Bbr => {
+                let mut c = BbrConfig::default();
+                if let Some(w) = initial_window {
+                    c.initial_window(w);
+                }
+                Arc::new(c)
+            }
         }
     }
 }
@@ -221,6 +253,16 @@ impl TransportSettings {
         if self.send_window == 0 {
             return bad("send_window must be > 0".into());
         }
+        if let Some(w) = self.initial_window {
+            // Below two full-size packets a connection could not get going; above the send
+            // window the extra could never be used.
+            if !(MIN_INITIAL_WINDOW..=self.send_window).contains(&w) {
+                return bad(format!(
+                    "initial_window {w} must be in {MIN_INITIAL_WINDOW}..={} (send_window)",
+                    self.send_window
+                ));
+            }
+        }
         if self.max_idle_timeout.is_zero() {
             return bad("max_idle_timeout must be > 0 (0 would mean never time out)".into());
         }
@@ -259,7 +301,7 @@ impl TransportSettings {
                 IdleTimeout::try_from(self.max_idle_timeout).unwrap_or_else(|_| IdleTimeout::from(VarInt::MAX)),
             ))
             .initial_rtt(self.initial_rtt)
-            .congestion_controller_factory(self.congestion.factory());
+            .congestion_controller_factory(self.congestion.factory(self.initial_window));
         config
     }
 }
@@ -461,6 +503,15 @@ mod tests {
         assert!(matches!(s.validate(), Err(EndpointError::InvalidSettings(_))));
         let s = TransportSettings { max_concurrent_uni_streams: 0, ..TransportSettings::default() };
         assert!(s.validate().is_err());
+        for w in [0, MIN_INITIAL_WINDOW - 1, DEFAULT_SEND_WINDOW + 1] {
+            let s = TransportSettings { initial_window: Some(w), ..TransportSettings::default() };
+            assert!(matches!(s.validate(), Err(EndpointError::InvalidSettings(_))), "initial_window {w}");
+        }
+        for w in [MIN_INITIAL_WINDOW, 1 << 20, DEFAULT_SEND_WINDOW] {
+            let s = TransportSettings { initial_window: Some(w), ..TransportSettings::default() };
+            s.validate().unwrap();
+            let _ = s.transport_config();
+        }
     }
 
     #[test]
