@@ -10,8 +10,7 @@
 //!
 //! Clients silent for [`CLIENT_IDLE_TIMEOUT`] are forgotten (their upstream socket closed).
 
-use std::cmp::Ordering as CmpOrdering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -27,6 +26,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::delay_queue::DelayQueue;
 use super::model::{derive_seed, Impairment, LinkModel, LinkStats};
 use crate::lock;
 
@@ -98,7 +98,7 @@ pub struct ForwarderControl {
 struct Shared {
     up: Mutex<LinkModel>,
     down: Mutex<LinkModel>,
-    queue: Mutex<Queue>,
+    queue: Mutex<DelayQueue<Item>>,
     wake: Notify,
     clients: Mutex<HashMap<SocketAddr, Client>>,
     clients_total: AtomicU64,
@@ -113,42 +113,17 @@ struct Client {
     last_seen: Arc<AtomicU64>,
 }
 
-#[derive(Default)]
-struct Queue {
-    heap: BinaryHeap<Item>,
-    next_seq: u64,
-}
-
 #[derive(Clone)]
 enum Dest {
     Upstream(Arc<UdpSocket>),
     Client(SocketAddr),
 }
 
+/// A datagram on its way.
 struct Item {
-    at: Instant,
-    seq: u64,
     dir: Direction,
     dest: Dest,
     data: Bytes,
-}
-
-impl PartialEq for Item {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Item {}
-impl PartialOrd for Item {
-    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Item {
-    /// Reversed: the earliest item is the greatest (`BinaryHeap` is a max-heap).
-    fn cmp(&self, other: &Self) -> CmpOrdering {
-        (other.at, other.seq).cmp(&(self.at, self.seq))
-    }
 }
 
 fn invalid(e: String) -> io::Error {
@@ -201,7 +176,7 @@ impl Forwarder {
             shared: Arc::new(Shared {
                 up: Mutex::new(LinkModel::new(up, derive_seed(seed, b"up"))),
                 down: Mutex::new(LinkModel::new(down, derive_seed(seed, b"down"))),
-                queue: Mutex::new(Queue::default()),
+                queue: Mutex::new(DelayQueue::default()),
                 wake: Notify::new(),
                 clients: Mutex::new(HashMap::new()),
                 clients_total: AtomicU64::new(0),
@@ -254,7 +229,7 @@ impl Forwarder {
         for (_, client) in lock(&shared.clients).drain() {
             client.task.abort();
         }
-        lock(&shared.queue).heap.clear();
+        lock(&shared.queue).clear();
         result.map(|()| stats)
     }
 }
@@ -309,7 +284,7 @@ impl Shared {
             down: lock(&self.down).stats(),
             clients: lock(&self.clients).len(),
             clients_total: self.clients_total.load(Ordering::Relaxed),
-            in_flight: lock(&self.queue).heap.len(),
+            in_flight: lock(&self.queue).len(),
             elapsed: self.started.elapsed(),
         }
     }
@@ -370,10 +345,7 @@ impl Shared {
                 self.model(dir).record_undeliverable();
                 continue;
             };
-            let seq = queue.next_seq;
-            queue.next_seq += 1;
-            wake |= queue.heap.peek().map_or(true, |head| at < head.at);
-            queue.heap.push(Item { at, seq, dir, dest: dest.clone(), data: data.clone() });
+            wake |= queue.push(at, Item { dir, dest: dest.clone(), data: data.clone() });
         }
         drop(queue);
         if wake {
@@ -406,13 +378,8 @@ async fn deliver(shared: Arc<Shared>, listen: Arc<UdpSocket>) {
         let now = Instant::now();
         let (due, next) = {
             let mut queue = lock(&shared.queue);
-            let mut due = Vec::new();
-            while queue.heap.peek().is_some_and(|i| i.at <= now) {
-                if let Some(item) = queue.heap.pop() {
-                    due.push(item);
-                }
-            }
-            (due, queue.heap.peek().map(|i| i.at))
+            let due: Vec<Item> = std::iter::from_fn(|| queue.pop_due(now)).collect();
+            (due, queue.next_at())
         };
         if !due.is_empty() {
             for item in due {

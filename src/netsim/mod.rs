@@ -12,6 +12,7 @@
 //!
 //! See `docs/NETSIM.md`.
 
+mod delay_queue;
 pub mod forwarder;
 pub mod model;
 pub mod socket;

@@ -11,8 +11,7 @@
 //! milliseconds of wall time. quinn's [`quinn::TokioRuntime`] reads the time from tokio, so it
 //! sees the simulated clock too.
 
-use std::cmp::Ordering;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -26,6 +25,7 @@ use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::delay_queue::DelayQueue;
 use super::model::{derive_seed, Impairment, LinkModel, LinkStats};
 use crate::lock;
 
@@ -74,38 +74,16 @@ struct State {
     partition_all: bool,
     recv_queue: usize,
     next_port: u16,
-    in_flight: BinaryHeap<Pending>,
-    next_seq: u64,
+    in_flight: DelayQueue<Pending>,
     driver_started: bool,
 }
 
 /// A datagram on its way.
 struct Pending {
-    at: Instant,
-    /// Tie-breaker: same delivery time, sent first, delivered first.
-    seq: u64,
     from: SocketAddr,
     to: SocketAddr,
     ecn: Option<EcnCodepoint>,
     data: Bytes,
-}
-
-impl PartialEq for Pending {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Pending {}
-impl PartialOrd for Pending {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Pending {
-    /// Reversed: `BinaryHeap` is a max-heap and the earliest packet must come out first.
-    fn cmp(&self, other: &Self) -> Ordering {
-        (other.at, other.seq).cmp(&(self.at, self.seq))
-    }
 }
 
 impl fmt::Debug for SimNetwork {
@@ -165,8 +143,7 @@ impl SimNetwork {
                     partition_all: false,
                     recv_queue: DEFAULT_RECV_QUEUE,
                     next_port: FIRST_EPHEMERAL_PORT,
-                    in_flight: BinaryHeap::new(),
-                    next_seq: 0,
+                    in_flight: DelayQueue::default(),
                     driver_started: false,
                 }),
                 wake: Arc::new(Notify::new()),
@@ -309,10 +286,7 @@ impl SimNetwork {
                 st.link(self.inner.seed, from, to).model.record_undeliverable();
                 continue;
             };
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            wake |= st.in_flight.peek().map_or(true, |head| at < head.at);
-            st.in_flight.push(Pending { at, seq, from, to, ecn, data: data.clone() });
+            wake |= st.in_flight.push(at, Pending { from, to, ecn, data: data.clone() });
         }
         drop(st);
         if wake {
@@ -329,8 +303,7 @@ impl Inner {
         // last reference runs `SimSocket::drop`, which takes the state lock.
         let mut sockets = Vec::new();
         let mut st = lock(&self.state);
-        while st.in_flight.peek().is_some_and(|p| p.at <= now) {
-            let Some(p) = st.in_flight.pop() else { break };
+        while let Some(p) = st.in_flight.pop_due(now) {
             let delivered = match st.socket(p.to) {
                 Some(socket) => {
                     let pushed = socket.push(p.from, p.ecn, p.data, &mut wakers);
@@ -345,7 +318,7 @@ impl Inner {
                 }
             }
         }
-        let next = st.in_flight.peek().map(|p| p.at);
+        let next = st.in_flight.next_at();
         drop(st);
         drop(sockets);
         for w in wakers {
