@@ -25,7 +25,7 @@ use walship::net::endpoint::{client_config, server_config, TransportSettings};
 use walship::net::status::ConnectionState;
 use walship::net::tls::ClusterCa;
 use walship::netsim::model::SplitMix64;
-use walship::netsim::{sim_endpoint, GilbertElliott, Impairment, SimNetwork};
+use walship::netsim::{sim_endpoint, GilbertElliott, Impairment, LinkStats, SimNetwork};
 use walship::protocol::health::Health;
 use walship::wal::{SpaceWal, SyncPolicy};
 use walship::{Epoch, Primary, Replica, Seq, SpaceId};
@@ -295,76 +295,69 @@ fn report(seed: u64, test: &str, net: &SimNetwork, sim_start: Instant, wall_star
     );
 }
 
-/// 5% independent loss, 1% duplication, 2% reordering, 50 ms delay with 10 ms jitter each way;
-/// 8 spaces written in bursts while two replicas replicate.
-async fn lossy_link(seed: u64) {
+/// Two replicas replicate `spaces` spaces, written in `bursts` bursts of `burst` entries per space
+/// `gap` apart, over a link with `impairment`. Returns the link's counters once both converged.
+async fn replicate_bursts(
+    seed: u64,
+    test: &str,
+    impairment: Impairment,
+    spaces: usize,
+    bursts: u32,
+    burst: u64,
+    gap: Duration,
+) -> LinkStats {
     let (wall, t0) = (std::time::Instant::now(), Instant::now());
-    let c = SimCluster::new(
-        seed,
-        Impairment {
-            loss: 0.05,
-            duplicate: 0.01,
-            reorder: 0.02,
-            delay: Duration::from_millis(50),
-            jitter: Duration::from_millis(10),
-            ..Default::default()
-        },
-    );
+    let c = SimCluster::new(seed, impairment);
     let primary = c.primary().await;
     let r1 = c.replica("replica-1", c.replica_addr(1)).await;
     let r2 = c.replica("replica-2", c.replica_addr(2)).await;
-    let spaces = common::spaces(8);
+    let spaces = common::spaces(spaces);
     let w = Writer::new(&primary, &spaces, text_payload);
-    for _ in 0..40 {
-        w.burst(75);
-        sleep(Duration::from_millis(50)).await;
+    for _ in 0..bursts {
+        w.burst(burst);
+        sleep(gap).await;
     }
-    converge(&primary, &[&r1, &r2], Some(3_000), text_payload, || {}).await;
-
+    converge(&primary, &[&r1, &r2], Some(burst * u64::from(bursts)), text_payload, || {}).await;
+    report(seed, test, &c.net, t0, wall);
     let stats = c.net.stats();
-    report(seed, "loss/dup/reorder", &c.net, t0, wall);
-    assert!(stats.dropped_loss > 0 && stats.duplicated > 0 && stats.reordered > 0, "{stats}");
-    let loss = stats.dropped_loss as f64 / stats.packets as f64;
-    assert!((0.03..0.08).contains(&loss), "loss rate {loss}: {stats}");
     r1.shutdown().await;
     r2.shutdown().await;
     primary.shutdown().await;
+    stats
+}
+
+/// 5% independent loss, 1% duplication, 2% reordering, 50 ms delay with 10 ms jitter each way;
+/// 8 spaces written in bursts while two replicas replicate.
+async fn lossy_link(seed: u64) {
+    let impairment = Impairment {
+        loss: 0.05,
+        duplicate: 0.01,
+        reorder: 0.02,
+        delay: Duration::from_millis(50),
+        jitter: Duration::from_millis(10),
+        ..Default::default()
+    };
+    let stats = replicate_bursts(seed, "loss/dup/reorder", impairment, 8, 40, 75, Duration::from_millis(50)).await;
+    assert!(stats.dropped_loss > 0 && stats.duplicated > 0 && stats.reordered > 0, "{stats}");
+    let loss = stats.dropped_loss as f64 / stats.packets as f64;
+    assert!((0.03..0.08).contains(&loss), "loss rate {loss}: {stats}");
 }
 
 /// Gilbert-Elliott burst loss (about 3% of packets, lost in bursts of about 4) with delay and
 /// jitter; 6 spaces, two replicas.
 async fn burst_loss(seed: u64) {
-    let (wall, t0) = (std::time::Instant::now(), Instant::now());
     let burst = GilbertElliott { p_good_to_bad: 0.01, p_bad_to_good: 0.25, loss_in_good: 0.0, loss_in_bad: 0.8 };
-    let c = SimCluster::new(
-        seed,
-        Impairment {
-            burst: Some(burst),
-            delay: Duration::from_millis(30),
-            jitter: Duration::from_millis(5),
-            ..Default::default()
-        },
-    );
-    let primary = c.primary().await;
-    let r1 = c.replica("replica-1", c.replica_addr(1)).await;
-    let r2 = c.replica("replica-2", c.replica_addr(2)).await;
-    let spaces = common::spaces(6);
-    let w = Writer::new(&primary, &spaces, text_payload);
-    for _ in 0..40 {
-        w.burst(60);
-        sleep(Duration::from_millis(40)).await;
-    }
-    converge(&primary, &[&r1, &r2], Some(2_400), text_payload, || {}).await;
-
-    let stats = c.net.stats();
-    report(seed, "burst loss", &c.net, t0, wall);
+    let impairment = Impairment {
+        burst: Some(burst),
+        delay: Duration::from_millis(30),
+        jitter: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let stats = replicate_bursts(seed, "burst loss", impairment, 6, 40, 60, Duration::from_millis(40)).await;
     assert_eq!(stats.dropped_loss, 0, "{stats}");
     let loss = stats.dropped_burst as f64 / stats.packets as f64;
     // Expected about 3%; bursts make the count vary more than independent loss over ~2,000 packets.
     assert!((0.005..0.08).contains(&loss), "burst loss rate {loss}: {stats}");
-    r1.shutdown().await;
-    r2.shutdown().await;
-    primary.shutdown().await;
 }
 
 /// A 2 s partition of everything in the middle of a write burst: writes go on, both sides declare
