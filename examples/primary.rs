@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use clap::Parser;
 use walship::codec::Compression;
@@ -85,10 +84,7 @@ fn parse_dial(s: &str) -> Result<ReplicaAddr, String> {
 async fn main() {
     common::init_tracing();
     common::raise_fd_limit();
-    if let Err(e) = run(Args::parse()).await {
-        eprintln!("primary: {e}");
-        std::process::exit(1);
-    }
+    common::exit_on_error("primary", run(Args::parse())).await;
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -121,33 +117,27 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None
     };
 
-    let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_written = 0;
-    let signal = common::shutdown_signal();
-    tokio::pin!(signal);
-    loop {
-        tokio::select! {
-            _ = &mut signal => break,
-            _ = tick.tick() => {
-                let status = primary.status();
-                common::write_status(&args.status_file, &status);
-                let written = writer.as_ref().map_or(0, |(s, _)| s.written.load(Ordering::Relaxed));
-                let replicas: Vec<String> = status.replicas.iter().map(|r| format!(
-                    "{}={:?} lag {} entries/{} ms", r.name, r.state, r.max_lag.entries, r.max_lag.ms
-                )).collect();
-                println!(
-                    "[{:>5.0}s] spaces {} written {} (+{}/s) | {}",
-                    started.elapsed().as_secs_f64(),
-                    status.spaces.len(),
-                    written,
-                    written - last_written,
-                    if replicas.is_empty() { "no replicas".to_string() } else { replicas.join(", ") }
-                );
-                last_written = written;
-            }
-        }
-    }
+    common::every_second_until_signal(|elapsed| {
+        let status = primary.status();
+        common::write_status(&args.status_file, &status);
+        let written = writer.as_ref().map_or(0, |(s, _)| s.written.load(Ordering::Relaxed));
+        let replicas: Vec<String> = status
+            .replicas
+            .iter()
+            .map(|r| format!("{}={:?} lag {} entries/{} ms", r.name, r.state, r.max_lag.entries, r.max_lag.ms))
+            .collect();
+        println!(
+            "[{:>5.0}s] spaces {} written {} (+{}/s) | {}",
+            elapsed.as_secs_f64(),
+            status.spaces.len(),
+            written,
+            written - last_written,
+            if replicas.is_empty() { "no replicas".to_string() } else { replicas.join(", ") }
+        );
+        last_written = written;
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     if let Some((_, handle)) = writer {
         match handle.join() {

@@ -9,7 +9,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use clap::Parser;
 use walship::config::ReplicaConfig;
@@ -53,10 +52,7 @@ struct Args {
 async fn main() {
     common::init_tracing();
     common::raise_fd_limit();
-    if let Err(e) = run(Args::parse()).await {
-        eprintln!("replica: {e}");
-        std::process::exit(1);
-    }
+    common::exit_on_error("replica", run(Args::parse())).await;
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -68,34 +64,26 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let replica = Replica::start(config, identity).await?;
     println!("replica {} replicating from {} (data {})", args.name, args.primary, args.data.display());
 
-    let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_total = 0u64;
-    let signal = common::shutdown_signal();
-    tokio::pin!(signal);
-    loop {
-        tokio::select! {
-            _ = &mut signal => break,
-            _ = tick.tick() => {
-                let status = replica.status();
-                common::write_status(&args.status_file, &status);
-                let total: u64 = status.spaces.iter().map(|s| s.log.last_seq.0).sum();
-                let state = match status.connection {
-                    ConnectionState::Connected => format!("connected to {}", status.primary.clone().unwrap_or_default()),
-                    other => format!("{other:?} ({})", status.last_error.clone().unwrap_or_default()),
-                };
-                println!(
-                    "[{:>5.0}s] {state} | spaces {} entries {} (+{}/s) rtt {}",
-                    started.elapsed().as_secs_f64(),
-                    status.spaces.len(),
-                    total,
-                    total.saturating_sub(last_total),
-                    status.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms")),
-                );
-                last_total = total;
-            }
-        }
-    }
+    common::every_second_until_signal(|elapsed| {
+        let status = replica.status();
+        common::write_status(&args.status_file, &status);
+        let total: u64 = status.spaces.iter().map(|s| s.log.last_seq.0).sum();
+        let state = match status.connection {
+            ConnectionState::Connected => format!("connected to {}", status.primary.clone().unwrap_or_default()),
+            other => format!("{other:?} ({})", status.last_error.clone().unwrap_or_default()),
+        };
+        println!(
+            "[{:>5.0}s] {state} | spaces {} entries {} (+{}/s) rtt {}",
+            elapsed.as_secs_f64(),
+            status.spaces.len(),
+            total,
+            total.saturating_sub(last_total),
+            status.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms")),
+        );
+        last_total = total;
+    })
+    .await;
     let status = replica.status();
     replica.shutdown().await;
     common::write_status(&args.status_file, &status);

@@ -129,6 +129,32 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Calls `tick` with the time since the start once a second, until SIGINT or SIGTERM: the
+/// binaries' progress lines and status files.
+pub async fn every_second_until_signal(mut tick: impl FnMut(Duration)) {
+    let started = Instant::now();
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => return,
+            _ = interval.tick() => tick(started.elapsed()),
+        }
+    }
+}
+
+/// Runs a binary's `run`, and on error prints it after the binary's name and exits with 1.
+pub async fn exit_on_error<F>(name: &str, run: F)
+where
+    F: std::future::Future<Output = Result<(), Box<dyn std::error::Error>>>,
+{
+    if let Err(e) = run.await {
+        eprintln!("{name}: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// Writes a status file atomically, logging failures.
 pub fn write_status(path: &Option<PathBuf>, value: &impl serde::Serialize) {
     if let Some(p) = path {
