@@ -29,7 +29,7 @@ use walship::config::{PrimaryConfig, ReplicaConfig};
 use walship::entry::{now_us, Entry};
 use walship::net::endpoint::{client_config, server_config, TransportSettings};
 use walship::net::tls::ClusterCa;
-use walship::netsim::{self, SimNetwork};
+use walship::netsim::{self, Impairment, SimNetwork};
 use walship::payload::PayloadGen;
 use walship::wal::SpaceWal;
 use walship::{ApplyHook, Epoch, Primary, Replica, SpaceId};
@@ -182,6 +182,28 @@ impl ApplyHook for LagRecorder {
     }
 }
 
+/// Starts a `lossy_link` forwarder to `upstream` on 127.0.0.1 for replica `name` (seeded from
+/// `seed` and the name), adds its control to `controls` and returns the address to dial.
+fn start_forwarder(
+    upstream: SocketAddr,
+    imp: Impairment,
+    seed: u64,
+    name: &str,
+    controls: &mut Vec<netsim::forwarder::ForwarderControl>,
+) -> std::io::Result<SocketAddr> {
+    let fwd = netsim::forwarder::Forwarder::bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        upstream,
+        imp,
+        imp,
+        netsim::model::derive_seed(seed, name.as_bytes()),
+    )?;
+    controls.push(fwd.control());
+    let addr = fwd.local_addr();
+    tokio::spawn(fwd.run(std::future::pending::<()>()));
+    Ok(addr)
+}
+
 /// The link: how a partition is switched on and off.
 enum Link {
     Sim(SimNetwork),
@@ -189,6 +211,19 @@ enum Link {
 }
 
 impl Link {
+    /// Cuts or heals the link as `--partition-at/--partition-for` say at `elapsed`; returns the
+    /// line to print when that changed it.
+    fn follow_partition(&self, args: &Args, elapsed: Duration, partitioned: &mut bool) -> Option<String> {
+        let at = args.partition_at?;
+        let want = elapsed >= at && elapsed < at + args.partition_for;
+        if want == *partitioned {
+            return None;
+        }
+        self.partition(want);
+        *partitioned = want;
+        Some(format!("[{:>6.1}s] link {}", elapsed.as_secs_f64(), if want { "partitioned" } else { "healed" }))
+    }
+
     fn partition(&self, on: bool) {
         match self {
             Link::Sim(net) => net.partition_all(on),
@@ -280,16 +315,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             let primary = Primary::start(pcfg, primary_id).await?;
             let mut ctls = Vec::new();
             for (i, name) in names.iter().enumerate() {
-                let fwd = netsim::forwarder::Forwarder::bind(
-                    "127.0.0.1:0".parse()?,
-                    primary.local_addr(),
-                    imp,
-                    imp,
-                    netsim::model::derive_seed(args.seed, name.as_bytes()),
-                )?;
-                let addr = fwd.local_addr();
-                ctls.push(fwd.control());
-                tokio::spawn(fwd.run(std::future::pending::<()>()));
+                let addr = start_forwarder(primary.local_addr(), imp, args.seed, name, &mut ctls)?;
                 let mut rcfg = ReplicaConfig::new(name, addr, "primary", dir.path().join(name));
                 rcfg.wal.sync = args.sync;
                 rcfg.transport = settings.clone();
@@ -367,17 +393,11 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     let mut last = (Instant::now(), 0u64);
     while started.elapsed() < args.duration {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        if let Some(at) = args.partition_at {
-            let el = started.elapsed();
-            let want = el >= at && el < at + args.partition_for;
-            if want != partitioned {
-                link.partition(want);
-                partitioned = want;
-                bar.println(format!(
-                    "[{:>6.1}s] link {}",
-                    el.as_secs_f64(),
-                    if want { "partitioned" } else { "healed" }
-                ));
+        if let Some(line) = link.follow_partition(&args, started.elapsed(), &mut partitioned) {
+            // A hidden bar (`--quiet`) prints nothing; the events still belong in the log.
+            match args.quiet {
+                true => println!("{line}"),
+                false => bar.println(line),
             }
         }
         let n = written.load(Ordering::Relaxed);
@@ -696,16 +716,7 @@ mod processes {
         let mut controls = Vec::new();
         let mut replicas = Vec::new();
         for name in &names {
-            let fwd = netsim::forwarder::Forwarder::bind(
-                "127.0.0.1:0".parse()?,
-                paddr,
-                imp,
-                imp,
-                netsim::model::derive_seed(args.seed, name.as_bytes()),
-            )?;
-            let addr = fwd.local_addr();
-            controls.push(fwd.control());
-            tokio::spawn(fwd.run(std::future::pending::<()>()));
+            let addr = start_forwarder(paddr, imp, args.seed, name, &mut controls)?;
             replicas.push(spawn(name, "replica", vec!["--primary".into(), addr.to_string()])?);
         }
         let link = Link::Udp(controls);
@@ -725,13 +736,8 @@ mod processes {
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
             let el = started.elapsed();
-            if let Some(at) = args.partition_at {
-                let want = el >= at && el < at + args.partition_for;
-                if want != partitioned {
-                    link.partition(want);
-                    partitioned = want;
-                    println!("[{:>6.1}s] link {}", el.as_secs_f64(), if want { "partitioned" } else { "healed" });
-                }
+            if let Some(line) = link.follow_partition(&args, el, &mut partitioned) {
+                println!("{line}");
             }
             let Some(p) = read(&primary.status) else { continue };
             for (i, name) in names.iter().enumerate() {
