@@ -697,9 +697,11 @@ async fn apply_batch(
     if h.last_seq() <= last_before {
         return Ok(()); // Already held (a resent batch after a catch-up race).
     }
-    // An fsync, or the write of a large batch, blocks: keep it off the runtime's threads, which must
-    // keep draining the UDP socket (a stalled endpoint drops packets at the socket).
-    let blocking = matches!(shared.config.wal.sync, SyncPolicy::Always) || h.uncompressed_len >= BLOCKING_APPEND_BYTES;
+    // An fsync, the write of a large batch or a new segment file blocks: keep it off the runtime's
+    // threads, which must keep draining the UDP socket (a stalled endpoint drops packets at the socket).
+    let blocking = matches!(shared.config.wal.sync, SyncPolicy::Always)
+        || h.uncompressed_len >= BLOCKING_APPEND_BYTES
+        || wal.append_would_roll(&batch.entries);
     let result = if blocking {
         let (wal2, entries) = (wal.clone(), batch.entries);
         match tokio::task::spawn_blocking(move || wal2.append_decoded(&entries)).await {

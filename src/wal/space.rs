@@ -286,6 +286,18 @@ impl SpaceWal {
         self.append_replicated_checked(entries, Checksums::AlreadyVerified)
     }
 
+    /// Whether appending `entries` would seal the active segment and start a new one: a new file,
+    /// and under `Interval`/`Always` the sealed segment's fsync, both under the space's lock. An
+    /// async caller moves such an append to a blocking thread. A hint only: another writer may
+    /// roll the segment first.
+    pub(crate) fn append_would_roll(&self, entries: &[Entry]) -> bool {
+        let bytes: u64 = entries.iter().map(|e| record_len(e.payload.len())).sum();
+        let st = self.inner.lock();
+        // The one exception to rolling once full: a lone record starts an empty segment, whatever its size.
+        let lone_in_empty = entries.len() == 1 && st.active.len <= SEGMENT_HEADER_LEN;
+        st.active.len + bytes > self.inner.config.segment_bytes && !lone_in_empty
+    }
+
     fn append_replicated_checked(&self, entries: &[Entry], checksums: Checksums) -> Result<ReplicatedAppend, WalError> {
         for e in entries {
             self.check_len(e.payload.len())?;

@@ -163,6 +163,25 @@ fn large_record_gets_its_own_segment_and_limits_apply() {
 }
 
 #[test]
+fn append_would_roll_tells_when_the_next_append_seals_the_segment() {
+    let root = tempfile::tempdir().unwrap();
+    let wal = open(root.path(), never().segment_bytes(600));
+    let entry = |seq: u64| Entry::new(Seq(seq), Epoch(1), 1, 0, Bytes::from(vec![7u8; 100]));
+    // An empty segment takes one record of any size; a run larger than the segment rolls.
+    assert!(!wal.append_would_roll(&[Entry::new(Seq(1), Epoch(1), 1, 0, Bytes::from(vec![7u8; 1000]))]));
+    assert!(wal.append_would_roll(&(1..=10).map(entry).collect::<Vec<_>>()));
+    let mut seq = 0;
+    while !wal.append_would_roll(&[entry(seq + 1)]) {
+        seq += 1;
+        wal.append_replicated(&[entry(seq)]).unwrap();
+        assert_eq!(segment_count(root.path()), 1, "no roll before the hint says so");
+    }
+    wal.append_replicated(&[entry(seq + 1)]).unwrap();
+    assert_eq!(segment_count(root.path()), 2, "the append the hint warned of rolled");
+    assert!(!wal.append_would_roll(&[entry(seq + 2)]));
+}
+
+#[test]
 fn truncate_prefix_removes_whole_segments_only() {
     let root = tempfile::tempdir().unwrap();
     let config = never().segment_bytes(600).tail_max_entries(8);
