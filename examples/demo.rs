@@ -63,7 +63,16 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     let total = if args.rate == 0 { 1_000_000 } else { total };
     println!("writing {total} entries of {} bytes over {} spaces ...", args.entry_bytes, args.spaces);
     let stop = Arc::new(AtomicBool::new(false));
-    let (stats, writer) = common::spawn_writer(spaces, Epoch(1), args.rate, args.entry_bytes, Some(total), 7, stop);
+    let plan = common::WriterPlan {
+        spaces,
+        epoch: Epoch(1),
+        rate: args.rate,
+        entry_bytes: args.entry_bytes,
+        total: Some(total),
+        seed: 7,
+        time_appends_after: None,
+    };
+    let (stats, writer) = common::spawn_writer(plan, stop);
 
     let started = Instant::now();
     let mut converged_at = None;

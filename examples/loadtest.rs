@@ -30,7 +30,6 @@ use walship::entry::{now_us, Entry};
 use walship::net::endpoint::{client_config, server_config, TransportSettings};
 use walship::net::tls::ClusterCa;
 use walship::netsim::{self, Impairment, SimNetwork};
-use walship::payload::PayloadGen;
 use walship::wal::SpaceWal;
 use walship::{ApplyHook, Epoch, Primary, Replica, SpaceId};
 
@@ -347,43 +346,21 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
 
     // Writer thread: paced appends, each timed once the warm-up is over.
     let stop = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(AtomicU64::new(0));
     let timed_from_us = now_us() + args.warmup.as_micros() as u64;
     for lag in &lags {
         lag.timed_from_us.store(timed_from_us, Ordering::Relaxed);
     }
-    let writer = {
-        let (stop, written, rate, entry_bytes, seed, warmup) =
-            (stop.clone(), written.clone(), args.rate, args.entry_bytes, args.seed, args.warmup);
-        std::thread::spawn(move || -> Result<Histogram<u64>, String> {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
-            let mut gen = PayloadGen::new(seed, entry_bytes);
-            let start = Instant::now();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                if rate > 0 {
-                    let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
-                    if n >= due {
-                        std::thread::sleep(Duration::from_micros(200));
-                        continue;
-                    }
-                }
-                let payload = gen.next_payload();
-                let wal = &spaces[(n % spaces.len() as u64) as usize];
-                let t = Instant::now();
-                wal.append(Epoch(1), 1, payload).map_err(|e| e.to_string())?;
-                if start.elapsed() >= warmup {
-                    hist.saturating_record(t.elapsed().as_nanos() as u64);
-                }
-                n += 1;
-                if n % 256 == 0 {
-                    written.store(n, Ordering::Relaxed);
-                }
-            }
-            written.store(n, Ordering::Relaxed);
-            Ok(hist)
-        })
+    let plan = common::WriterPlan {
+        spaces,
+        epoch: Epoch(1),
+        rate: args.rate,
+        entry_bytes: args.entry_bytes,
+        total: None,
+        seed: args.seed,
+        time_appends_after: Some(args.warmup),
     };
+    let (writer_stats, writer) = common::spawn_writer(plan, stop.clone());
+    let written = &writer_stats.written;
 
     let cpu_start = cpu_seconds();
     let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(args.duration.as_millis() as u64) };
@@ -416,7 +393,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         link.partition(false);
     }
     stop.store(true, Ordering::Relaxed);
-    let append_hist = writer.join().map_err(|_| "writer panicked")??;
+    let append_hist = writer.join().map_err(|_| "writer panicked")??.unwrap_or_else(common::append_histogram);
     let write_time = started.elapsed();
     let entries_written = written.load(Ordering::Relaxed);
     bar.finish_and_clear();

@@ -104,15 +104,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let writer = if args.spaces > 0 {
         let spaces =
             common::space_names(args.spaces).iter().map(|s| primary.space(s)).collect::<Result<Vec<_>, _>>()?;
-        Some(common::spawn_writer(
+        let plan = common::WriterPlan {
             spaces,
-            Epoch(args.epoch),
-            args.rate,
-            args.entry_bytes,
-            args.total,
-            args.seed,
-            stop.clone(),
-        ))
+            epoch: Epoch(args.epoch),
+            rate: args.rate,
+            entry_bytes: args.entry_bytes,
+            total: args.total,
+            seed: args.seed,
+            time_appends_after: None,
+        };
+        Some(common::spawn_writer(plan, stop.clone()))
     } else {
         None
     };
@@ -141,7 +142,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     stop.store(true, Ordering::Relaxed);
     if let Some((_, handle)) = writer {
         match handle.join() {
-            Ok(Ok(())) => {}
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => eprintln!("writer failed: {e}"),
             Err(_) => eprintln!("writer thread panicked"),
         }

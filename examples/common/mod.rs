@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use walship::netsim::{self, GilbertElliott, Impairment};
 use walship::payload::PayloadGen;
 use walship::wal::{SpaceWal, SyncPolicy};
@@ -64,21 +65,46 @@ pub struct WriterStats {
     pub done: AtomicBool,
 }
 
-/// Writes entries round-robin over `spaces` at `rate` entries/s (0 = as fast as possible), until
-/// `total` entries (if given) or until `stop` is set. Runs on its own thread: the write path never
-/// waits for replication.
+/// What the built-in writer writes.
+pub struct WriterPlan {
+    /// Written round-robin, one entry each in turn.
+    pub spaces: Vec<SpaceWal>,
+    pub epoch: Epoch,
+    /// Entries per second; 0 writes as fast as possible.
+    pub rate: u64,
+    pub entry_bytes: usize,
+    /// Stop after this many entries (else only when told to stop).
+    pub total: Option<u64>,
+    /// Seed of the payloads.
+    pub seed: u64,
+    /// Time every append made this long after the start or later, into the histogram the writer
+    /// returns (nanoseconds); `None` times nothing.
+    pub time_appends_after: Option<Duration>,
+}
+
+/// Append latencies in nanoseconds (1 ns to 60 s, 3 significant digits).
+pub fn append_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Writes `plan` on its own thread (the write path never waits for replication) until its total
+/// or until `stop` is set. The thread returns the append latencies if `time_appends_after` asked.
+#[allow(clippy::type_complexity)]
 pub fn spawn_writer(
-    spaces: Vec<SpaceWal>,
-    epoch: Epoch,
-    rate: u64,
-    entry_bytes: usize,
-    total: Option<u64>,
-    seed: u64,
+    plan: WriterPlan,
     stop: Arc<AtomicBool>,
-) -> (Arc<WriterStats>, std::thread::JoinHandle<Result<(), String>>) {
+) -> (Arc<WriterStats>, std::thread::JoinHandle<Result<Option<Histogram<u64>>, String>>) {
     let stats = Arc::new(WriterStats::default());
     let s2 = stats.clone();
     let handle = std::thread::spawn(move || {
+        let WriterPlan { spaces, epoch, rate, entry_bytes, total, seed, time_appends_after } = plan;
+        let mut hist = time_appends_after.map(|_| append_histogram());
+        let timed_from = time_appends_after.unwrap_or(Duration::MAX);
+        // Between due checks: about one entry's interval, but never a busy loop nor a long nap.
+        let nap = match rate {
+            0 => Duration::ZERO,
+            r => Duration::from_secs_f64(1.0 / r as f64).clamp(Duration::from_micros(200), Duration::from_millis(10)),
+        };
         let mut gen = PayloadGen::new(seed, entry_bytes);
         let start = Instant::now();
         let mut written = 0u64;
@@ -86,21 +112,26 @@ pub fn spawn_writer(
         while written < limit && !stop.load(Ordering::Relaxed) && !spaces.is_empty() {
             let due = if rate == 0 { limit } else { ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(limit) };
             if written >= due {
-                std::thread::sleep(Duration::from_micros(500));
+                std::thread::sleep(nap);
                 continue;
             }
             // Write what is due in small bursts, checking the stop flag in between.
             let burst = (due - written).min(4096);
             for _ in 0..burst {
                 let wal = &spaces[(written % spaces.len() as u64) as usize];
-                wal.append(epoch, 1, gen.next_payload()).map_err(|e| e.to_string())?;
+                let payload = gen.next_payload();
+                let t = Instant::now();
+                wal.append(epoch, 1, payload).map_err(|e| e.to_string())?;
+                if let Some(h) = hist.as_mut().filter(|_| start.elapsed() >= timed_from) {
+                    h.saturating_record(t.elapsed().as_nanos() as u64);
+                }
                 written += 1;
             }
             s2.written.store(written, Ordering::Relaxed);
         }
         s2.written.store(written, Ordering::Relaxed);
         s2.done.store(true, Ordering::Relaxed);
-        Ok(())
+        Ok(hist)
     });
     (stats, handle)
 }
