@@ -36,14 +36,7 @@ struct Args {
 async fn main() {
     common::init_tracing_with("warn");
     common::raise_fd_limit();
-    match run(Args::parse()).await {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(2),
-        Err(e) => {
-            eprintln!("demo failed: {e}");
-            std::process::exit(1);
-        }
-    }
+    common::exit_with_verdict("demo", run(Args::parse())).await;
 }
 
 async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
@@ -106,9 +99,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         let mut marks = Vec::new();
         for r in &replicas {
             let s = r.status();
-            let same = s.spaces.iter().any(|x| {
-                x.log.space == space.space && x.log.last_seq == space.last_seq && x.log.digest == space.digest
-            });
+            let same = s.log(&space.space).is_some_and(|x| x.same_log(space));
             identical &= same;
             marks.push(format!("{} {}", s.name, if same { "identical" } else { "DIFFERENT" }));
         }

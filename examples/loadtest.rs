@@ -251,14 +251,10 @@ async fn main() {
     common::init_tracing_with("error");
     common::raise_fd_limit();
     let args = Args::parse();
-    let result = if args.processes { processes::run(args).await } else { run(args).await };
-    match result {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(2),
-        Err(e) => {
-            eprintln!("loadtest failed: {e}");
-            std::process::exit(1);
-        }
+    let processes = args.processes;
+    match processes {
+        true => common::exit_with_verdict("loadtest", processes::run(args)).await,
+        false => common::exit_with_verdict("loadtest", run(args)).await,
     }
 }
 
@@ -408,11 +404,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         let p = primary.status();
         let all = replicas.iter().all(|r| {
             let rs = r.status();
-            p.spaces.iter().all(|ps| {
-                rs.spaces
-                    .iter()
-                    .any(|x| x.log.space == ps.space && x.log.last_seq == ps.last_seq && x.log.digest == ps.digest)
-            })
+            p.spaces.iter().all(|ps| rs.log(&ps.space).is_some_and(|x| x.same_log(ps)))
         });
         if all {
             break Some(stop_at.elapsed());
@@ -431,11 +423,11 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     for r in &replicas {
         let rs = r.status();
         for ps in &p.spaces {
-            match rs.spaces.iter().find(|x| x.log.space == ps.space) {
-                Some(x) if x.log.last_seq == ps.last_seq && x.log.digest == ps.digest => {}
+            match rs.log(&ps.space) {
+                Some(x) if x.same_log(ps) => {}
                 Some(x) => differences.push(format!(
                     "{} {}: last_seq {} digest {} (primary {} {})",
-                    rs.name, ps.space, x.log.last_seq, x.log.digest, ps.last_seq, ps.digest
+                    rs.name, ps.space, x.last_seq, x.digest, ps.last_seq, ps.digest
                 )),
                 None => differences.push(format!("{} {}: missing", rs.name, ps.space)),
             }

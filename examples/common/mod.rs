@@ -186,6 +186,22 @@ where
     }
 }
 
+/// Runs a checking tool's `run` and exits the way scripts expect: 0 when it verified, 2 when it
+/// ran but the check failed, 1 when it could not run (the error is printed).
+pub async fn exit_with_verdict<F>(name: &str, run: F)
+where
+    F: std::future::Future<Output = Result<bool, Box<dyn std::error::Error>>>,
+{
+    match run.await {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(2),
+        Err(e) => {
+            eprintln!("{name} failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// Writes a status file atomically, logging failures.
 pub fn write_status(path: &Option<PathBuf>, value: &impl serde::Serialize) {
     if let Some(p) = path {

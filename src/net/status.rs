@@ -24,6 +24,12 @@ pub struct SpaceLog {
 }
 
 impl SpaceLog {
+    /// Whether `other` is the same log: same space, last sequence and digest. Where each node's
+    /// log starts (retention) and how much of it is durable may differ.
+    pub fn same_log(&self, other: &SpaceLog) -> bool {
+        (&self.space, self.last_seq, &self.digest) == (&other.space, other.last_seq, &other.digest)
+    }
+
     pub(crate) fn of(wal: &crate::wal::SpaceWal) -> SpaceLog {
         SpaceLog {
             space: wal.space().clone(),
@@ -194,6 +200,13 @@ pub struct ReplicaStatus {
     pub spaces: Vec<ReplicaSpace>,
 }
 
+impl ReplicaStatus {
+    /// This replica's log of `space`, if it holds one.
+    pub fn log(&self, space: &SpaceId) -> Option<&SpaceLog> {
+        self.spaces.iter().map(|s| &s.log).find(|log| &log.space == space)
+    }
+}
+
 /// Writes `value` as pretty JSON to `path` atomically (a temporary file in the same folder, then a
 /// rename), so a reader never sees a half-written status.
 pub fn write_json_atomic(path: &std::path::Path, value: &impl Serialize) -> std::io::Result<()> {
@@ -203,4 +216,25 @@ pub fn write_json_atomic(path: &std::path::Path, value: &impl Serialize) -> std:
     let tmp = std::path::PathBuf::from(tmp);
     std::fs::write(&tmp, json)?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_log_ignores_retention_and_durability_only() {
+        let log = |space: &str, first: u64, last: u64, durable: u64, digest: &str| SpaceLog {
+            space: SpaceId::new(space).unwrap(),
+            first_seq: Seq(first),
+            last_seq: Seq(last),
+            durable_seq: Seq(durable),
+            digest: digest.to_string(),
+        };
+        let a = log("a", 1, 10, 10, "00ff");
+        assert!(a.same_log(&log("a", 5, 10, 7, "00ff")));
+        assert!(!a.same_log(&log("b", 1, 10, 10, "00ff")));
+        assert!(!a.same_log(&log("a", 1, 11, 10, "00ff")));
+        assert!(!a.same_log(&log("a", 1, 10, 10, "00fe")));
+    }
 }
