@@ -9,6 +9,7 @@
 //!   ([`sim_endpoint`]).
 //! - [`forwarder`]: a UDP forwarder applying the model between real sockets, the core of
 //!   `examples/lossy_link.rs`, for load tests.
+//! - `delay_queue`: the datagrams in flight, by delivery time, for both of them.
 //!
 //! See `docs/NETSIM.md`.
 
