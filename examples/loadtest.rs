@@ -135,6 +135,46 @@ fn check_warmup(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// What a report needs to be compared with another machine's: versions, OS, CPUs.
+struct System {
+    walship: &'static str,
+    os: String,
+    cpus: usize,
+    cpu_model: Option<String>,
+}
+
+fn system() -> System {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string());
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|info| {
+        info.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+    });
+    System {
+        walship: env!("CARGO_PKG_VERSION"),
+        os: match kernel {
+            Some(k) => format!("{} {k}", std::env::consts::OS),
+            None => std::env::consts::OS.to_string(),
+        },
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model,
+    }
+}
+
+fn system_json() -> serde_json::Value {
+    let s = system();
+    json!({ "walship": s.walship, "os": s.os, "cpus": s.cpus, "cpu_model": s.cpu_model })
+}
+
+fn system_line() -> String {
+    let s = system();
+    format!(
+        "walship {}, {}, {} CPUs ({})",
+        s.walship,
+        s.os,
+        s.cpus,
+        s.cpu_model.as_deref().unwrap_or("model unknown")
+    )
+}
+
 fn parse_write_rate(s: &str) -> Result<u64, String> {
     match s {
         "max" => Ok(0),
@@ -491,9 +531,11 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             "sync": format!("{:?}", args.sync),
         },
         "elapsed_s": secs,
+        "system": system_json(),
     });
 
     println!("\n== walship load test report ==");
+    println!("system:            {}", system_line());
     println!(
         "verified:          {}",
         if verified {
@@ -784,8 +826,10 @@ mod processes {
                 "initial_window": args.initial_window, "processes": true,
             },
             "elapsed_s": secs,
+            "system": system_json(),
         });
         println!("\n== walship load test report (separate processes) ==");
+        println!("system:          {}", system_line());
         println!("verified:        {verified}");
         for d in differences.iter().take(10) {
             println!("  {d}");
