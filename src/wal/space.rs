@@ -157,6 +157,7 @@ impl SpaceWal {
         tail_budget: &Arc<TailBudget>,
     ) -> Result<SpaceWal, WalError> {
         let dir = root.join(space.as_str());
+        let new_folder = !dir.exists();
         std::fs::create_dir_all(&dir).ctx("create space folder", &dir)?;
         let mut r = recover(&dir, &config)?;
         r.tail.share(tail_budget.clone());
@@ -185,9 +186,15 @@ impl SpaceWal {
         };
         // Recovery fsynced what it cut; what it read may still be only in the page cache (a previous
         // run with SyncPolicy::Never), so with an fsyncing policy make it durable before claiming so.
+        // The same holds for the folder entries: a segment renamed into place, or this space's
+        // folder, by a run that never synced their parent folder.
         if config.fsyncs() {
             for seg in state.segments() {
                 File::open(&seg.path).and_then(|f| f.sync_all()).ctx("fsync", &seg.path)?;
+            }
+            sync_dir(&dir)?;
+            if new_folder {
+                sync_dir(root)?;
             }
         }
         let inner = Arc::new(Inner {
@@ -468,6 +475,7 @@ impl SpaceWal {
 
         // Later segments go first, newest first: a crash midway leaves a log that is still contiguous.
         // A failure here leaves the files in an unknown state, so it poisons the log.
+        let deletes = st.segment_count() > keep + 1;
         while st.segment_count() > keep + 1 {
             if let Err(e) = std::fs::remove_file(&st.active.path) {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -478,6 +486,11 @@ impl SpaceWal {
                 Some(prev) => st.active = prev,
                 None => break,
             }
+        }
+        // The deletions must be durable before the cut: a file system may persist the cut and not
+        // the deletions, and later segments behind a shortened one read as corruption.
+        if deletes {
+            sync_dir(&inner.dir).map_err(|e| inner.fail(e))?;
         }
         let path = st.active.path.clone();
         let file = open_rw(&path).map_err(|e| inner.fail(e))?;

@@ -655,3 +655,29 @@ fn digest_at_matches_the_digest_of_every_prefix_across_segments_and_retention() 
     assert_eq!(wal.digest_at(Seq(first.0 - 2)).unwrap(), None);
     assert_eq!(wal.digest_at(Seq(550)).unwrap(), Some(prefixes[550]));
 }
+
+/// `truncate_suffix` deletes later segments newest first, then cuts: a crash between the two leaves
+/// a shorter but contiguous log, which reopens with everything it holds readable.
+#[test]
+fn a_crash_between_the_deletions_and_the_cut_of_truncate_suffix_reopens() {
+    let root = tempfile::tempdir().unwrap();
+    let config = WalConfig::default().sync(SyncPolicy::Always).segment_bytes(300);
+    let expected = fill(&open(root.path(), config.clone()), 60);
+    let dir = root.path().join(space().as_str());
+    let mut segments: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 5, "{segments:?}");
+    // What truncate_suffix had done when the crash came: the two newest segments deleted.
+    for path in &segments[segments.len() - 2..] {
+        std::fs::remove_file(path).unwrap();
+    }
+    let wal = open(root.path(), config);
+    let held = all(&wal);
+    assert!(wal.last_seq() < Seq(60) && !held.is_empty());
+    assert_eq!(held[..], expected[..held.len()]);
+    assert_eq!(wal.digest(), digest_of(&held));
+}

@@ -175,6 +175,21 @@ impl MemTail {
         Some(out)
     }
 
+    /// Copies the held payloads into one buffer of their own. Recovery slices payloads out of its
+    /// read buffers (up to 4 MiB each): kept as they are, a tail of a few small entries would keep
+    /// a whole read buffer alive, far past its budget.
+    pub fn own_payloads(&mut self) {
+        let total = self.entries.iter().map(|e| e.payload.len()).sum();
+        let mut buf = bytes::BytesMut::with_capacity(total);
+        for e in &self.entries {
+            buf.extend_from_slice(&e.payload);
+        }
+        let mut buf = buf.freeze();
+        for e in self.entries.iter_mut() {
+            e.payload = buf.split_to(e.payload.len());
+        }
+    }
+
     /// Drops entries after `seq` (a suffix truncation).
     pub fn truncate_after(&mut self, seq: Seq) {
         self.settle();
@@ -220,6 +235,25 @@ mod tests {
 
     fn e(seq: u64, len: usize) -> Entry {
         Entry::new(Seq(seq), Epoch(1), 0, 0, Bytes::from(vec![7u8; len]))
+    }
+
+    #[test]
+    fn owned_payloads_let_the_read_buffer_go() {
+        // As recovery leaves them: small payloads sliced out of one large read buffer.
+        let mut read_buffer = Bytes::from(vec![0u8; 1 << 20]);
+        let mut t = MemTail::new(1 << 20, 100);
+        for seq in 1..=3 {
+            let payload = read_buffer.slice(seq as usize * 100..seq as usize * 100 + 10);
+            t.push(Entry::new(Seq(seq), Epoch(1), 0, 0, payload));
+        }
+        let before: Vec<Bytes> = t.entries.iter().map(|e| Bytes::copy_from_slice(&e.payload)).collect();
+        t.own_payloads();
+        assert!(read_buffer.is_unique(), "the tail still holds slices of the read buffer");
+        let after: Vec<Bytes> = t.entries.iter().map(|e| e.payload.clone()).collect();
+        assert_eq!(before, after);
+        // All in one buffer of exactly their size: one allocation, not one per entry.
+        assert!(after.windows(2).all(|w| w[0].as_ptr().wrapping_add(w[0].len()) == w[1].as_ptr()));
+        read_buffer.truncate(0);
     }
 
     #[test]
