@@ -146,7 +146,8 @@ struct System {
 fn system() -> System {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string());
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|info| {
-        info.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        info.lines()
+            .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
     });
     System {
         walship: env!("CARGO_PKG_VERSION"),
@@ -166,13 +167,7 @@ fn system_json() -> serde_json::Value {
 
 fn system_line() -> String {
     let s = system();
-    format!(
-        "walship {}, {}, {} CPUs ({})",
-        s.walship,
-        s.os,
-        s.cpus,
-        s.cpu_model.as_deref().unwrap_or("model unknown")
-    )
+    format!("walship {}, {}, {} CPUs ({})", s.walship, s.os, s.cpus, s.cpu_model.as_deref().unwrap_or("model unknown"))
 }
 
 fn parse_write_rate(s: &str) -> Result<u64, String> {

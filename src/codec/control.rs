@@ -36,12 +36,17 @@ pub enum ControlMessage {
 pub struct SpacePosition {
     /// The space.
     pub space: SpaceId,
-    /// Last durable sequence held.
+    /// Last sequence held (written; perhaps not yet durable): shipping resumes after it.
     pub last_seq: Seq,
     /// Epoch of the entry at `last_seq`.
     pub last_epoch: Epoch,
     /// Log digest up to `last_seq`.
     pub digest: LogDigest,
+    /// Last sequence durable on the replica (`<= last_seq`): where the primary's view of this
+    /// replica starts, so a reconnect never reports more as durable than the replica has.
+    pub durable_seq: Seq,
+    /// Last sequence the replica has applied (`<= durable_seq`).
+    pub applied_seq: Seq,
 }
 
 /// First message of a replica.
@@ -208,6 +213,8 @@ mod tests {
                     last_seq: Seq(10),
                     last_epoch: Epoch(2),
                     digest: LogDigest(99),
+                    durable_seq: Seq(8),
+                    applied_seq: Seq(7),
                 }],
             }),
             ControlMessage::Welcome(Welcome {

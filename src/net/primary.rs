@@ -547,7 +547,16 @@ async fn space_manager(shared: Arc<Shared>, session: Arc<Session>, positions: Ha
         for chunk in new.chunks(RESUME_CHUNK) {
             let (chunk, positions) = (chunk.to_vec(), positions.clone());
             let starts = tokio::task::spawn_blocking(move || {
-                chunk.into_iter().map(|wal| (resume_from(&wal, positions.get(wal.space())), wal)).collect::<Vec<_>>()
+                let start = |wal: &SpaceWal| {
+                    let pos = positions.get(wal.space());
+                    let progress = pos.map_or(Seq::ZERO, |p| p.last_seq);
+                    let progress = match pos {
+                        Some(p) => ReplicaProgress::resumed(progress, p.durable_seq, p.applied_seq),
+                        None => ReplicaProgress::new(progress),
+                    };
+                    (resume_from(wal, pos), progress)
+                };
+                chunk.into_iter().map(|wal| (start(&wal), wal)).collect::<Vec<_>>()
             });
             match starts.await {
                 Ok(starts) => start_shippers(&shared, &session, &mut shippers, starts),
@@ -566,6 +575,9 @@ async fn space_manager(shared: Arc<Shared>, session: Arc<Session>, positions: Ha
     }
 }
 
+/// Where a space's shipper starts (or why it cannot) and the replica's progress it starts with.
+type ShipperStart = (Result<Seq, Refusal>, ReplicaProgress);
+
 /// Spaces whose resume points one blocking task computes (see `space_manager`).
 const RESUME_CHUNK: usize = 64;
 
@@ -575,12 +587,12 @@ fn start_shippers(
     shared: &Arc<Shared>,
     session: &Arc<Session>,
     shippers: &mut JoinSet<()>,
-    starts: Vec<(Result<Seq, Refusal>, SpaceWal)>,
+    starts: Vec<(ShipperStart, SpaceWal)>,
 ) {
-    for (start, wal) in starts {
+    for ((start, progress), wal) in starts {
         let (restart, _) = watch::channel(Seq::ZERO);
         let ship = Arc::new(SpaceShip {
-            progress: Mutex::new(ReplicaProgress::new(Seq(start.as_ref().map_or(0, |s| s.0 - 1)))),
+            progress: Mutex::new(progress),
             acked: Notify::new(),
             restart,
             error: Mutex::new(None),
@@ -629,6 +641,8 @@ fn empty_position(space: &SpaceId) -> SpacePosition {
         last_seq: Seq::ZERO,
         last_epoch: Default::default(),
         digest: Default::default(),
+        durable_seq: Seq::ZERO,
+        applied_seq: Seq::ZERO,
     }
 }
 
@@ -695,10 +709,11 @@ async fn ship_stream(
     from: Seq,
     cfg: &PrimaryConfig,
 ) -> Result<Interrupt, NetError> {
+    let mut shippable = Shippable::new(wal, cfg.wal.fsyncs());
     // Open the stream only once there is something to ship.
-    while wal.last_seq() < from {
+    while shippable.upto() < from {
         tokio::select! {
-            _ = wal.wait_for(from) => {}
+            _ = shippable.wait_for(from) => {}
             r = restart.changed() => return Ok(restart_or_closed(r, restart)),
         }
     }
@@ -721,9 +736,10 @@ async fn ship_stream(
             }
         }
         let next = lock(&ship.progress).next_to_send();
-        if wal.last_seq() < next {
+        let upto = shippable.upto();
+        if upto < next {
             tokio::select! {
-                _ = wal.wait_for(next) => {}
+                _ = shippable.wait_for(next) => {}
                 r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
             }
             if let Some(linger) = cfg.linger {
@@ -731,7 +747,8 @@ async fn ship_stream(
             }
             continue;
         }
-        let mut entries = read_entries(wal, next, cfg.max_batch_entries, cfg.max_batch_bytes).await?;
+        let count = usize::try_from(upto.0 - next.0 + 1).unwrap_or(usize::MAX).min(cfg.max_batch_entries);
+        let mut entries = read_entries(wal, next, count, cfg.max_batch_bytes).await?;
         if let Some(cut) = entries.iter().position(|e| e.epoch != entries[0].epoch) {
             entries.truncate(cut);
         }
@@ -758,6 +775,43 @@ async fn ship_stream(
             r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
         }
         lock(&ship.progress).on_sent(first, last, len);
+    }
+}
+
+/// How far a shipper may go: only entries durable on this node, so that a primary that loses power
+/// never leaves a replica holding entries it lost itself (which would refuse the space as diverged
+/// once the primary writes again). PostgreSQL's walsender ships only flushed WAL for the same
+/// reason. Under `SyncPolicy::Never` nothing is ever fsynced: the bound is the last entry written.
+struct Shippable<'a> {
+    wal: &'a SpaceWal,
+    /// The durable position, watched only under an fsyncing policy (a watch costs every sync a wake).
+    durable: Option<watch::Receiver<Seq>>,
+}
+
+impl<'a> Shippable<'a> {
+    fn new(wal: &'a SpaceWal, fsyncs: bool) -> Shippable<'a> {
+        Shippable { wal, durable: fsyncs.then(|| wal.subscribe_durable()) }
+    }
+
+    /// The last entry that may be shipped now.
+    fn upto(&self) -> Seq {
+        match &self.durable {
+            Some(rx) => (*rx.borrow()).min(self.wal.last_seq()),
+            None => self.wal.last_seq(),
+        }
+    }
+
+    /// Returns once `seq` may be shipped.
+    async fn wait_for(&mut self, seq: Seq) {
+        match &mut self.durable {
+            Some(rx) => {
+                if rx.wait_for(|d| *d >= seq).await.is_err() {
+                    // The log is gone (its last handle dropped): nothing more will become durable.
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => self.wal.wait_for(seq).await,
+        }
     }
 }
 

@@ -351,6 +351,8 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
         return Err(NetError::Protocol(format!("peer is {peer:?}, expected primary {:?}", shared.config.primary_name)));
     }
     let (mut send, recv) = conn.open_bi().await?;
+    let applied: HashMap<SpaceId, Seq> =
+        lock(&shared.spaces).iter().map(|(id, s)| (id.clone(), Seq(s.applied.load(Ordering::Acquire)))).collect();
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         node_id: shared.node_id,
@@ -360,11 +362,17 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
             .store
             .spaces()
             .iter()
-            .map(|w| SpacePosition {
-                space: w.space().clone(),
-                last_seq: w.last_seq(),
-                last_epoch: w.last_epoch(),
-                digest: w.digest(),
+            .map(|w| {
+                let durable = w.durable_seq().min(w.last_seq());
+                SpacePosition {
+                    space: w.space().clone(),
+                    last_seq: w.last_seq(),
+                    last_epoch: w.last_epoch(),
+                    digest: w.digest(),
+                    durable_seq: durable,
+                    // A space without state yet counts as applied up to its log (see `ApplyHook`).
+                    applied_seq: applied.get(w.space()).map_or(durable, |a| (*a).min(durable)),
+                }
             })
             .collect(),
     };

@@ -95,6 +95,8 @@ mod tests {
             last_seq: Seq(last),
             last_epoch: Epoch(epoch),
             digest: LogDigest::EMPTY,
+            durable_seq: Seq(last),
+            applied_seq: Seq(last),
         }
     }
 

@@ -44,7 +44,16 @@ pub struct Lag {
 impl ReplicaProgress {
     /// Progress of a replica that holds everything up to `durable`.
     pub fn new(durable: Seq) -> ReplicaProgress {
-        ReplicaProgress { sent: durable, durable, applied: durable, ..Default::default() }
+        ReplicaProgress::resumed(durable, durable, durable)
+    }
+
+    /// Progress of a replica that said (in its hello) it holds up to `held`, of which `durable` is
+    /// on its disk and `applied` applied: shipping continues after `held`, and nothing counts as
+    /// durable or applied beyond what the replica said. Out-of-order values are clamped to the
+    /// invariants.
+    pub fn resumed(held: Seq, durable: Seq, applied: Seq) -> ReplicaProgress {
+        let durable = durable.min(held);
+        ReplicaProgress { sent: held, durable, applied: applied.min(durable), ..Default::default() }
     }
 
     /// Last sequence sent.

@@ -1,0 +1,117 @@
+//! Crash consistency end to end, over real QUIC on 127.0.0.1: what a primary reports as durable
+//! on a replica, what a primary ships before its own fsync, and a primary that lost power.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use walship::net::status::ConnectionState;
+use walship::wal::{SyncPolicy, WalStore};
+use walship::{Primary, Replica, Seq};
+
+/// An interval policy whose background fsync never comes during a test.
+fn fsync_never_due() -> SyncPolicy {
+    SyncPolicy::Interval(Duration::from_secs(3600))
+}
+
+/// After a reconnect, the primary's view of a replica starts from what the replica has fsynced
+/// and applied, not from what it holds in its page cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_never_reports_more_durable_than_the_replica_has() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let mut cfg = c.replica_config("replica-1", primary.local_addr());
+    cfg.wal.sync = fsync_never_due();
+    let r = Replica::start(cfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
+    let sp = spaces(1);
+    write(&primary, &sp, 50).await;
+    wait_for("the replica to hold 50 entries", || r.space(&sp[0]).is_some_and(|w| w.last_seq() == Seq(50))).await;
+    assert_eq!(r.space(&sp[0]).unwrap().durable_seq(), Seq(0), "nothing fsynced on the replica yet");
+    let view = |p: &Primary| p.status().replicas.remove(0).spaces.remove(0);
+    wait_for("the primary to count 50 sent", || view(&primary).sent == Seq(50)).await;
+    assert_eq!(view(&primary).durable, Seq(0));
+
+    // A network blip: same process, same page cache, still nothing fsynced.
+    assert!(r.disconnect());
+    wait_for("a reconnect", || r.status().reconnects >= 1 && r.status().connection == ConnectionState::Connected).await;
+    wait_for("the primary to know the new session", || primary.status().replicas[0].reconnects >= 1).await;
+    let v = view(&primary);
+    assert_eq!((v.durable, v.applied), (Seq(0), Seq(0)), "the primary must not claim what the replica lacks");
+    assert_eq!(v.lag.entries, 50);
+
+    // Once the replica fsyncs, its ack moves the primary's view.
+    r.space(&sp[0]).unwrap().sync().unwrap();
+    wait_for("durable 50 on the primary's view", || view(&primary).durable == Seq(50)).await;
+    write(&primary, &sp, 1).await;
+    wait_for("the replica to hold 51 entries", || r.space(&sp[0]).is_some_and(|w| w.last_seq() == Seq(51))).await;
+    r.space(&sp[0]).unwrap().sync().unwrap();
+    wait_for("durable 51 on the primary's view", || view(&primary).durable == Seq(51)).await;
+    r.shutdown().await;
+    primary.shutdown().await;
+}
+
+/// A primary ships only what it has fsynced: when it loses power, no replica holds entries the
+/// primary lost, so after its restart the replicas converge on what it writes next instead of
+/// refusing the space as diverged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_power_loss_does_not_wedge_its_replicas() {
+    let c = Cluster::new();
+    let mut pcfg = c.primary_config("127.0.0.1:0".parse().unwrap());
+    pcfg.wal.sync = fsync_never_due();
+    let primary = Primary::start(pcfg, c.ca.issue("primary").unwrap()).await.unwrap();
+    let addr = primary.local_addr();
+    let r = c.replica("replica-1", addr).await;
+    let sp = spaces(2);
+    write(&primary, &sp[..1], 20).await;
+    // Entries fsynced on the primary ship; the others wait for the fsync.
+    primary.space(&sp[1]).unwrap().append(walship::Epoch(1), 1, Bytes::from_static(b"synced")).unwrap();
+    primary.space(&sp[1]).unwrap().sync().unwrap();
+    wait_for("the fsynced entry to arrive", || r.space(&sp[1]).is_some_and(|w| w.last_seq() == Seq(1))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let primary_durable = primary.space(&sp[0]).unwrap().durable_seq();
+    assert_eq!(primary_durable, Seq(0));
+    assert!(
+        r.space(&sp[0]).map_or(true, |w| w.last_seq() == Seq(0)),
+        "an entry the primary had not fsynced was shipped"
+    );
+
+    // Power loss: only what was durable survives (dropping would fsync, so cut the log back).
+    drop(primary);
+    {
+        let store = WalStore::open(&c.path("primary"), c.primary_config(addr).wal).unwrap();
+        store.space(&sp[0]).unwrap().truncate_suffix(primary_durable).unwrap();
+    }
+    let primary = c.primary_at(addr).await;
+    for i in 0..5u64 {
+        primary.append(&sp[0], 1, Bytes::from(format!("after-restart-{i}"))).unwrap();
+    }
+    converge(&primary, &[&r]).await;
+    assert!(r.status().spaces.iter().all(|s| s.error.is_none()), "{:?}", r.status().spaces);
+    r.shutdown().await;
+    primary.shutdown().await;
+}
+
+/// Both nodes under an interval policy (the default): shipping follows the primary's fsyncs and
+/// every space converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_under_interval_fsyncs_converges() {
+    let c = Cluster::new();
+    let mut pcfg = c.primary_config("127.0.0.1:0".parse().unwrap());
+    pcfg.wal.sync = SyncPolicy::Interval(Duration::from_millis(2));
+    let primary = Primary::start(pcfg, c.ca.issue("primary").unwrap()).await.unwrap();
+    let mut rcfg = c.replica_config("replica-1", primary.local_addr());
+    rcfg.wal.sync = SyncPolicy::Interval(Duration::from_millis(2));
+    let r = Replica::start(rcfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
+    let sp = spaces(8);
+    write(&primary, &sp, 500).await;
+    converge(&primary, &[&r]).await;
+    wait_for("durable everywhere and acked", || {
+        let s = primary.status();
+        s.replicas.len() == 1 && s.replicas[0].spaces.iter().all(|x| x.durable == Seq(500))
+    })
+    .await;
+    r.shutdown().await;
+    primary.shutdown().await;
+}
