@@ -128,9 +128,10 @@ impl Seq {
     /// "No entry yet": the position of an empty log.
     pub const ZERO: Seq = Seq(0);
 
-    /// The sequence after this one.
+    /// The sequence after this one (saturating: no log reaches `u64::MAX`, and a peer's word
+    /// that claims it must not wrap to zero).
     pub const fn next(self) -> Seq {
-        Seq(self.0 + 1)
+        Seq(self.0.saturating_add(1))
     }
 }
 

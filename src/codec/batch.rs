@@ -141,6 +141,13 @@ impl BatchHeader {
         if flags & !KNOWN_FLAGS != 0 {
             return Err(DecodeError::UnknownFlags(flags & !KNOWN_FLAGS));
         }
+        // Reserved for a later version: a sender that sets them means something this one cannot do.
+        if b[52..60].iter().any(|&x| x != 0) {
+            return Err(DecodeError::Malformed {
+                what: "batch header",
+                reason: "reserved bytes 52..60 are not zero".into(),
+            });
+        }
         let header = BatchHeader {
             version: b[4],
             codec,

@@ -384,7 +384,7 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
 
     let mut tasks = JoinSet::new();
     tasks.spawn(control_writer(send, control_rx));
-    tasks.spawn(control_reader(session.clone(), control));
+    tasks.spawn(control_reader(shared.clone(), session.clone(), control));
     if let Some(rx) = mux_rx {
         tasks.spawn(mux_writer(conn.clone(), rx));
     }
@@ -481,11 +481,16 @@ impl FrameSink {
 }
 
 /// Reads acks and catch-up requests from the replica.
-async fn control_reader(session: Arc<Session>, mut control: ControlReader) {
+async fn control_reader(shared: Arc<Shared>, session: Arc<Session>, mut control: ControlReader) {
     loop {
         let msg = match control.read().await {
             Ok(Some(m)) => m,
-            Ok(None) => return,
+            Ok(None) => {
+                // Without a control stream no ack can come: every space would stall once its window
+                // is in flight. End the session; the replica reconnects.
+                session.conn.close(close::PROTOCOL, b"control stream finished");
+                return;
+            }
             Err(NetError::Connection(_)) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "bad control message from replica; closing the connection");
@@ -498,10 +503,17 @@ async fn control_reader(session: Arc<Session>, mut control: ControlReader) {
             ControlMessage::Ack(ack) => {
                 let spaces = lock(&session.spaces);
                 for a in ack.spaces {
-                    if let Some(ship) = spaces.get(&a.space) {
-                        lock(&ship.progress).on_ack(a.durable, a.applied);
-                        ship.acked.notify_one();
+                    let Some(ship) = spaces.get(&a.space) else { continue };
+                    // Past this primary's log: a space refused as diverged (the replica holds
+                    // entries this primary lost) or a broken peer. Such an ack must not move the
+                    // shipper past entries that exist here.
+                    let head = shared.store.get(&a.space).map_or(Seq::ZERO, |w| w.last_seq());
+                    if a.durable > head || a.applied > head {
+                        tracing::debug!(space = %a.space, durable = %a.durable, %head, "ignoring an ack past this primary's log");
+                        continue;
                     }
+                    lock(&ship.progress).on_ack(a.durable, a.applied);
+                    ship.acked.notify_one();
                 }
             }
             ControlMessage::CatchUp(c) => {

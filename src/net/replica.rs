@@ -474,7 +474,12 @@ async fn control_reader(shared: Arc<Shared>, mut control: ControlReader, conn: C
                 conn.close(close::PROTOCOL, b"unexpected control message");
                 return;
             }
-            Ok(None) | Err(NetError::Connection(_)) => return,
+            Ok(None) => {
+                // Without a control stream no error can come: the session cannot go on.
+                conn.close(close::PROTOCOL, b"control stream finished");
+                return;
+            }
+            Err(NetError::Connection(_)) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "bad control message from the primary; closing");
                 conn.close(close::PROTOCOL, b"bad control message");

@@ -33,7 +33,6 @@ pub struct Refusal {
 /// unsynced tail and wrote other entries at the same sequences in the same epoch), and if the primary
 /// still holds the entries after it.
 pub fn resume_point(local: LocalLog, pos: &SpacePosition) -> Result<Seq, Refusal> {
-    let from = pos.last_seq.next();
     if pos.last_seq > local.last_seq {
         return Err(Refusal {
             code: ErrorCode::Diverged,
@@ -60,6 +59,8 @@ pub fn resume_point(local: LocalLog, pos: &SpacePosition) -> Result<Seq, Refusal
             None => {}
         }
     }
+    // Below the primary's own last sequence (checked above), so this cannot overflow.
+    let from = pos.last_seq.next();
     if let Some(d) = local.digest_at_replica_last {
         if d != pos.digest {
             return Err(Refusal {
@@ -107,6 +108,12 @@ mod tests {
             epoch_at_replica_last: epoch_at.map(Epoch),
             digest_at_replica_last: None,
         }
+    }
+
+    #[test]
+    fn a_position_at_the_top_of_the_sequence_space_is_refused_without_overflow() {
+        let r = resume_point(log(1, 100, None), &pos(u64::MAX, 1));
+        assert_eq!(r.unwrap_err().code, ErrorCode::Diverged);
     }
 
     #[test]

@@ -146,6 +146,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn resumed_progress_counts_only_what_the_replica_said_is_durable() {
+        let p = ReplicaProgress::resumed(Seq(50), Seq(20), Seq(10));
+        assert_eq!((p.sent(), p.durable(), p.applied(), p.next_to_send()), (Seq(50), Seq(20), Seq(10), Seq(51)));
+        // A peer's inconsistent numbers are clamped to the invariants.
+        let p = ReplicaProgress::resumed(Seq(5), Seq(9), Seq(12));
+        assert_eq!((p.sent(), p.durable(), p.applied()), (Seq(5), Seq(5), Seq(5)));
+    }
+
+    #[test]
+    fn an_ack_at_the_top_of_the_sequence_space_does_not_wrap() {
+        let mut p = ReplicaProgress::new(Seq(0));
+        p.on_sent(Seq(1), Seq(10), 100);
+        p.on_ack(Seq(u64::MAX), Seq(u64::MAX));
+        assert_eq!(p.next_to_send(), Seq(u64::MAX), "saturates instead of wrapping to 0");
+    }
+
+    #[test]
     fn window_opens_as_acks_arrive() {
         let mut p = ReplicaProgress::new(Seq(0));
         assert!(p.may_send(100));

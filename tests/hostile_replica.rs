@@ -1,0 +1,144 @@
+//! A hand-driven replica that breaks the control protocol in ways the codec cannot see: the
+//! primary must close the connection (or keep shipping correctly), never sit in a half-open state.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use common::*;
+use walship::codec::batch::BATCH_HEADER_LEN;
+use walship::codec::control::{Ack, Hello, SpaceAck, DEFAULT_MAX_CONTROL_BYTES};
+use walship::codec::stream::STREAM_HEADER_LEN;
+use walship::codec::{BatchDecoder, BatchHeader, ControlMessage, FrameLimits, StreamHeader, PROTOCOL_VERSION};
+use walship::net::endpoint::{client_endpoint, TransportSettings};
+use walship::{Epoch, NodeId, Primary, Seq, SpaceId};
+
+async fn next_control(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> ControlMessage {
+    loop {
+        if let Some(m) = ControlMessage::decode_from(buf, DEFAULT_MAX_CONTROL_BYTES).unwrap() {
+            return m;
+        }
+        let chunk = recv.read_chunk(65536, true).await.unwrap().expect("control stream open");
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
+
+async fn primary(c: &Cluster) -> Primary {
+    let mut cfg = c.primary_config("127.0.0.1:0".parse().unwrap());
+    // The hand-driven replica sends no heartbeats: keep liveness out of the picture.
+    cfg.heartbeat.timeout = Duration::from_secs(120);
+    Primary::start(cfg, c.ca.issue("primary").unwrap()).await.unwrap()
+}
+
+/// Connects as replica-1, says hello (holding nothing) and reads the welcome.
+async fn handshake(
+    c: &Cluster,
+    p: &Primary,
+) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let ep = client_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &c.ca.issue("replica-1").unwrap(),
+        &TransportSettings::default(),
+    )
+    .unwrap();
+    let conn = ep.connect(p.local_addr(), "primary").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = ControlMessage::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        node_id: NodeId::from_name("replica-1"),
+        node_name: "replica-1".into(),
+        epoch: Epoch(0),
+        spaces: vec![],
+    });
+    send.write_all(&hello.encode().unwrap()).await.unwrap();
+    let mut buf = BytesMut::new();
+    assert!(matches!(next_control(&mut recv, &mut buf).await, ControlMessage::Welcome(_)));
+    (ep, conn, send, recv)
+}
+
+/// The replica finishes its control stream right after the handshake: no ack can ever arrive, so
+/// every space would stall once `max_unacked_bytes` are in flight. The primary closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_finishing_its_control_stream_gets_the_connection_closed() {
+    let c = Cluster::new();
+    let p = primary(&c).await;
+    let (_ep, conn, mut send, _recv) = handshake(&c, &p).await;
+    send.finish().unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    assert!(closed.is_ok(), "the primary kept a connection whose control stream is finished");
+    p.shutdown().await;
+}
+
+/// Reads every data stream: headers and frames must decode; records the highest sequence received.
+fn receive_data(conn: quinn::Connection, highest: Arc<AtomicU64>, bad: Arc<AtomicU64>) {
+    tokio::spawn(async move {
+        while let Ok(mut recv) = conn.accept_uni().await {
+            let (highest, bad) = (highest.clone(), bad.clone());
+            tokio::spawn(async move {
+                let mut h = [0u8; STREAM_HEADER_LEN];
+                if recv.read_exact(&mut h).await.is_err() {
+                    return;
+                }
+                if StreamHeader::decode(&h).is_err() {
+                    bad.fetch_add(1, Ordering::Relaxed);
+                    let _ = recv.stop(walship::net::stream_code::BAD_FRAME);
+                    return;
+                }
+                let mut dec = BatchDecoder::new(FrameLimits::default());
+                loop {
+                    let mut fh = [0u8; BATCH_HEADER_LEN];
+                    if recv.read_exact(&mut fh).await.is_err() {
+                        return;
+                    }
+                    let Ok(header) = BatchHeader::decode(&fh, dec.limits()) else { return };
+                    let mut payload = vec![0u8; header.payload_len as usize];
+                    if recv.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    let Ok(b) = dec.decode_payload(header, Bytes::from(payload)) else { return };
+                    highest.fetch_max(b.header.last_seq().0, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+}
+
+/// The replica acks `durable = u64::MAX` for a space, far past anything the primary holds or sent.
+/// The primary ignores such an ack and keeps shipping (before, the shipper's next sequence
+/// overflowed: a panic in debug builds, a wrap to 0 and a stalled space in release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_past_the_primarys_head_is_refused_or_harmless() {
+    let c = Cluster::new();
+    let p = primary(&c).await;
+    let space = SpaceId::new("a").unwrap();
+    write(&p, std::slice::from_ref(&space), 10).await;
+    let (_ep, conn, mut send, _recv) = handshake(&c, &p).await;
+    let (highest, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    receive_data(conn.clone(), highest.clone(), bad.clone());
+    wait_for("the first 10 entries", || highest.load(Ordering::Relaxed) >= 10).await;
+
+    let ack = ControlMessage::Ack(Ack {
+        spaces: vec![SpaceAck { space: space.clone(), durable: Seq(u64::MAX), applied: Seq(u64::MAX) }],
+    });
+    send.write_all(&ack.encode().unwrap()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    write(&p, std::slice::from_ref(&space), 10).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if conn.close_reason().is_some() || highest.load(Ordering::Relaxed) >= 20 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connection open, shipping stopped at {} ({} stream headers refused)",
+            highest.load(Ordering::Relaxed),
+            bad.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.shutdown().await;
+}
