@@ -21,6 +21,25 @@ pub enum SyncPolicy {
     Never,
 }
 
+/// What recovery does with a bad record in a log's last segment when intact entries follow it.
+///
+/// A crash tears only what was not yet fsynced, but the page cache writes pages back in no set
+/// order, so after a power loss the unsynced end of a segment may have holes with intact records
+/// behind them. The same picture is also what a bit flip in the middle of fsynced entries looks
+/// like, and after a restart nothing tells the two apart. (A bad record with nothing intact after
+/// it is a torn write under either mode, and is cut.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RecoveryMode {
+    /// Cut the log at the bad record and go on, dropping the intact entries after it with an
+    /// error in the log that counts them. What PostgreSQL does, and RocksDB's point-in-time
+    /// recovery: the node starts, and a replica re-fetches what was cut from its primary.
+    #[default]
+    TolerateTornTail,
+    /// Refuse to open (`WalError::Corruption`) so an operator decides: nothing written is ever
+    /// dropped without one. raft-engine's absolute consistency.
+    AbsoluteConsistency,
+}
+
 /// Settings of a [`SpaceWal`](super::SpaceWal) (all spaces of a [`WalStore`](super::WalStore) share one).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WalConfig {
@@ -44,8 +63,12 @@ pub struct WalConfig {
     /// not yet counted. Default 512 MiB.
     pub store_tail_max_bytes: usize,
     /// Largest payload accepted, and the bound on any length read from disk. Default 16 MiB.
-    /// Never lower it below the largest entry already written: recovery treats a longer record as damage.
+    /// Never lower it below the largest entry already written: recovery refuses to open a log
+    /// holding a longer entry (and says so).
     pub max_entry_bytes: u32,
+    /// Damage followed by intact entries in the last segment: cut or refuse. Default
+    /// [`RecoveryMode::TolerateTornTail`].
+    pub recovery: RecoveryMode,
 }
 
 impl Default for WalConfig {
@@ -57,6 +80,7 @@ impl Default for WalConfig {
             tail_max_entries: 262_144,
             store_tail_max_bytes: 512 * 1024 * 1024,
             max_entry_bytes: 16 * 1024 * 1024,
+            recovery: RecoveryMode::TolerateTornTail,
         }
     }
 }
@@ -98,6 +122,12 @@ impl WalConfig {
         self
     }
 
+    /// Sets [`WalConfig::recovery`].
+    pub fn recovery(mut self, mode: RecoveryMode) -> Self {
+        self.recovery = mode;
+        self
+    }
+
     /// True when this policy ever fsyncs on its own (so sealing a segment must make it durable first).
     pub(crate) fn fsyncs(&self) -> bool {
         !matches!(self.sync, SyncPolicy::Never)
@@ -116,7 +146,8 @@ mod tests {
             .tail_max_bytes(2)
             .tail_max_entries(3)
             .store_tail_max_bytes(5)
-            .max_entry_bytes(4);
+            .max_entry_bytes(4)
+            .recovery(RecoveryMode::AbsoluteConsistency);
         assert_eq!(
             c,
             WalConfig {
@@ -125,7 +156,8 @@ mod tests {
                 tail_max_bytes: 2,
                 tail_max_entries: 3,
                 store_tail_max_bytes: 5,
-                max_entry_bytes: 4
+                max_entry_bytes: 4,
+                recovery: RecoveryMode::AbsoluteConsistency,
             }
         );
         assert!(c.fsyncs());

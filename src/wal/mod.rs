@@ -26,7 +26,7 @@ mod store;
 mod syncer;
 mod tail;
 
-pub use config::{SyncPolicy, WalConfig};
+pub use config::{RecoveryMode, SyncPolicy, WalConfig};
 pub use error::WalError;
 pub use segment::{
     parse_segment_name, segment_file_name, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, SEGMENT_MAGIC, SEGMENT_VERSION,

@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use crate::entry::LogDigest;
 use crate::types::{Epoch, Seq};
 
-use super::config::WalConfig;
+use super::config::{RecoveryMode, WalConfig};
 use super::error::{IoContext, WalError};
 use super::fs::{create_segment, open_rw, read_exact_at, sync_dir};
-use super::scan::{check_record, Scan, Scanner};
+use super::scan::{check_record, find_intact_record, Scan, Scanner};
 use super::segment::{parse_segment_name, segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
 use super::tail::MemTail;
 
@@ -131,6 +131,36 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
             if !is_last {
                 return Err(WalError::corruption(&seg.path, offset, format!("{reason} (in a sealed segment)")));
             }
+            // Intact entries after the damage: a crash that wrote pages out of order, or bytes
+            // corrupted in place (see `RecoveryMode`). An intact entry right here, the one expected,
+            // is neither: it is longer than `max_entry_bytes`, a configuration mistake.
+            let expected = seg.last_seq.next();
+            if let Some((at, seq)) =
+                find_intact_record(&file, offset, file_len, expected).ctx("search after damage in", &seg.path)?
+            {
+                if (at, seq) == (offset, expected) {
+                    return Err(WalError::corruption(
+                        &seg.path,
+                        offset,
+                        format!("{reason}: entry {seq} is intact but longer than max_entry_bytes; was the limit lowered? raise it back"),
+                    ));
+                }
+                if config.recovery == RecoveryMode::AbsoluteConsistency {
+                    return Err(WalError::corruption(
+                        &seg.path,
+                        offset,
+                        format!("{reason}, yet entry {seq} at offset {at} is intact (RecoveryMode::AbsoluteConsistency refuses to cut it)"),
+                    ));
+                }
+                tracing::error!(
+                    file = %seg.path.display(),
+                    offset,
+                    intact_seq = %seq,
+                    intact_offset = at,
+                    %reason,
+                    "WAL: damage with intact entries after it; cutting them too (RecoveryMode::TolerateTornTail)"
+                );
+            }
             tracing::warn!(
                 file = %seg.path.display(),
                 offset,
@@ -223,6 +253,73 @@ mod tests {
             let e = e.unwrap();
             std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
         }
+    }
+
+    /// A log of `n` entries in one segment; returns its folder and segment file.
+    fn one_segment(root: &Path, n: u64) -> PathBuf {
+        let wal = SpaceWal::open(root, space(), config()).unwrap();
+        for i in 1..=n {
+            wal.append(Epoch(1), 1, payload(i)).unwrap();
+        }
+        segment_files(&root.join("s")).pop().unwrap()
+    }
+
+    /// File offset of the first payload byte of entry `seq` in a segment from [`one_segment`].
+    fn payload_offset(seq: u64) -> u64 {
+        SEGMENT_HEADER_LEN + (1..seq).map(|i| record_len(payload(i).len())).sum::<u64>() + 33
+    }
+
+    fn flip_byte(path: &Path, at: u64) {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[at as usize] ^= 0x40;
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn damage_with_intact_entries_after_it_is_cut_or_refused_by_mode() {
+        let root = tempfile::tempdir().unwrap();
+        let seg = one_segment(root.path(), 20);
+        flip_byte(&seg, payload_offset(6));
+        let strict = config().recovery(RecoveryMode::AbsoluteConsistency);
+        match SpaceWal::open(root.path(), space(), strict) {
+            Err(WalError::Corruption { offset, reason, .. }) => {
+                assert_eq!(offset, payload_offset(6) - 33);
+                assert!(reason.contains("entry 7") && reason.contains("intact"), "{reason}");
+            }
+            other => panic!("expected Corruption, got {:?}", other.map(|w| w.last_seq())),
+        }
+        // Refusing left the files alone: the default mode then cuts at the damage.
+        let wal = SpaceWal::open(root.path(), space(), config()).unwrap();
+        assert_eq!(wal.last_seq(), Seq(5));
+        assert_eq!(wal.read_from(Seq(1), 100, usize::MAX).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn an_entry_longer_than_a_lowered_max_entry_bytes_refuses_to_open_under_any_mode() {
+        let root = tempfile::tempdir().unwrap();
+        one_segment(root.path(), 10);
+        for mode in [RecoveryMode::TolerateTornTail, RecoveryMode::AbsoluteConsistency] {
+            match SpaceWal::open(root.path(), space(), config().max_entry_bytes(4).recovery(mode)) {
+                Err(WalError::Corruption { reason, .. }) => assert!(reason.contains("max_entry_bytes"), "{reason}"),
+                other => panic!("{mode:?}: expected Corruption, got {:?}", other.map(|w| w.last_seq())),
+            }
+        }
+        // Nothing was cut: with the limit back, all ten entries are there.
+        assert_eq!(SpaceWal::open(root.path(), space(), config()).unwrap().last_seq(), Seq(10));
+    }
+
+    #[test]
+    fn a_torn_last_record_is_cut_under_absolute_consistency_too() {
+        let root = tempfile::tempdir().unwrap();
+        let seg = one_segment(root.path(), 8);
+        let len = std::fs::metadata(&seg).unwrap().len();
+        // The last record half written, then zeros where the rest of its page would be.
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(len - 10).unwrap();
+        f.set_len(len + 4000).unwrap();
+        drop(f);
+        let wal = SpaceWal::open(root.path(), space(), config().recovery(RecoveryMode::AbsoluteConsistency)).unwrap();
+        assert_eq!(wal.last_seq(), Seq(7));
     }
 
     #[test]
