@@ -3,13 +3,17 @@
 
 mod common;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use walship::entry::Entry;
 use walship::net::status::ConnectionState;
 use walship::wal::{SyncPolicy, WalStore};
-use walship::{Primary, Replica, Seq};
+use walship::{ApplyHook, Primary, Replica, Seq, SpaceId};
 
 /// An interval policy whose background fsync never comes during a test.
 fn fsync_never_due() -> SyncPolicy {
@@ -112,6 +116,70 @@ async fn replication_under_interval_fsyncs_converges() {
         s.replicas.len() == 1 && s.replicas[0].spaces.iter().all(|x| x.durable == Seq(500))
     })
     .await;
+    r.shutdown().await;
+    primary.shutdown().await;
+}
+
+/// What an apply hook was told, in order.
+#[derive(Debug, Clone, PartialEq)]
+enum Told {
+    Applied(u64, Bytes),
+    Truncated(u64),
+}
+
+struct Recorder(Arc<Mutex<Vec<Told>>>);
+
+impl ApplyHook for Recorder {
+    fn apply<'a>(&'a self, _: &'a SpaceId, entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        self.0.lock().unwrap().extend(entries.iter().map(|e| Told::Applied(e.seq.0, e.payload.clone())));
+        Box::pin(async {})
+    }
+
+    fn truncated<'a>(&'a self, _: &'a SpaceId, after: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        self.0.lock().unwrap().push(Told::Truncated(after.0));
+        Box::pin(async {})
+    }
+}
+
+/// The repair of a diverged space on a running replica (cut its log back, reconnect): the hook is
+/// told to roll back to the cut, then gets the primary's entries at the old sequences, none skipped
+/// and none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suffix_truncation_rolls_the_hook_back_and_it_sees_the_new_entries() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let addr = primary.local_addr();
+    let told = Arc::new(Mutex::new(Vec::new()));
+    let hook = Arc::new(Recorder(told.clone()));
+    let r = Replica::start_with_hook(c.replica_config("replica-1", addr), c.ca.issue("replica-1").unwrap(), Some(hook))
+        .await
+        .unwrap();
+    let sp = spaces(1);
+    write(&primary, &sp, 10).await;
+    wait_for("10 applied", || told.lock().unwrap().len() == 10).await;
+    primary.shutdown().await;
+    // The primary lost 6..=10 and, restarted, writes other entries there.
+    {
+        let store = WalStore::open(&c.path("primary"), c.primary_config(addr).wal).unwrap();
+        store.space(&sp[0]).unwrap().truncate_suffix(Seq(5)).unwrap();
+    }
+    let primary = c.primary_at(addr).await;
+    for i in 6..=12u64 {
+        primary.append(&sp[0], 1, Bytes::from(format!("new-{i}"))).unwrap();
+    }
+    wait_for("Diverged", || {
+        r.status().spaces.iter().any(|s| s.error.as_deref().is_some_and(|e| e.contains("Diverged")))
+    })
+    .await;
+    // The operator's repair: cut the replica back, reconnect.
+    r.space(&sp[0]).unwrap().truncate_suffix(Seq(5)).unwrap();
+    r.disconnect();
+    wait_for("the new entries applied", || told.lock().unwrap().len() == 10 + 1 + 7).await;
+    let told = told.lock().unwrap().clone();
+    assert_eq!(told[10], Told::Truncated(5));
+    let after: Vec<Told> = (6..=12).map(|i| Told::Applied(i, Bytes::from(format!("new-{i}")))).collect();
+    assert_eq!(told[11..], after[..]);
+    assert!(identical(&primary, &r));
     r.shutdown().await;
     primary.shutdown().await;
 }

@@ -47,6 +47,17 @@ use crate::wal::{SpaceWal, SyncPolicy, WalError, WalStore};
 pub trait ApplyHook: Send + Sync + 'static {
     /// Applies `entries` (contiguous, in order) of `space`.
     fn apply<'a>(&'a self, space: &'a SpaceId, entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+    /// The replica's log of `space` was cut back to `after` (`SpaceWal::truncate_suffix`, the
+    /// repair of a diverged space) while entries past it had been applied: roll the state back to
+    /// `after` (rebuild it from a checkpoint, replaying the log up to `after`). The entries that
+    /// the log holds past `after` from then on come to [`ApplyHook::apply`] again, the new ones
+    /// at the old sequences included. The default does nothing, which is right only for a server
+    /// that never truncates a running replica's spaces.
+    fn truncated<'a>(&'a self, space: &'a SpaceId, after: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        let _ = (space, after);
+        Box::pin(async {})
+    }
 }
 
 /// A running replica. Dropping it without [`Replica::shutdown`] aborts its tasks.
@@ -740,6 +751,31 @@ async fn apply_batch(
     Ok(())
 }
 
+/// After a suffix truncation of the space's log (the `truncations` count moved), rolls what was
+/// applied back to the cut if it went past it, telling the hook ([`ApplyHook::truncated`]): the
+/// log holds other entries there now. True if there was a truncation to take in.
+async fn roll_back_if_cut(
+    shared: &Shared,
+    hook: &dyn ApplyHook,
+    state: &Arc<SpaceState>,
+    truncations: &mut u64,
+) -> bool {
+    let now = state.wal.truncations();
+    if now == *truncations {
+        return false;
+    }
+    if let Some(cut) = state.wal.cut_since(*truncations) {
+        if Seq(state.applied.load(Ordering::Acquire)) > cut {
+            tracing::warn!(space = %state.wal.space(), %cut, "log cut back under applied entries; the hook rolls back");
+            hook.truncated(state.wal.space(), cut).await;
+            state.applied.store(cut.0, Ordering::Release);
+            shared.ack_later(state);
+        }
+    }
+    *truncations = now;
+    true
+}
+
 /// Runs one applier per space (the hook's caller), for the replica's whole life.
 async fn run_appliers(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, mut rx: mpsc::UnboundedReceiver<Arc<SpaceState>>) {
     let mut appliers = JoinSet::new();
@@ -759,18 +795,30 @@ async fn apply_space(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, state: Arc<S
     let wal = state.wal.clone();
     // Only a policy that lags durability needs to watch it (a receiver costs every append a wake).
     let mut durable_rx = (!matches!(shared.config.wal.sync, SyncPolicy::Never)).then(|| wal.subscribe_durable());
+    let mut truncations = wal.truncations();
     loop {
-        let next = Seq(state.applied.load(Ordering::Acquire)).next();
+        if roll_back_if_cut(&shared, hook.as_ref(), &state, &mut truncations).await {
+            continue;
+        }
+        let applied = Seq(state.applied.load(Ordering::Acquire));
+        let next = applied.next();
+        // Both waits also end on a suffix truncation: `wait_for` wakes on it, and the durable
+        // position then drops below what was applied (it never does otherwise).
         wal.wait_for(next).await;
         if let Some(rx) = durable_rx.as_mut() {
-            if rx.wait_for(|d| *d >= next).await.is_err() {
+            if rx.wait_for(|d| *d >= next || *d < applied).await.is_err() {
                 return;
             }
         }
         // Only durable entries are applied: read no further than them.
         let durable = wal.durable_seq();
         let want = APPLY_BATCH_ENTRIES.min(durable.0.saturating_sub(next.0).saturating_add(1) as usize);
-        let mut entries = match read_entries(&wal, next, want, APPLY_BATCH_BYTES).await {
+        let read = read_entries(&wal, next, want, APPLY_BATCH_BYTES).await;
+        // A truncation during the read may have mixed old and new entries: read again.
+        if roll_back_if_cut(&shared, hook.as_ref(), &state, &mut truncations).await {
+            continue;
+        }
+        let mut entries = match read {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(space = %wal.space(), error = %e, "cannot read entries to apply; retrying");

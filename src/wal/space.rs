@@ -119,6 +119,8 @@ struct State {
     tail: MemTail,
     /// Bumped by every suffix truncation.
     generation: u64,
+    /// Where each suffix truncation cut, by generation (rare operator actions: a few entries).
+    cuts: Vec<(u64, Seq)>,
     /// Offset of the active segment up to which writeback was started ([`fs::start_writeback`]).
     written_back: u64,
     /// Resume positions and open files of disk reads.
@@ -180,6 +182,7 @@ impl SpaceWal {
             digest: r.digest,
             tail: r.tail,
             generation: 0,
+            cuts: Vec::new(),
             // What recovery found is on disk already.
             written_back,
             reads: ReadCache::default(),
@@ -510,6 +513,8 @@ impl SpaceWal {
         st.tail.truncate_after(after);
         st.reads.clear();
         st.generation += 1;
+        let generation = st.generation;
+        st.cuts.push((generation, after));
         inner.durability.truncated(after, st.generation);
         publish(&inner.last_tx, after);
         inner.wake_waiters();
@@ -525,6 +530,17 @@ impl SpaceWal {
     /// Last entry held; `Seq(0)` for a new log.
     pub fn last_seq(&self) -> Seq {
         self.inner.lock().last_seq
+    }
+
+    /// How many suffix truncations this handle's log has had since it was opened.
+    pub fn truncations(&self) -> u64 {
+        self.inner.lock().generation
+    }
+
+    /// The lowest point any suffix truncation after the first `seen` cut the log back to, if there
+    /// was one: whoever consumed entries past it (an applier) must roll back to it.
+    pub fn cut_since(&self, seen: u64) -> Option<Seq> {
+        self.inner.lock().cuts.iter().filter(|(g, _)| *g > seen).map(|(_, after)| *after).min()
     }
 
     /// Epoch of the last entry; `Epoch(0)` if there is none.

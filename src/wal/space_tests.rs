@@ -681,3 +681,21 @@ fn a_crash_between_the_deletions_and_the_cut_of_truncate_suffix_reopens() {
     assert_eq!(held[..], expected[..held.len()]);
     assert_eq!(wal.digest(), digest_of(&held));
 }
+
+#[test]
+fn truncations_are_counted_with_their_lowest_cut() {
+    let root = tempfile::tempdir().unwrap();
+    let wal = open(root.path(), never());
+    fill(&wal, 30);
+    assert_eq!((wal.truncations(), wal.cut_since(0)), (0, None));
+    wal.truncate_suffix(Seq(20)).unwrap();
+    wal.truncate_suffix(Seq(12)).unwrap();
+    fill(&wal, 25);
+    wal.truncate_suffix(Seq(18)).unwrap();
+    // A truncation past the end cuts nothing and is not counted.
+    wal.truncate_suffix(Seq(99)).unwrap();
+    assert_eq!(wal.truncations(), 3);
+    assert_eq!(wal.cut_since(0), Some(Seq(12)));
+    assert_eq!(wal.cut_since(2), Some(Seq(18)));
+    assert_eq!(wal.cut_since(3), None);
+}
