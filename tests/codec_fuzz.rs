@@ -6,7 +6,10 @@
 //! Invariants: no decoder panics; whatever a decoder accepts is internally consistent (entry count,
 //! contiguous sequences, every entry checksum valid); announced sizes above the limits are refused.
 
+mod common;
+
 use bytes::{Bytes, BytesMut};
+use common::Rng;
 use walship::codec::batch::{space_tag, BATCH_HEADER_LEN};
 use walship::codec::control::{Ack, CatchUp, ErrorMessage, Hello, SpaceAck, SpacePosition};
 use walship::codec::heartbeat::{Echo, SeqSummary};
@@ -17,38 +20,23 @@ use walship::codec::{
 };
 use walship::{Entry, Epoch, LogDigest, NodeId, Seq, SpaceId};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-    /// Values that break length arithmetic: 0, 1, around the truth, around the limits, the top.
-    fn nasty_u32(&mut self, real: u32, limit: u32) -> u32 {
-        let c = [
-            0,
-            1,
-            real.wrapping_sub(1),
-            real.wrapping_add(1),
-            real.wrapping_mul(2),
-            real / 2,
-            limit,
-            limit.wrapping_add(1),
-            u32::MAX,
-            u32::MAX - 16,
-            0x8000_0000,
-            self.next() as u32,
-        ];
-        c[self.below(c.len())]
-    }
+/// Values that break length arithmetic: 0, 1, around the truth, around the limits, the top.
+fn nasty_u32(rng: &mut Rng, real: u32, limit: u32) -> u32 {
+    let c = [
+        0,
+        1,
+        real.wrapping_sub(1),
+        real.wrapping_add(1),
+        real.wrapping_mul(2),
+        real / 2,
+        limit,
+        limit.wrapping_add(1),
+        u32::MAX,
+        u32::MAX - 16,
+        0x8000_0000,
+        rng.next() as u32,
+    ];
+    c[rng.below(c.len())]
 }
 
 fn space() -> SpaceId {
@@ -145,17 +133,17 @@ fn batch_header_fields_rewritten_with_valid_checksums() {
         match rng.below(7) {
             0 => {
                 let real = get_u32(&f, 32);
-                let v = rng.nasty_u32(real, max / 17);
+                let v = nasty_u32(&mut rng, real, max / 17);
                 set_u32(&mut f, 32, v)
             }
             1 => {
                 let real = get_u32(&f, 40);
-                let v = rng.nasty_u32(real, max);
+                let v = nasty_u32(&mut rng, real, max);
                 set_u32(&mut f, 40, v)
             }
             2 => {
                 let real = get_u32(&f, 44);
-                let v = rng.nasty_u32(real, max);
+                let v = nasty_u32(&mut rng, real, max);
                 set_u32(&mut f, 44, v)
             }
             3 => {
@@ -167,7 +155,7 @@ fn batch_header_fields_rewritten_with_valid_checksums() {
             5 => f[6..8].copy_from_slice(&(rng.next() as u16).to_le_bytes()),
             _ => {
                 let real = get_u32(&f, 40);
-                let v = rng.nasty_u32(real, max);
+                let v = nasty_u32(&mut rng, real, max);
                 set_u32(&mut f, 40, v);
                 set_u32(&mut f, 44, v)
             }
@@ -224,7 +212,7 @@ fn batch_payload_garbage_with_valid_checksums_reaches_decompressors() {
             3 if f[5] == 0 => {
                 let at = BATCH_HEADER_LEN + 9;
                 let real = get_u32(&f, at);
-                let v = rng.nasty_u32(real, plen as u32);
+                let v = nasty_u32(&mut rng, real, plen as u32);
                 set_u32(&mut f, at, v);
             }
             // Append junk after the payload and count it.
@@ -367,7 +355,7 @@ fn control_messages_mutated_truncated_and_reframed() {
             }
             3 => {
                 let real = get_u32(&w, 0);
-                let v = rng.nasty_u32(real, max as u32);
+                let v = nasty_u32(&mut rng, real, max as u32);
                 set_u32(&mut w, 0, v)
             }
             _ => {

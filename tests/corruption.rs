@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use common::*;
-use walship::codec::control::{SpaceRange, Welcome, DEFAULT_MAX_CONTROL_BYTES};
+use walship::codec::control::{SpaceRange, Welcome};
 use walship::codec::{BatchEncoder, Compression, ControlMessage, StreamHeader, PROTOCOL_VERSION};
 use walship::entry::{Entry, LogDigest};
 use walship::net::endpoint::{server_endpoint, TransportSettings};
@@ -16,16 +16,6 @@ use walship::{Epoch, NodeId, Replica, Seq, SpaceId};
 
 fn entries(space: &SpaceId, from: u64, to: u64) -> Vec<Entry> {
     (from..=to).map(|i| Entry::new(Seq(i), Epoch(1), 1_000 + i, 0, payload(space, i))).collect()
-}
-
-async fn next_control(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> ControlMessage {
-    loop {
-        if let Some(m) = ControlMessage::decode_from(buf, DEFAULT_MAX_CONTROL_BYTES).unwrap() {
-            return m;
-        }
-        let chunk = recv.read_chunk(65536, true).await.unwrap().expect("control stream open");
-        buf.extend_from_slice(&chunk.bytes);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,21 +10,11 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use common::*;
 use walship::codec::batch::BATCH_HEADER_LEN;
-use walship::codec::control::{Ack, Hello, SpaceAck, DEFAULT_MAX_CONTROL_BYTES};
+use walship::codec::control::{Ack, Hello, SpaceAck};
 use walship::codec::stream::STREAM_HEADER_LEN;
 use walship::codec::{BatchDecoder, BatchHeader, ControlMessage, FrameLimits, StreamHeader, PROTOCOL_VERSION};
 use walship::net::endpoint::{client_endpoint, TransportSettings};
 use walship::{Epoch, NodeId, Primary, Seq, SpaceId};
-
-async fn next_control(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> ControlMessage {
-    loop {
-        if let Some(m) = ControlMessage::decode_from(buf, DEFAULT_MAX_CONTROL_BYTES).unwrap() {
-            return m;
-        }
-        let chunk = recv.read_chunk(65536, true).await.unwrap().expect("control stream open");
-        buf.extend_from_slice(&chunk.bytes);
-    }
-}
 
 async fn primary(c: &Cluster) -> Primary {
     let mut cfg = c.primary_config("127.0.0.1:0".parse().unwrap());

@@ -6,25 +6,15 @@
 //! with the matching digest; a log that does not open reports `WalError::Corruption`; a read of a
 //! segment damaged after open returns correct entries or `Corruption`, never altered ones.
 
+mod common;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use common::Rng;
 use walship::wal::{SpaceWal, SyncPolicy, WalConfig, WalError, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 use walship::{Entry, Epoch, LogDigest, Seq, SpaceId};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 fn space() -> SpaceId {
     SpaceId::new("s").unwrap()

@@ -129,3 +129,36 @@ pub async fn converge(primary: &Primary, replicas: &[&Replica]) {
         }
     }
 }
+
+/// A seeded xorshift generator for the adversarial tests: the same seed, the same inputs.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// The next control message on a hand-driven peer's control stream (`buf` keeps what is left over).
+pub async fn next_control(recv: &mut quinn::RecvStream, buf: &mut bytes::BytesMut) -> walship::codec::ControlMessage {
+    use walship::codec::control::DEFAULT_MAX_CONTROL_BYTES;
+    loop {
+        if let Some(m) = walship::codec::ControlMessage::decode_from(buf, DEFAULT_MAX_CONTROL_BYTES).unwrap() {
+            return m;
+        }
+        let chunk = recv.read_chunk(65536, true).await.unwrap().expect("control stream open");
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
