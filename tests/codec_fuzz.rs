@@ -418,8 +418,8 @@ fn space_tag_of_a_batch_is_its_space() {
     assert_eq!(h.space_tag, space_tag(&space()));
 }
 
-/// The header's reserved bytes 52..60 are documented as zero but accepted with any value once the
-/// header checksum is fixed: a future flag carried there would be silently ignored by this build.
+/// The header's reserved bytes 52..60 must be zero, even with a valid header checksum: a later
+/// version may give them a meaning this build would otherwise silently ignore.
 #[test]
 fn reserved_header_bytes_must_be_zero() {
     let mut rng = Rng(0x5eed_0008);

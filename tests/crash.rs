@@ -41,6 +41,8 @@ async fn a_reconnect_never_reports_more_durable_than_the_replica_has() {
     assert!(r.disconnect());
     wait_for("a reconnect", || r.status().reconnects >= 1 && r.status().connection == ConnectionState::Connected).await;
     wait_for("the primary to know the new session", || primary.status().replicas[0].reconnects >= 1).await;
+    // The new session's shipper is registered once it counts what the replica holds as sent.
+    wait_for("the new session's view", || view(&primary).sent == Seq(50)).await;
     let v = view(&primary);
     assert_eq!((v.durable, v.applied), (Seq(0), Seq(0)), "the primary must not claim what the replica lacks");
     assert_eq!(v.lag.entries, 50);
@@ -180,6 +182,72 @@ async fn a_suffix_truncation_rolls_the_hook_back_and_it_sees_the_new_entries() {
     let after: Vec<Told> = (6..=12).map(|i| Told::Applied(i, Bytes::from(format!("new-{i}")))).collect();
     assert_eq!(told[11..], after[..]);
     assert!(identical(&primary, &r));
+    r.shutdown().await;
+    primary.shutdown().await;
+}
+
+/// The same repair right after the replica (re)starts, before its applier has looked at the log:
+/// the cut is still rolled back, not missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suffix_truncation_right_after_a_restart_still_rolls_the_hook_back() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let addr = primary.local_addr();
+    let sp = spaces(1);
+    let r = c.replica("replica-1", addr).await;
+    write(&primary, &sp, 10).await;
+    converge(&primary, &[&r]).await;
+    r.shutdown().await;
+    primary.shutdown().await;
+    {
+        let store = WalStore::open(&c.path("primary"), c.primary_config(addr).wal).unwrap();
+        store.space(&sp[0]).unwrap().truncate_suffix(Seq(5)).unwrap();
+    }
+    let primary = c.primary_at(addr).await;
+    for i in 6..=12u64 {
+        primary.append(&sp[0], 1, Bytes::from(format!("new-{i}"))).unwrap();
+    }
+    let told = Arc::new(Mutex::new(Vec::new()));
+    let hook = Arc::new(Recorder(told.clone()));
+    let r = Replica::start_with_hook(c.replica_config("replica-1", addr), c.ca.issue("replica-1").unwrap(), Some(hook))
+        .await
+        .unwrap();
+    // At start the hook's state is the log's (the server rebuilt it): cut at once.
+    r.space(&sp[0]).unwrap().truncate_suffix(Seq(5)).unwrap();
+    r.disconnect();
+    wait_for("the new entries applied", || told.lock().unwrap().len() == 1 + 7).await;
+    let told = told.lock().unwrap().clone();
+    assert_eq!(told[0], Told::Truncated(5));
+    let after: Vec<Told> = (6..=12).map(|i| Told::Applied(i, Bytes::from(format!("new-{i}")))).collect();
+    assert_eq!(told[1..], after[..]);
+    assert!(identical(&primary, &r));
+    r.shutdown().await;
+    primary.shutdown().await;
+}
+
+/// A primary whose log is cut back during a session (an operator's `truncate_suffix`) does not
+/// splice its new entries onto what the replica holds past the cut: it closes the session, and the
+/// new handshake refuses the space as diverged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_back_during_a_session_makes_the_replica_re_handshake() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let r = c.replica("replica-1", primary.local_addr()).await;
+    let sp = spaces(1);
+    write(&primary, &sp, 10).await;
+    converge(&primary, &[&r]).await;
+    primary.space(&sp[0]).unwrap().truncate_suffix(Seq(5)).unwrap();
+    for i in 6..=12u64 {
+        primary.append(&sp[0], 1, Bytes::from(format!("new-{i}"))).unwrap();
+    }
+    wait_for("the space refused as diverged", || {
+        r.status().spaces.iter().any(|s| s.error.as_deref().is_some_and(|e| e.contains("Diverged")))
+    })
+    .await;
+    // Nothing of the new log was appended after the old entries 6..=10.
+    let held = r.space(&sp[0]).unwrap().read_from(Seq(1), 100, usize::MAX).unwrap();
+    assert_eq!(held.len(), 10);
+    assert!(held.iter().all(|e| !e.payload.starts_with(b"new-")));
     r.shutdown().await;
     primary.shutdown().await;
 }

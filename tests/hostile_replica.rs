@@ -57,7 +57,7 @@ async fn replica_finishing_its_control_stream_gets_the_connection_closed() {
     let p = primary(&c).await;
     let (_ep, conn, mut send, _recv) = handshake(&c, &p).await;
     send.finish().unwrap();
-    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    let closed = tokio::time::timeout(DEADLINE, conn.closed()).await;
     assert!(closed.is_ok(), "the primary kept a connection whose control stream is finished");
     p.shutdown().await;
 }
@@ -100,7 +100,7 @@ fn receive_data(conn: quinn::Connection, highest: Arc<AtomicU64>, bad: Arc<Atomi
 /// The primary ignores such an ack and keeps shipping (before, the shipper's next sequence
 /// overflowed: a panic in debug builds, a wrap to 0 and a stalled space in release).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ack_past_the_primarys_head_is_refused_or_harmless() {
+async fn an_ack_past_the_primarys_head_is_ignored_and_shipping_goes_on() {
     let c = Cluster::new();
     let p = primary(&c).await;
     let space = SpaceId::new("a").unwrap();
@@ -117,18 +117,9 @@ async fn ack_past_the_primarys_head_is_refused_or_harmless() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     write(&p, std::slice::from_ref(&space), 10).await;
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        if conn.close_reason().is_some() || highest.load(Ordering::Relaxed) >= 20 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "connection open, shipping stopped at {} ({} stream headers refused)",
-            highest.load(Ordering::Relaxed),
-            bad.load(Ordering::Relaxed)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Ignored: shipping goes on over the same connection.
+    wait_for("entries 11..=20 shipped", || highest.load(Ordering::Relaxed) >= 20).await;
+    assert!(conn.close_reason().is_none(), "the connection closed: {:?}", conn.close_reason());
+    assert_eq!(bad.load(Ordering::Relaxed), 0, "stream headers refused");
     p.shutdown().await;
 }

@@ -86,6 +86,10 @@ pub mod close {
     pub const UNAUTHORIZED: VarInt = VarInt::from_u32(4);
     /// This node failed internally; the peer should reconnect.
     pub const LOCAL_FAILURE: VarInt = VarInt::from_u32(5);
+    /// A space's log was cut back on the primary during the session: what the replica holds past
+    /// the cut may differ from what the primary writes there next, so the handshake must compare
+    /// the logs again (the replica reconnects).
+    pub const LOG_CUT: VarInt = VarInt::from_u32(6);
 }
 
 /// Application error codes of a data stream (`stop` / `reset`).

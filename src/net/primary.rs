@@ -80,6 +80,8 @@ struct SpaceShip {
     /// The replica reported this space diverged: retrying cannot help, only a catch-up request
     /// (after the operator repaired the replica) resumes it.
     halted: std::sync::atomic::AtomicBool,
+    /// Suffix truncations of the space's log when the handshake compared it with the replica's.
+    truncations: u64,
 }
 
 impl Primary {
@@ -561,12 +563,14 @@ async fn space_manager(shared: Arc<Shared>, session: Arc<Session>, positions: Ha
             let starts = tokio::task::spawn_blocking(move || {
                 let start = |wal: &SpaceWal| {
                     let pos = positions.get(wal.space());
-                    let progress = pos.map_or(Seq::ZERO, |p| p.last_seq);
-                    let progress = match pos {
-                        Some(p) => ReplicaProgress::resumed(progress, p.durable_seq, p.applied_seq),
-                        None => ReplicaProgress::new(progress),
+                    let truncations = wal.truncations();
+                    let resume = resume_from(wal, pos);
+                    // A refused space counts nothing as held there: its lag shows the whole log.
+                    let progress = match (pos, &resume) {
+                        (Some(p), Ok(_)) => ReplicaProgress::resumed(p.last_seq, p.durable_seq, p.applied_seq),
+                        _ => ReplicaProgress::new(Seq::ZERO),
                     };
-                    (resume_from(wal, pos), progress)
+                    (resume, progress, truncations)
                 };
                 chunk.into_iter().map(|wal| (start(&wal), wal)).collect::<Vec<_>>()
             });
@@ -587,8 +591,9 @@ async fn space_manager(shared: Arc<Shared>, session: Arc<Session>, positions: Ha
     }
 }
 
-/// Where a space's shipper starts (or why it cannot) and the replica's progress it starts with.
-type ShipperStart = (Result<Seq, Refusal>, ReplicaProgress);
+/// Where a space's shipper starts (or why it cannot), the replica's progress it starts with, and
+/// the log's truncation count the handshake saw.
+type ShipperStart = (Result<Seq, Refusal>, ReplicaProgress, u64);
 
 /// Spaces whose resume points one blocking task computes (see `space_manager`).
 const RESUME_CHUNK: usize = 64;
@@ -601,7 +606,7 @@ fn start_shippers(
     shippers: &mut JoinSet<()>,
     starts: Vec<(ShipperStart, SpaceWal)>,
 ) {
-    for ((start, progress), wal) in starts {
+    for ((start, progress, truncations), wal) in starts {
         let (restart, _) = watch::channel(Seq::ZERO);
         let ship = Arc::new(SpaceShip {
             progress: Mutex::new(progress),
@@ -609,6 +614,7 @@ fn start_shippers(
             restart,
             error: Mutex::new(None),
             halted: std::sync::atomic::AtomicBool::new(false),
+            truncations,
         });
         lock(&session.spaces).insert(wal.space().clone(), ship.clone());
         match start {
@@ -761,6 +767,14 @@ async fn ship_stream(
         }
         let count = usize::try_from(upto.0 - next.0 + 1).unwrap_or(usize::MAX).min(cfg.max_batch_entries);
         let mut entries = read_entries(wal, next, count, cfg.max_batch_bytes).await?;
+        // Cut back since the handshake (an operator's `truncate_suffix`): what the replica holds
+        // past the cut may not be what this log holds there now. Shipping on would splice two logs;
+        // a new handshake compares them instead.
+        if wal.truncations() != ship.truncations {
+            tracing::warn!(space = %wal.space(), "log cut back on the primary during the session; closing so the replica re-handshakes");
+            session.conn.close(close::LOG_CUT, b"a space's log was cut back on the primary");
+            return Ok(Interrupt::Closed);
+        }
         if let Some(cut) = entries.iter().position(|e| e.epoch != entries[0].epoch) {
             entries.truncate(cut);
         }

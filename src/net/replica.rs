@@ -89,6 +89,9 @@ struct SpaceState {
     generation: AtomicU64,
     catch_ups: AtomicU64,
     error: Mutex<Option<String>>,
+    /// The log's suffix truncations counted when `applied` was set from it: the applier rolls
+    /// back for every one after these.
+    truncations_seen: u64,
 }
 
 struct LinkState {
@@ -262,13 +265,14 @@ impl Replica {
 
 impl SpaceState {
     fn new(wal: SpaceWal) -> SpaceState {
-        let last = wal.last_seq().0;
+        let (last, truncations) = wal.last_seq_and_truncations();
         SpaceState {
             wal,
-            applied: AtomicU64::new(last),
+            applied: AtomicU64::new(last.0),
             generation: AtomicU64::new(0),
             catch_ups: AtomicU64::new(0),
             error: Mutex::new(None),
+            truncations_seen: truncations,
         }
     }
 }
@@ -795,16 +799,17 @@ async fn apply_space(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, state: Arc<S
     let wal = state.wal.clone();
     // Only a policy that lags durability needs to watch it (a receiver costs every append a wake).
     let mut durable_rx = (!matches!(shared.config.wal.sync, SyncPolicy::Never)).then(|| wal.subscribe_durable());
-    let mut truncations = wal.truncations();
+    let mut truncations = state.truncations_seen;
     loop {
         if roll_back_if_cut(&shared, hook.as_ref(), &state, &mut truncations).await {
             continue;
         }
         let applied = Seq(state.applied.load(Ordering::Acquire));
         let next = applied.next();
-        // Both waits also end on a suffix truncation: `wait_for` wakes on it, and the durable
-        // position then drops below what was applied (it never does otherwise).
-        wal.wait_for(next).await;
+        // Both waits also end on a suffix truncation: `wait_for_or_cut` on any since the last look,
+        // and the durable one because the position then drops below what was applied (it never
+        // does otherwise).
+        wal.wait_for_or_cut(next, Some(truncations)).await;
         if let Some(rx) = durable_rx.as_mut() {
             if rx.wait_for(|d| *d >= next || *d < applied).await.is_err() {
                 return;

@@ -138,22 +138,26 @@ impl<'f> Scanner<'f> {
 /// The first intact record (complete, checksum valid) at or after `from` in `[from, end)` whose
 /// sequence is at least `min_seq`, found by trying every byte offset; its length may exceed the
 /// configured `max_entry_bytes` (an entry written under a larger limit is intact, not damage).
+/// Recovery asks it whether damage in the last segment has intact entries after it, which a torn
+/// write never leaves.
 ///
-/// A torn write leaves only an incomplete last record, so damage followed by an intact later entry
-/// is corruption: cutting there would drop entries that were written (and maybe fsynced) after it.
-/// Reads the range in one buffer: only damaged last segments are searched.
+/// Only candidates whose sequence could be there (at most one record per
+/// [`RECORD_HEADER_LEN`] bytes after `min_seq`) get their checksum computed: inside random payload
+/// bytes almost no offset passes, so the search costs one pass over the range, not a checksum per
+/// byte. Reads the range in one buffer: only damaged last segments are searched.
 pub(crate) fn find_intact_record(file: &File, from: u64, end: u64, min_seq: Seq) -> io::Result<Option<(u64, Seq)>> {
     let Ok(len) = usize::try_from(end.saturating_sub(from)) else { return Ok(None) };
     let mut buf = vec![0u8; len];
     read_exact_at(file, &mut buf, from)?;
     let buf = Bytes::from(buf);
+    let max_seq = Seq(min_seq.0.saturating_add((len / RECORD_HEADER_LEN) as u64));
     let mut at = 0usize;
     while at + RECORD_HEADER_LEN <= buf.len() {
         let mut fixed = [0u8; RECORD_HEADER_LEN];
         fixed.copy_from_slice(&buf[at..at + RECORD_HEADER_LEN]);
         let h = RecordHeader::decode(&fixed);
         let payload_end = at as u64 + RECORD_HEADER_LEN as u64 + u64::from(h.len);
-        if h.seq >= min_seq && payload_end <= buf.len() as u64 {
+        if (min_seq..=max_seq).contains(&h.seq) && payload_end <= buf.len() as u64 {
             let entry = Entry {
                 seq: h.seq,
                 epoch: h.epoch,

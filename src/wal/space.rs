@@ -537,6 +537,13 @@ impl SpaceWal {
         self.inner.lock().generation
     }
 
+    /// `last_seq` and [`SpaceWal::truncations`] read together: a consumer that starts from this
+    /// position learns of every truncation after it.
+    pub fn last_seq_and_truncations(&self) -> (Seq, u64) {
+        let st = self.inner.lock();
+        (st.last_seq, st.generation)
+    }
+
     /// The lowest point any suffix truncation after the first `seen` cut the log back to, if there
     /// was one: whoever consumed entries past it (an applier) must roll back to it.
     pub fn cut_since(&self, seen: u64) -> Option<Seq> {
@@ -597,13 +604,20 @@ impl SpaceWal {
     /// Resolves once the log holds `seq` (at once if it does), or after a suffix truncation. Cheaper
     /// for the write path than [`SpaceWal::subscribe`]: appends only wake callers that are waiting.
     pub async fn wait_for(&self, seq: Seq) {
+        self.wait_for_or_cut(seq, None).await
+    }
+
+    /// [`SpaceWal::wait_for`], also resolving at once if the log has had a suffix truncation
+    /// since the caller saw `truncations` of them (one that came before the wait began included).
+    pub async fn wait_for_or_cut(&self, seq: Seq, truncations: Option<u64>) {
         let notified = self.inner.appended.notified();
         tokio::pin!(notified);
-        // Register first, then arm, then check: an append either lands before the check (seen) or
-        // after the arm (it notifies the registered waiter).
+        // Register first, then arm, then check: an append or a truncation either lands before the
+        // check (seen) or after the arm (it notifies the registered waiter).
         notified.as_mut().enable();
         self.inner.armed.store(true, Ordering::SeqCst);
-        if self.last_seq() >= seq {
+        let (last, now) = self.last_seq_and_truncations();
+        if last >= seq || truncations.is_some_and(|t| t != now) {
             return;
         }
         notified.await;

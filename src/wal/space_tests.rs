@@ -699,3 +699,21 @@ fn truncations_are_counted_with_their_lowest_cut() {
     assert_eq!(wal.cut_since(2), Some(Seq(18)));
     assert_eq!(wal.cut_since(3), None);
 }
+
+#[tokio::test]
+async fn wait_for_or_cut_ends_on_a_truncation_before_or_during_the_wait() {
+    let root = tempfile::tempdir().unwrap();
+    let wal = open(root.path(), never());
+    fill(&wal, 10);
+    let seen = wal.truncations();
+    wal.truncate_suffix(Seq(5)).unwrap();
+    // The truncation came before the wait began: at once.
+    tokio::time::timeout(Duration::from_secs(60), wal.wait_for_or_cut(Seq(11), Some(seen))).await.unwrap();
+    // One during the wait wakes it.
+    let seen = wal.truncations();
+    let waiting = wal.clone();
+    let waiter = tokio::spawn(async move { waiting.wait_for_or_cut(Seq(11), Some(seen)).await });
+    tokio::task::yield_now().await;
+    wal.truncate_suffix(Seq(3)).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), waiter).await.unwrap().unwrap();
+}

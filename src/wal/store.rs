@@ -10,6 +10,7 @@ use crate::types::SpaceId;
 
 use super::config::{SyncPolicy, WalConfig};
 use super::error::{IoContext, WalError};
+use super::fs::sync_dir;
 use super::space::SpaceWal;
 use super::syncer::Syncer;
 use super::tail::TailBudget;
@@ -76,6 +77,11 @@ impl WalStore {
                 continue;
             };
             spaces.insert(SpaceWal::open_with(root, id, config.clone(), syncer.as_ref(), &tail_budget)?);
+        }
+        // The space folders' entries in the root: a previous run under `Never` may have created
+        // them without syncing it (each space syncs its own folder on open).
+        if config.fsyncs() {
+            sync_dir(root)?;
         }
         tracing::info!(root = %root.display(), spaces = spaces.opened.len(), "WAL store opened");
         let count = watch::Sender::new(spaces.opened.len());
