@@ -234,11 +234,16 @@ impl Replica {
             last_error: link.last_error.clone(),
             spaces: states
                 .iter()
-                .map(|s| ReplicaSpace {
-                    log: SpaceLog::of(&s.wal),
-                    applied_seq: Seq(s.applied.load(Ordering::Acquire)),
-                    catch_ups: s.catch_ups.load(Ordering::Relaxed),
-                    error: lock(&s.error).clone(),
+                .map(|s| {
+                    let log = SpaceLog::of(&s.wal);
+                    // Never past the log: a suffix truncation may have cut under it a moment ago.
+                    let applied_seq = Seq(s.applied.load(Ordering::Acquire)).min(log.last_seq);
+                    ReplicaSpace {
+                        log,
+                        applied_seq,
+                        catch_ups: s.catch_ups.load(Ordering::Relaxed),
+                        error: lock(&s.error).clone(),
+                    }
                 })
                 .collect(),
         }
