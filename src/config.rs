@@ -26,6 +26,14 @@ pub const DEFAULT_MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// ahead: about one stream window, so a stalled space costs bounded memory.
 pub const DEFAULT_MAX_UNACKED_BYTES: usize = 8 * 1024 * 1024;
 
+/// Frame bytes a primary keeps sent-but-not-durable per replica over all spaces together (frames
+/// of [`SMALL_FRAME_BYTES`] or less excepted): what bounds the frames a replica assembles at once
+/// when thousands of spaces catch up together. 64 MiB: the connection's receive window.
+pub const DEFAULT_MAX_REPLICA_INFLIGHT_BYTES: usize = 64 * 1024 * 1024;
+/// Frames up to this size ship without [`PrimaryConfig::max_replica_inflight_bytes`] credit, so
+/// live spaces' small frames never queue behind catch-up.
+pub const SMALL_FRAME_BYTES: usize = 64 * 1024;
+
 /// Why a configuration is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -80,6 +88,11 @@ pub struct PrimaryConfig {
     pub linger: Option<Duration>,
     /// Frame bytes sent and not yet durable per (space, replica) before shipping pauses.
     pub max_unacked_bytes: usize,
+    /// Frame bytes larger than [`SMALL_FRAME_BYTES`] sent and not yet durable per replica, all
+    /// spaces together: larger frames wait for credit above it. Bounds what a replica assembles
+    /// at once (each stream's frame is copied out of QUIC's buffers into its own) to this, plus
+    /// `SMALL_FRAME_BYTES` per space at most. Must hold the largest frame.
+    pub max_replica_inflight_bytes: usize,
     /// Lag above which a replica is "degraded".
     pub lag_threshold: Duration,
     /// Heartbeat timing.
@@ -110,6 +123,7 @@ impl PrimaryConfig {
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             linger: None,
             max_unacked_bytes: DEFAULT_MAX_UNACKED_BYTES,
+            max_replica_inflight_bytes: DEFAULT_MAX_REPLICA_INFLIGHT_BYTES,
             lag_threshold: DEFAULT_LAG_THRESHOLD,
             heartbeat: HeartbeatConfig::default(),
             transport: TransportSettings::default(),
@@ -129,6 +143,13 @@ impl PrimaryConfig {
             return Err(ConfigError(format!(
                 "max_batch_bytes {} (plus entry headers) exceeds the frame limit {}; lower it or raise limits.max_batch_bytes on both sides",
                 self.max_batch_bytes, self.limits.max_batch_bytes
+            )));
+        }
+        let largest_frame = self.limits.max_batch_bytes.saturating_add(crate::codec::batch::BATCH_HEADER_LEN);
+        if self.max_replica_inflight_bytes < largest_frame {
+            return Err(ConfigError(format!(
+                "max_replica_inflight_bytes {} is below the largest frame ({largest_frame} bytes): such a frame could never ship",
+                self.max_replica_inflight_bytes
             )));
         }
         check_heartbeat(&self.heartbeat)?;

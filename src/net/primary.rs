@@ -6,7 +6,7 @@
 //! memory tail for live data, its segments for catch-up) and never touch the write path: writers
 //! append to the WAL and return, whatever the replicas do.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,14 +14,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{Connection, SendStream};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::codec::batch::ENTRY_HEADER_LEN;
 use crate::codec::control::{ErrorCode, ErrorMessage, SpacePosition, SpaceRange, Welcome};
 use crate::codec::stream::{mux_preamble, StreamHeader};
 use crate::codec::{BatchEncoder, ControlMessage, PROTOCOL_VERSION};
-use crate::config::PrimaryConfig;
+use crate::config::{PrimaryConfig, SMALL_FRAME_BYTES};
 use crate::entry::now_us;
 use crate::net::error::NetError;
 use crate::net::framed::{control_writer, write_control, ControlReader};
@@ -68,6 +68,9 @@ struct Session {
     /// In single-stream mode: the queue of the one multiplexed stream; each item is a stream header
     /// followed by the pieces of one frame.
     mux: Option<mpsc::Sender<Vec<Bytes>>>,
+    /// Credit for frames larger than `SMALL_FRAME_BYTES` in flight to this replica, all spaces
+    /// together (`PrimaryConfig::max_replica_inflight_bytes`).
+    credit: Arc<Semaphore>,
 }
 
 /// Shared state of one (space, replica) shipper.
@@ -82,6 +85,19 @@ struct SpaceShip {
     halted: std::sync::atomic::AtomicBool,
     /// Suffix truncations of the space's log when the handshake compared it with the replica's.
     truncations: u64,
+    /// The session credit held by this space's large frames in flight, by last sequence: given
+    /// back as the replica acks them durable, or all at once when the stream restarts.
+    credits: Mutex<VecDeque<(Seq, OwnedSemaphorePermit)>>,
+}
+
+impl SpaceShip {
+    /// Gives back the credit of frames the replica acked durable up to `durable`.
+    fn release_credit(&self, durable: Seq) {
+        let mut credits = lock(&self.credits);
+        while credits.front().is_some_and(|(last, _)| *last <= durable) {
+            credits.pop_front();
+        }
+    }
 }
 
 impl Primary {
@@ -352,6 +368,7 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
         ))),
         control: control_tx,
         mux,
+        credit: Arc::new(Semaphore::new(shared.config.max_replica_inflight_bytes)),
     });
     let link = lock(&shared.replicas)
         .entry(name.clone())
@@ -474,6 +491,21 @@ impl FrameSink {
         }
     }
 
+    /// Resolves when the replica stops this space's stream, with the code it gave (`None` if the
+    /// connection went away). Never for the multiplexed stream: trouble there closes the connection.
+    fn stopped(&self) -> impl std::future::Future<Output = Option<quinn::VarInt>> + 'static {
+        let stopped = match self {
+            FrameSink::Stream(send) => Some(send.stopped()),
+            FrameSink::Mux(_) => None,
+        };
+        async move {
+            match stopped {
+                Some(f) => f.await.ok().flatten(),
+                None => std::future::pending().await,
+            }
+        }
+    }
+
     /// Abandons what was sent on a space's own stream (a catch-up restarts it elsewhere).
     fn reset(&mut self) {
         if let FrameSink::Stream(send) = self {
@@ -515,6 +547,7 @@ async fn control_reader(shared: Arc<Shared>, session: Arc<Session>, mut control:
                         continue;
                     }
                     lock(&ship.progress).on_ack(a.durable, a.applied);
+                    ship.release_credit(a.durable);
                     ship.acked.notify_one();
                 }
             }
@@ -615,6 +648,7 @@ fn start_shippers(
             error: Mutex::new(None),
             halted: std::sync::atomic::AtomicBool::new(false),
             truncations,
+            credits: Mutex::new(VecDeque::new()),
         });
         lock(&session.spaces).insert(wal.space().clone(), ship.clone());
         match start {
@@ -687,6 +721,8 @@ async fn ship_space(shared: Arc<Shared>, session: Arc<Session>, wal: SpaceWal, s
     let mut from = start;
     loop {
         lock(&ship.progress).restart_from(from);
+        // What was in flight went down a stream that is gone.
+        lock(&ship.credits).clear();
         match ship_stream(&session, &wal, &ship, &mut encoder, &mut restart, from, cfg).await {
             Ok(Interrupt::Restart(seq)) => from = seq,
             Ok(Interrupt::Closed) => return,
@@ -751,6 +787,8 @@ async fn ship_stream(
             tokio::select! {
                 _ = acked => {}
                 r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
+                // Stopped while waiting: no ack will come for what is in flight.
+                code = sink.stopped() => return Ok(stopped_by_replica(ship, restart, code).await),
             }
         }
         let next = lock(&ship.progress).next_to_send();
@@ -784,23 +822,30 @@ async fn ship_stream(
         let mut frame = Vec::with_capacity(4);
         let len = encoder.encode_parts(wal.space(), &entries, &mut frame)?;
         drop(entries);
+        // A large frame waits for the replica's session credit; a small one goes at once.
+        let credit = match len > SMALL_FRAME_BYTES {
+            true => tokio::select! {
+                permit = session.credit.clone().acquire_many_owned(u32::try_from(len).unwrap_or(u32::MAX)) => match permit {
+                    Ok(p) => Some(p),
+                    Err(_) => return Ok(Interrupt::Closed),
+                },
+                r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
+                code = sink.stopped() => return Ok(stopped_by_replica(ship, restart, code).await),
+            },
+            false => None,
+        };
         tokio::select! {
             r = sink.send(wal.space(), first, frame) => match r {
                 Ok(()) => {}
-                // The replica stopped the stream: for a catch-up, the request is on its way; for
-                // anything else (it could not store the space, say) nothing will come, so resume
-                // from its durable position after a pause.
-                Err(quinn::WriteError::Stopped(code)) => {
-                    if code != stream_code::CATCH_UP && !ship.halted.load(Ordering::Acquire) {
-                        *lock(&ship.error) = Some(format!("replica stopped the stream (code {code}); retrying"));
-                    }
-                    return Ok(pause(ship, restart, || !ship.halted.load(Ordering::Acquire)).await);
-                }
+                Err(quinn::WriteError::Stopped(code)) => return Ok(stopped_by_replica(ship, restart, Some(code)).await),
                 Err(e) => return Err(e.into()),
             },
             r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
         }
         lock(&ship.progress).on_sent(first, last, len);
+        if let Some(permit) = credit {
+            lock(&ship.credits).push_back((last, permit));
+        }
     }
 }
 
@@ -839,6 +884,22 @@ impl<'a> Shippable<'a> {
             None => self.wal.wait_for(seq).await,
         }
     }
+}
+
+/// The replica stopped the space's stream (`code`; `None` if the connection went): for a catch-up,
+/// the request is on its way; for anything else (it could not store the space, say) nothing will
+/// come, so shipping resumes from its durable position after a pause.
+async fn stopped_by_replica(
+    ship: &SpaceShip,
+    restart: &mut watch::Receiver<Seq>,
+    code: Option<quinn::VarInt>,
+) -> Interrupt {
+    if let Some(code) = code.filter(|c| *c != stream_code::CATCH_UP) {
+        if !ship.halted.load(Ordering::Acquire) {
+            *lock(&ship.error) = Some(format!("replica stopped the stream (code {code}); retrying"));
+        }
+    }
+    pause(ship, restart, || !ship.halted.load(Ordering::Acquire)).await
 }
 
 /// Waits for a catch-up request (a restart from the sequence it names), or for [`STOPPED_RETRY`]
