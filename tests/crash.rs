@@ -122,6 +122,25 @@ async fn replication_under_interval_fsyncs_converges() {
     primary.shutdown().await;
 }
 
+/// Restarts a stopped primary as one that lost entries 6..=10 of `space` (power loss) and wrote
+/// other entries at 6..=12 since.
+async fn restart_with_a_new_tail(c: &Cluster, addr: std::net::SocketAddr, space: &SpaceId) -> Primary {
+    {
+        let store = WalStore::open(&c.path("primary"), c.primary_config(addr).wal).unwrap();
+        store.space(space).unwrap().truncate_suffix(Seq(5)).unwrap();
+    }
+    let primary = c.primary_at(addr).await;
+    for i in 6..=12u64 {
+        primary.append(space, 1, Bytes::from(format!("new-{i}"))).unwrap();
+    }
+    primary
+}
+
+/// What a hook must be told of the new entries 6..=12.
+fn new_tail_applied() -> Vec<Told> {
+    (6..=12).map(|i| Told::Applied(i, Bytes::from(format!("new-{i}")))).collect()
+}
+
 /// What an apply hook was told, in order.
 #[derive(Debug, Clone, PartialEq)]
 enum Told {
@@ -161,14 +180,7 @@ async fn a_suffix_truncation_rolls_the_hook_back_and_it_sees_the_new_entries() {
     wait_for("10 applied", || told.lock().unwrap().len() == 10).await;
     primary.shutdown().await;
     // The primary lost 6..=10 and, restarted, writes other entries there.
-    {
-        let store = WalStore::open(&c.path("primary"), c.primary_config(addr).wal).unwrap();
-        store.space(&sp[0]).unwrap().truncate_suffix(Seq(5)).unwrap();
-    }
-    let primary = c.primary_at(addr).await;
-    for i in 6..=12u64 {
-        primary.append(&sp[0], 1, Bytes::from(format!("new-{i}"))).unwrap();
-    }
+    let primary = restart_with_a_new_tail(&c, addr, &sp[0]).await;
     wait_for("Diverged", || {
         r.status().spaces.iter().any(|s| s.error.as_deref().is_some_and(|e| e.contains("Diverged")))
     })
@@ -179,7 +191,7 @@ async fn a_suffix_truncation_rolls_the_hook_back_and_it_sees_the_new_entries() {
     wait_for("the new entries applied", || told.lock().unwrap().len() == 10 + 1 + 7).await;
     let told = told.lock().unwrap().clone();
     assert_eq!(told[10], Told::Truncated(5));
-    let after: Vec<Told> = (6..=12).map(|i| Told::Applied(i, Bytes::from(format!("new-{i}")))).collect();
+    let after = new_tail_applied();
     assert_eq!(told[11..], after[..]);
     assert!(identical(&primary, &r));
     r.shutdown().await;
@@ -199,14 +211,7 @@ async fn a_suffix_truncation_right_after_a_restart_still_rolls_the_hook_back() {
     converge(&primary, &[&r]).await;
     r.shutdown().await;
     primary.shutdown().await;
-    {
-        let store = WalStore::open(&c.path("primary"), c.primary_config(addr).wal).unwrap();
-        store.space(&sp[0]).unwrap().truncate_suffix(Seq(5)).unwrap();
-    }
-    let primary = c.primary_at(addr).await;
-    for i in 6..=12u64 {
-        primary.append(&sp[0], 1, Bytes::from(format!("new-{i}"))).unwrap();
-    }
+    let primary = restart_with_a_new_tail(&c, addr, &sp[0]).await;
     let told = Arc::new(Mutex::new(Vec::new()));
     let hook = Arc::new(Recorder(told.clone()));
     let r = Replica::start_with_hook(c.replica_config("replica-1", addr), c.ca.issue("replica-1").unwrap(), Some(hook))
@@ -218,7 +223,7 @@ async fn a_suffix_truncation_right_after_a_restart_still_rolls_the_hook_back() {
     wait_for("the new entries applied", || told.lock().unwrap().len() == 1 + 7).await;
     let told = told.lock().unwrap().clone();
     assert_eq!(told[0], Told::Truncated(5));
-    let after: Vec<Told> = (6..=12).map(|i| Told::Applied(i, Bytes::from(format!("new-{i}")))).collect();
+    let after = new_tail_applied();
     assert_eq!(told[1..], after[..]);
     assert!(identical(&primary, &r));
     r.shutdown().await;
