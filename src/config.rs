@@ -34,6 +34,10 @@ pub const DEFAULT_MAX_REPLICA_INFLIGHT_BYTES: usize = 64 * 1024 * 1024;
 /// live spaces' small frames never queue behind catch-up.
 pub const SMALL_FRAME_BYTES: usize = 64 * 1024;
 
+/// The largest in-flight credit a replica accepts from a primary (see
+/// [`ReplicaConfig::max_assembly_bytes`]).
+pub const DEFAULT_MAX_ASSEMBLY_BYTES: usize = 256 * 1024 * 1024;
+
 /// Why a configuration is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -188,6 +192,12 @@ pub struct ReplicaConfig {
     pub transport: TransportSettings,
     /// Bounds on frames (must match the primary's).
     pub limits: FrameLimits,
+    /// The largest in-flight credit (`PrimaryConfig::max_replica_inflight_bytes`) this replica
+    /// accepts from a primary; a primary announcing more is refused at the handshake. The replica
+    /// closes the connection of a primary that has more than twice its credit of large frames
+    /// being received at once, so this bounds the memory of frames in assembly (twice this,
+    /// plus `SMALL_FRAME_BYTES` per stream). Default 256 MiB.
+    pub max_assembly_bytes: usize,
 }
 
 impl ReplicaConfig {
@@ -211,6 +221,7 @@ impl ReplicaConfig {
             ack_interval: Duration::from_millis(10),
             transport: TransportSettings::default(),
             limits: FrameLimits::default(),
+            max_assembly_bytes: DEFAULT_MAX_ASSEMBLY_BYTES,
         }
     }
 

@@ -43,6 +43,7 @@ async fn corrupted_frame_is_recovered_by_catch_up_without_disturbing_other_space
             SpaceRange { space: good.clone(), first_seq: Seq(1), last_seq: Seq(100) },
             SpaceRange { space: bad.clone(), first_seq: Seq(1), last_seq: Seq(30) },
         ],
+        max_inflight_bytes: walship::config::DEFAULT_MAX_REPLICA_INFLIGHT_BYTES as u64,
     });
     send.write_all(&welcome.encode().unwrap()).await.unwrap();
     let mut enc = BatchEncoder::new(NodeId::from_name("primary"), Compression::Lz4).with_min_compress_bytes(0);

@@ -88,6 +88,9 @@ pub struct Welcome {
     pub epoch: Epoch,
     /// Range held for every space.
     pub spaces: Vec<SpaceRange>,
+    /// Frame bytes over `SMALL_FRAME_BYTES` the primary keeps in flight to this replica, all spaces
+    /// together (`PrimaryConfig::max_replica_inflight_bytes`): the replica holds it to that.
+    pub max_inflight_bytes: u64,
 }
 
 /// A replica's positions for one space.
@@ -223,6 +226,7 @@ mod tests {
                 primary_name: "primary".into(),
                 epoch: Epoch(2),
                 spaces: vec![SpaceRange { space: sid("a"), first_seq: Seq(1), last_seq: Seq(20) }],
+                max_inflight_bytes: 64 << 20,
             }),
             ControlMessage::Ack(Ack { spaces: vec![SpaceAck { space: sid("b"), durable: Seq(4), applied: Seq(3) }] }),
             ControlMessage::CatchUp(CatchUp { space: sid("c"), from_seq: Seq(8), reason: "gap".into() }),

@@ -1,12 +1,15 @@
 //! Framing over quinn streams: whole control messages and whole batch frames, checked before they
 //! are parsed (nothing is buffered for a length above the limits).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
 
 use crate::codec::batch::{BatchHeader, FrameLimits, BATCH_HEADER_LEN};
 use crate::codec::stream::{check_mux_preamble, StreamHeader, StreamKind, MUX_PREAMBLE_LEN, STREAM_HEADER_LEN};
 use crate::codec::{BatchDecoder, ControlMessage, DecodedBatch};
+use crate::config::SMALL_FRAME_BYTES;
 use crate::net::error::NetError;
 
 /// Reads control messages off a stream.
@@ -96,15 +99,60 @@ pub(crate) async fn read_mux_header(recv: &mut RecvStream) -> Result<Option<Stre
 
 /// Reads one batch frame: the header is validated against the limits before the payload is read.
 /// `Ok(None)` when the stream ended cleanly between frames.
-pub(crate) async fn read_batch(
+pub(crate) async fn read_batch<'b>(
     recv: &mut RecvStream,
     decoder: &mut BatchDecoder,
-) -> Result<Option<DecodedBatch>, NetError> {
+    assembly: &'b AssemblyBudget,
+) -> Result<Option<(DecodedBatch, Option<Assembling<'b>>)>, NetError> {
     let Some(h) = read_array_or_end::<BATCH_HEADER_LEN>(recv).await? else { return Ok(None) };
     let limits: FrameLimits = *decoder.limits();
     let header = BatchHeader::decode(&h, &limits)?;
+    let frame = BATCH_HEADER_LEN + header.payload_len as usize;
+    let held = match frame > SMALL_FRAME_BYTES {
+        true => Some(assembly.reserve(frame)?),
+        false => None,
+    };
     let payload = read_exactly(recv, header.payload_len as usize).await?;
-    Ok(Some(decoder.decode_payload(header, payload)?))
+    Ok(Some((decoder.decode_payload(header, payload)?, held)))
+}
+
+/// The bytes of large frames (over `SMALL_FRAME_BYTES`) a replica is receiving or applying on one
+/// connection. Each stream copies its frame out of QUIC's buffers, so the connection window does
+/// not bound their sum; the primary's credit does (`PrimaryConfig::max_replica_inflight_bytes`,
+/// announced in the welcome), and this holds it to that: past the limit, the peer is misbehaving.
+pub(crate) struct AssemblyBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+/// A frame's share of an [`AssemblyBudget`], given back when dropped (applied, or abandoned).
+pub(crate) struct Assembling<'b> {
+    budget: &'b AssemblyBudget,
+    bytes: usize,
+}
+
+impl AssemblyBudget {
+    pub(crate) fn new(limit: usize) -> AssemblyBudget {
+        AssemblyBudget { used: AtomicUsize::new(0), limit }
+    }
+
+    fn reserve(&self, bytes: usize) -> Result<Assembling<'_>, NetError> {
+        let used = self.used.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let held = Assembling { budget: self, bytes };
+        if used > self.limit {
+            return Err(NetError::Protocol(format!(
+                "the primary sent more large frames at once than its credit allows ({used} bytes in assembly, limit {})",
+                self.limit
+            )));
+        }
+        Ok(held)
+    }
+}
+
+impl Drop for Assembling<'_> {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// Reads exactly `len` bytes, without copying when quinn hands them over in one chunk.

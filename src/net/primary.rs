@@ -397,6 +397,7 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
             .iter()
             .map(|w| SpaceRange { space: w.space().clone(), first_seq: w.first_seq(), last_seq: w.last_seq() })
             .collect(),
+        max_inflight_bytes: shared.config.max_replica_inflight_bytes as u64,
     };
     write_control(&mut send, &ControlMessage::Welcome(welcome)).await?;
     tracing::info!(replica = %name, addr = %conn.remote_address(), spaces = positions.len(), "replica connected");

@@ -25,7 +25,7 @@ use crate::entry::Entry;
 use crate::net::error::NetError;
 use crate::net::framed::{
     control_writer, read_batch, read_mux_header, read_mux_preamble_rest, read_stream_header_rest, read_stream_kind,
-    write_control, ControlReader,
+    write_control, AssemblyBudget, ControlReader,
 };
 use crate::net::heartbeat::{self, store_summary};
 use crate::net::status::{ConnectionState, PrimaryHeartbeat, ReplicaSpace, ReplicaStatus, SpaceLog};
@@ -113,6 +113,8 @@ struct Session {
     primary_id: NodeId,
     epoch: Epoch,
     control: mpsc::UnboundedSender<ControlMessage>,
+    /// Large frames being received or applied, held to twice the primary's announced credit.
+    assembly: Arc<AssemblyBudget>,
 }
 
 impl Replica {
@@ -411,6 +413,14 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
         conn.close(close::PROTOCOL, b"unsupported protocol version");
         return Err(NetError::Protocol(format!("primary speaks protocol {}", welcome.protocol_version)));
     }
+    let credit = usize::try_from(welcome.max_inflight_bytes).unwrap_or(usize::MAX);
+    if credit > shared.config.max_assembly_bytes {
+        conn.close(close::PROTOCOL, b"in-flight credit above this replica's max_assembly_bytes");
+        return Err(NetError::Protocol(format!(
+            "the primary keeps up to {credit} bytes of large frames in flight, above this replica's max_assembly_bytes {}: lower the primary's max_replica_inflight_bytes or raise it here",
+            shared.config.max_assembly_bytes
+        )));
+    }
     let known_epoch = lock(&shared.link).epoch;
     if welcome.epoch < known_epoch {
         conn.close(close::PROTOCOL, b"stale epoch");
@@ -438,6 +448,9 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
         liveness: liveness.clone(),
         primary_id: welcome.primary_id,
         epoch: welcome.epoch,
+        // Twice the credit: a stream reset for a catch-up may still hold its partial frame here
+        // for a moment after the primary took its credit back and sent new frames.
+        assembly: Arc::new(AssemblyBudget::new(credit.saturating_mul(2))),
         control: control_tx,
     };
     let mut tasks = JoinSet::new();
@@ -631,10 +644,15 @@ async fn receive_batches(
     }
     let mut decoder = BatchDecoder::new(shared.config.limits);
     loop {
-        let batch = match read_batch(recv, &mut decoder).await {
+        let (batch, _assembling) = match read_batch(recv, &mut decoder, &session.assembly).await {
             Ok(Some(b)) => b,
             Ok(None) => return StreamEnd::Done,
             Err(NetError::Decode(e)) => return StreamEnd::CatchUp(format!("bad frame: {e}")),
+            Err(NetError::Protocol(reason)) => {
+                tracing::warn!(space = %wal.space(), %reason, "closing the connection");
+                session.conn.close(close::PROTOCOL, b"frames beyond the in-flight credit");
+                return StreamEnd::Done;
+            }
             Err(e) => {
                 tracing::debug!(space = %wal.space(), error = %e, "stream ended");
                 return StreamEnd::Done;
@@ -673,7 +691,9 @@ async fn receive_mux_stream(
     read_mux_preamble_rest(recv, magic).await?;
     let mut decoder = BatchDecoder::new(shared.config.limits);
     while let Some(header) = read_mux_header(recv).await? {
-        let batch = read_batch(recv, &mut decoder).await?.ok_or(NetError::UnexpectedEnd("multiplexed frame"))?;
+        let (batch, _assembling) = read_batch(recv, &mut decoder, &session.assembly)
+            .await?
+            .ok_or(NetError::UnexpectedEnd("multiplexed frame"))?;
         if batch.header.start_seq != header.start_seq {
             return Err(NetError::Protocol(format!(
                 "mux header says {} starts at {}, the frame at {}",
