@@ -4,15 +4,12 @@
 
 mod common;
 
-use std::time::Duration;
-
 use bytes::{Bytes, BytesMut};
 use common::*;
 use walship::codec::control::{SpaceRange, Welcome};
 use walship::codec::{BatchEncoder, Compression, ControlMessage, StreamHeader, PROTOCOL_VERSION};
 use walship::entry::{Entry, LogDigest};
-use walship::net::endpoint::{server_endpoint, TransportSettings};
-use walship::{Epoch, NodeId, Replica, Seq, SpaceId};
+use walship::{Epoch, NodeId, Seq, SpaceId};
 
 fn entries(space: &SpaceId, from: u64, to: u64) -> Vec<Entry> {
     (from..=to).map(|i| Entry::new(Seq(i), Epoch(1), 1_000 + i, 0, payload(space, i))).collect()
@@ -21,18 +18,9 @@ fn entries(space: &SpaceId, from: u64, to: u64) -> Vec<Entry> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_frame_is_recovered_by_catch_up_without_disturbing_other_spaces() {
     let c = Cluster::new();
-    let endpoint =
-        server_endpoint("127.0.0.1:0".parse().unwrap(), &c.ca.issue("primary").unwrap(), &TransportSettings::default())
-            .unwrap();
-    let mut cfg = c.replica_config("replica-1", endpoint.local_addr().unwrap());
-    // This hand-driven primary sends no heartbeats.
-    cfg.heartbeat.timeout = Duration::from_secs(120);
-    let replica = Replica::start(cfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
-
-    let conn = endpoint.accept().await.unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    let HandDrivenPrimary { replica, endpoint: _endpoint, conn, mut send, mut recv } =
+        hand_driven_primary(&c, |_| {}).await;
     let mut buf = BytesMut::new();
-    assert!(matches!(next_control(&mut recv, &mut buf).await, ControlMessage::Hello(_)));
     let (good, bad) = (SpaceId::new("good").unwrap(), SpaceId::new("bad").unwrap());
     let welcome = ControlMessage::Welcome(Welcome {
         protocol_version: PROTOCOL_VERSION,

@@ -5,15 +5,12 @@
 
 mod common;
 
-use std::time::Duration;
-
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use common::*;
 use walship::codec::control::{SpaceRange, Welcome};
 use walship::codec::{ControlMessage, StreamHeader, PROTOCOL_VERSION};
 use walship::net::close;
-use walship::net::endpoint::{server_endpoint, TransportSettings};
-use walship::{Epoch, NodeId, Replica, Seq, SpaceId};
+use walship::{Epoch, NodeId, Seq, SpaceId};
 
 /// A valid batch header (no compression, one entry) announcing `len` payload bytes from seq 1.
 fn frame_header(space: &SpaceId, len: u32) -> Vec<u8> {
@@ -38,18 +35,7 @@ async fn frames_beyond_the_announced_credit_close_the_connection() {
     const LEN: u32 = 3 << 20;
     const CREDIT: u64 = 4 << 20;
     let c = Cluster::new();
-    let endpoint =
-        server_endpoint("127.0.0.1:0".parse().unwrap(), &c.ca.issue("primary").unwrap(), &TransportSettings::default())
-            .unwrap();
-    let mut cfg = c.replica_config("replica-1", endpoint.local_addr().unwrap());
-    // This hand-driven primary sends no heartbeats.
-    cfg.heartbeat.timeout = Duration::from_secs(120);
-    let replica = Replica::start(cfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
-
-    let conn = endpoint.accept().await.unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-    let mut buf = BytesMut::new();
-    assert!(matches!(next_control(&mut recv, &mut buf).await, ControlMessage::Hello(_)));
+    let HandDrivenPrimary { replica, endpoint: _endpoint, conn, mut send, .. } = hand_driven_primary(&c, |_| {}).await;
     let spaces: Vec<SpaceId> = (0..STREAMS).map(|i| SpaceId::new(&format!("s-{i}")).unwrap()).collect();
     let welcome = ControlMessage::Welcome(Welcome {
         protocol_version: PROTOCOL_VERSION,
@@ -86,16 +72,8 @@ async fn frames_beyond_the_announced_credit_close_the_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credit_above_max_assembly_bytes_is_refused() {
     let c = Cluster::new();
-    let endpoint =
-        server_endpoint("127.0.0.1:0".parse().unwrap(), &c.ca.issue("primary").unwrap(), &TransportSettings::default())
-            .unwrap();
-    let mut cfg = c.replica_config("replica-1", endpoint.local_addr().unwrap());
-    cfg.max_assembly_bytes = 1 << 20;
-    let replica = Replica::start(cfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
-    let conn = endpoint.accept().await.unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-    let mut buf = BytesMut::new();
-    assert!(matches!(next_control(&mut recv, &mut buf).await, ControlMessage::Hello(_)));
+    let HandDrivenPrimary { replica, endpoint: _endpoint, conn, mut send, .. } =
+        hand_driven_primary(&c, |cfg| cfg.max_assembly_bytes = 1 << 20).await;
     let welcome = ControlMessage::Welcome(Welcome {
         protocol_version: PROTOCOL_VERSION,
         primary_id: NodeId::from_name("primary"),

@@ -162,3 +162,31 @@ pub async fn next_control(recv: &mut quinn::RecvStream, buf: &mut bytes::BytesMu
         buf.extend_from_slice(&chunk.bytes);
     }
 }
+
+/// A hand-driven primary: an endpoint a replica (configured by `tweak`) dials, the connection, and
+/// its control stream once the replica's hello has been read. It sends no heartbeats, so the
+/// replica's dead-peer timeout is set long.
+pub struct HandDrivenPrimary {
+    pub replica: Replica,
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+pub async fn hand_driven_primary(c: &Cluster, tweak: impl FnOnce(&mut ReplicaConfig)) -> HandDrivenPrimary {
+    use walship::net::endpoint::{server_endpoint, TransportSettings};
+    let endpoint =
+        server_endpoint("127.0.0.1:0".parse().unwrap(), &c.ca.issue("primary").unwrap(), &TransportSettings::default())
+            .unwrap();
+    let mut cfg = c.replica_config("replica-1", endpoint.local_addr().unwrap());
+    cfg.heartbeat.timeout = Duration::from_secs(120);
+    tweak(&mut cfg);
+    let replica = Replica::start(cfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
+    let conn = endpoint.accept().await.unwrap().await.unwrap();
+    let (send, mut recv) = conn.accept_bi().await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let hello = next_control(&mut recv, &mut buf).await;
+    assert!(matches!(hello, walship::codec::ControlMessage::Hello(_)), "{hello:?}");
+    HandDrivenPrimary { replica, endpoint, conn, send, recv }
+}
