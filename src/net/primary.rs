@@ -907,6 +907,9 @@ async fn stopped_by_replica(
 /// after which, if `may_retry` still says so, shipping resumes from the replica's durable position;
 /// `Closed` when the session ends.
 async fn pause(ship: &SpaceShip, restart: &mut watch::Receiver<Seq>, may_retry: impl Fn() -> bool) -> Interrupt {
+    // The space's stream is stopped or abandoned: no frame of it is being received any more, and
+    // a halted space may wait here for long. Its credit must not stall the other spaces meanwhile.
+    lock(&ship.credits).clear();
     let retry = async {
         tokio::time::sleep(STOPPED_RETRY).await;
         if !may_retry() {
