@@ -107,7 +107,9 @@ pub(crate) async fn read_batch<'b>(
     let Some(h) = read_array_or_end::<BATCH_HEADER_LEN>(recv).await? else { return Ok(None) };
     let limits: FrameLimits = *decoder.limits();
     let header = BatchHeader::decode(&h, &limits)?;
-    let frame = BATCH_HEADER_LEN + header.payload_len as usize;
+    // What the frame costs while it is received and applied: its decompressed size (the same
+    // charge the primary takes its credit for).
+    let frame = BATCH_HEADER_LEN + header.payload_len.max(header.uncompressed_len) as usize;
     let held = match frame > SMALL_FRAME_BYTES {
         true => Some(assembly.reserve(frame)?),
         false => None,
@@ -134,6 +136,11 @@ pub(crate) struct Assembling<'b> {
 impl AssemblyBudget {
     pub(crate) fn new(limit: usize) -> AssemblyBudget {
         AssemblyBudget { used: AtomicUsize::new(0), limit }
+    }
+
+    /// Bytes in assembly now.
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
     }
 
     fn reserve(&self, bytes: usize) -> Result<Assembling<'_>, NetError> {

@@ -17,12 +17,12 @@ use quinn::{Connection, SendStream};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::codec::batch::ENTRY_HEADER_LEN;
+use crate::codec::batch::{BATCH_HEADER_LEN, ENTRY_HEADER_LEN};
 use crate::codec::control::{ErrorCode, ErrorMessage, SpacePosition, SpaceRange, Welcome};
 use crate::codec::stream::{mux_preamble, StreamHeader};
 use crate::codec::{BatchEncoder, ControlMessage, PROTOCOL_VERSION};
 use crate::config::{PrimaryConfig, SMALL_FRAME_BYTES};
-use crate::entry::now_us;
+use crate::entry::{now_us, Entry};
 use crate::net::error::NetError;
 use crate::net::framed::{control_writer, write_control, ControlReader};
 use crate::net::heartbeat::{self, store_summary};
@@ -798,6 +798,7 @@ async fn ship_stream(
             tokio::select! {
                 _ = shippable.wait_for(next) => {}
                 r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
+                code = sink.stopped() => return Ok(stopped_by_replica(ship, restart, code).await),
             }
             if let Some(linger) = cfg.linger {
                 tokio::time::sleep(linger).await;
@@ -817,24 +818,38 @@ async fn ship_stream(
         if let Some(cut) = entries.iter().position(|e| e.epoch != entries[0].epoch) {
             entries.truncate(cut);
         }
+        // A large frame takes the replica's session credit: at once if there is enough; if not, a
+        // small frame goes without it (so a live space never queues behind catch-up), and only an
+        // entry too large for a small frame alone waits for credit.
+        let credit = match frame_charge(&entries) > SMALL_FRAME_BYTES {
+            false => None,
+            true => match session.credit.clone().try_acquire_many_owned(credit_units(frame_charge(&entries))) {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    let fits = small_frame_prefix(&entries);
+                    if fits > 0 {
+                        entries.truncate(fits);
+                        None
+                    } else {
+                        let units = credit_units(frame_charge(&entries));
+                        tokio::select! {
+                            permit = session.credit.clone().acquire_many_owned(units) => match permit {
+                                Ok(p) => Some(p),
+                                Err(_) => return Ok(Interrupt::Closed),
+                            },
+                            r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
+                            code = sink.stopped() => return Ok(stopped_by_replica(ship, restart, code).await),
+                        }
+                    }
+                }
+            },
+        };
         let (Some(first), Some(last)) = (entries.first().map(|e| e.seq), entries.last().map(|e| e.seq)) else {
             continue;
         };
         let mut frame = Vec::with_capacity(4);
         let len = encoder.encode_parts(wal.space(), &entries, &mut frame)?;
         drop(entries);
-        // A large frame waits for the replica's session credit; a small one goes at once.
-        let credit = match len > SMALL_FRAME_BYTES {
-            true => tokio::select! {
-                permit = session.credit.clone().acquire_many_owned(u32::try_from(len).unwrap_or(u32::MAX)) => match permit {
-                    Ok(p) => Some(p),
-                    Err(_) => return Ok(Interrupt::Closed),
-                },
-                r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
-                code = sink.stopped() => return Ok(stopped_by_replica(ship, restart, code).await),
-            },
-            false => None,
-        };
         tokio::select! {
             r = sink.send(wal.space(), first, frame) => match r {
                 Ok(()) => {}
@@ -845,9 +860,37 @@ async fn ship_stream(
         }
         lock(&ship.progress).on_sent(first, last, len);
         if let Some(permit) = credit {
-            lock(&ship.credits).push_back((last, permit));
+            // An ack may have covered this frame already (the replica held its entries): then
+            // nothing is in flight for it, and no later ack would give the credit back.
+            let mut credits = lock(&ship.credits);
+            if last > lock(&ship.progress).durable() {
+                credits.push_back((last, permit));
+            }
         }
     }
+}
+
+/// What a frame of `entries` costs against the replica's in-flight credit: its size once
+/// decompressed (header and entries), which is what the replica holds while it applies it.
+fn frame_charge(entries: &[Entry]) -> usize {
+    BATCH_HEADER_LEN + BatchEncoder::payload_len(entries)
+}
+
+/// Semaphore units for `bytes` (a frame is far below `u32::MAX`; saturate rather than wrap).
+fn credit_units(bytes: usize) -> u32 {
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
+/// How many of `entries` fit in a frame that needs no credit (0 if the first alone does not).
+fn small_frame_prefix(entries: &[Entry]) -> usize {
+    let mut size = BATCH_HEADER_LEN;
+    entries
+        .iter()
+        .take_while(|e| {
+            size += ENTRY_HEADER_LEN + e.payload.len();
+            size <= SMALL_FRAME_BYTES
+        })
+        .count()
 }
 
 /// How far a shipper may go: only entries durable on this node, so that a primary that loses power

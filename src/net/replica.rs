@@ -102,6 +102,8 @@ struct LinkState {
     last_error: Option<String>,
     connections: u64,
     liveness: Option<Arc<Mutex<Liveness>>>,
+    /// The current session's large frames in assembly.
+    assembly: Option<Arc<AssemblyBudget>>,
 }
 
 /// What one connection knows of its primary.
@@ -179,6 +181,7 @@ impl Replica {
                 last_error: None,
                 connections: 0,
                 liveness: None,
+                assembly: None,
             }),
             ack_needed: Notify::new(),
             unacked: Mutex::new(HashMap::new()),
@@ -234,6 +237,7 @@ impl Replica {
             }),
             reconnects: link.connections.saturating_sub(1),
             last_error: link.last_error.clone(),
+            assembling_bytes: link.assembly.as_ref().map_or(0, |a| a.used() as u64),
             spaces: states
                 .iter()
                 .map(|s| {
@@ -431,6 +435,9 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
     }
     let liveness =
         Arc::new(Mutex::new(Liveness::new(tokio::time::Instant::now().into_std(), shared.config.heartbeat.timeout)));
+    // Twice the credit: a stream reset for a catch-up may still hold its partial frame here for a
+    // moment after the primary took its credit back and sent new frames.
+    let assembly = Arc::new(AssemblyBudget::new(credit.saturating_mul(2)));
     {
         let mut link = lock(&shared.link);
         link.primary = Some(welcome.primary_name.clone());
@@ -438,6 +445,7 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
         link.connections += 1;
         link.liveness = Some(liveness.clone());
         link.conn = Some(conn.clone());
+        link.assembly = Some(assembly.clone());
     }
     shared.set_state(ConnectionState::Connected, None);
     tracing::info!(primary = %welcome.primary_name, epoch = %welcome.epoch, "connected to the primary");
@@ -448,9 +456,7 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
         liveness: liveness.clone(),
         primary_id: welcome.primary_id,
         epoch: welcome.epoch,
-        // Twice the credit: a stream reset for a catch-up may still hold its partial frame here
-        // for a moment after the primary took its credit back and sent new frames.
-        assembly: Arc::new(AssemblyBudget::new(credit.saturating_mul(2))),
+        assembly,
         control: control_tx,
     };
     let mut tasks = JoinSet::new();

@@ -196,6 +196,9 @@ pub struct ReplicaStatus {
     pub reconnects: u64,
     /// Last connection error, if the replica is not connected.
     pub last_error: Option<String>,
+    /// Bytes of large frames (over 64 KiB decompressed) being received or applied on the current
+    /// connection, held to twice the primary's announced in-flight credit.
+    pub assembling_bytes: u64,
     /// Every space.
     pub spaces: Vec<ReplicaSpace>,
 }
