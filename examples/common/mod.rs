@@ -120,10 +120,13 @@ pub fn spawn_writer(
             for _ in 0..burst {
                 let wal = &spaces[(written % spaces.len() as u64) as usize];
                 let payload = gen.next_payload();
-                let t = Instant::now();
+                // Read the clock only when appends are timed (demo and primary do not).
+                let t = hist.is_some().then(Instant::now);
                 wal.append(epoch, 1, payload).map_err(|e| e.to_string())?;
-                if let Some(h) = hist.as_mut().filter(|_| start.elapsed() >= timed_from) {
-                    h.saturating_record(t.elapsed().as_nanos() as u64);
+                if let (Some(h), Some(t)) = (hist.as_mut(), t) {
+                    if t.duration_since(start) >= timed_from {
+                        h.saturating_record(t.elapsed().as_nanos() as u64);
+                    }
                 }
                 written += 1;
             }

@@ -821,29 +821,25 @@ async fn ship_stream(
         // A large frame takes the replica's session credit: at once if there is enough; if not, a
         // small frame goes without it (so a live space never queues behind catch-up), and only an
         // entry too large for a small frame alone waits for credit.
-        let credit = match frame_charge(&entries) > SMALL_FRAME_BYTES {
-            false => None,
-            true => match session.credit.clone().try_acquire_many_owned(credit_units(frame_charge(&entries))) {
-                Ok(permit) => Some(permit),
-                Err(_) => {
-                    let fits = small_frame_prefix(&entries);
-                    if fits > 0 {
-                        entries.truncate(fits);
-                        None
-                    } else {
-                        let units = credit_units(frame_charge(&entries));
-                        tokio::select! {
-                            permit = session.credit.clone().acquire_many_owned(units) => match permit {
-                                Ok(p) => Some(p),
-                                Err(_) => return Ok(Interrupt::Closed),
-                            },
-                            r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
-                            code = sink.stopped() => return Ok(stopped_by_replica(ship, restart, code).await),
-                        }
-                    }
-                }
-            },
-        };
+        let charge = frame_charge(&entries);
+        let mut credit = None;
+        if charge > SMALL_FRAME_BYTES {
+            let units = credit_units(charge);
+            match session.credit.clone().try_acquire_many_owned(units) {
+                Ok(permit) => credit = Some(permit),
+                Err(_) => match small_frame_prefix(&entries) {
+                    0 => tokio::select! {
+                        permit = session.credit.clone().acquire_many_owned(units) => match permit {
+                            Ok(p) => credit = Some(p),
+                            Err(_) => return Ok(Interrupt::Closed),
+                        },
+                        r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
+                        code = sink.stopped() => return Ok(stopped_by_replica(ship, restart, code).await),
+                    },
+                    fits => entries.truncate(fits),
+                },
+            }
+        }
         let (Some(first), Some(last)) = (entries.first().map(|e| e.seq), entries.last().map(|e| e.seq)) else {
             continue;
         };
