@@ -75,6 +75,8 @@ struct Session {
 
 /// Shared state of one (space, replica) shipper.
 struct SpaceShip {
+    /// The space's log, held here so that acks need no store lookup.
+    wal: SpaceWal,
     progress: Mutex<ReplicaProgress>,
     acked: Notify,
     /// Catch-up requests: each send restarts the stream from the sequence given.
@@ -404,7 +406,7 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
 
     let mut tasks = JoinSet::new();
     tasks.spawn(control_writer(send, control_rx));
-    tasks.spawn(control_reader(shared.clone(), session.clone(), control));
+    tasks.spawn(control_reader(session.clone(), control));
     if let Some(rx) = mux_rx {
         tasks.spawn(mux_writer(conn.clone(), rx));
     }
@@ -516,7 +518,7 @@ impl FrameSink {
 }
 
 /// Reads acks and catch-up requests from the replica.
-async fn control_reader(shared: Arc<Shared>, session: Arc<Session>, mut control: ControlReader) {
+async fn control_reader(session: Arc<Session>, mut control: ControlReader) {
     loop {
         let msg = match control.read().await {
             Ok(Some(m)) => m,
@@ -542,7 +544,7 @@ async fn control_reader(shared: Arc<Shared>, session: Arc<Session>, mut control:
                     // Past this primary's log: a space refused as diverged (the replica holds
                     // entries this primary lost) or a broken peer. Such an ack must not move the
                     // shipper past entries that exist here.
-                    let head = shared.store.get(&a.space).map_or(Seq::ZERO, |w| w.last_seq());
+                    let head = ship.wal.last_seq();
                     if a.durable > head || a.applied > head {
                         tracing::debug!(space = %a.space, durable = %a.durable, %head, "ignoring an ack past this primary's log");
                         continue;
@@ -643,6 +645,7 @@ fn start_shippers(
     for ((start, progress, truncations), wal) in starts {
         let (restart, _) = watch::channel(Seq::ZERO);
         let ship = Arc::new(SpaceShip {
+            wal: wal.clone(),
             progress: Mutex::new(progress),
             acked: Notify::new(),
             restart,
@@ -654,7 +657,7 @@ fn start_shippers(
         lock(&session.spaces).insert(wal.space().clone(), ship.clone());
         match start {
             Ok(from) => {
-                shippers.spawn(ship_space(shared.clone(), session.clone(), wal, ship, from));
+                shippers.spawn(ship_space(shared.clone(), session.clone(), ship, from));
             }
             Err(refusal) => {
                 tracing::warn!(space = %wal.space(), reason = %refusal.reason, "space cannot be replicated to this replica");
@@ -712,8 +715,9 @@ enum Interrupt {
 /// frames as fast as the stream takes them (a batch is whatever accumulated meanwhile, up to the
 /// configured bounds), pauses when too much is unacknowledged, and restarts from a sequence when the
 /// replica asks for catch-up.
-async fn ship_space(shared: Arc<Shared>, session: Arc<Session>, wal: SpaceWal, ship: Arc<SpaceShip>, start: Seq) {
+async fn ship_space(shared: Arc<Shared>, session: Arc<Session>, ship: Arc<SpaceShip>, start: Seq) {
     let cfg = &shared.config;
+    let wal = ship.wal.clone();
     let space = wal.space().clone();
     let mut encoder = BatchEncoder::new(shared.node_id, cfg.compression)
         .with_min_compress_bytes(cfg.min_compress_bytes)

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use bytes::Bytes;
@@ -103,6 +103,8 @@ struct Inner {
     /// the write path pays one atomic load, not a lock, while shippers are busy.
     appended: tokio::sync::Notify,
     armed: AtomicBool,
+    /// `State::generation`, readable without the lock: shippers and appliers check it per batch.
+    truncations: AtomicU64,
     /// Keeps the Interval policy's thread alive while this log is.
     _syncer: Option<Syncer>,
 }
@@ -207,6 +209,7 @@ impl SpaceWal {
             last_tx: watch::Sender::new(state.last_seq),
             appended: tokio::sync::Notify::new(),
             armed: AtomicBool::new(false),
+            truncations: AtomicU64::new(0),
             state: Mutex::new(state),
             disk: RwLock::new(()),
             retention: Mutex::new(()),
@@ -515,6 +518,7 @@ impl SpaceWal {
         st.generation += 1;
         let generation = st.generation;
         st.cuts.push((generation, after));
+        inner.truncations.store(generation, Ordering::Release);
         inner.durability.truncated(after, st.generation);
         publish(&inner.last_tx, after);
         inner.wake_waiters();
@@ -534,7 +538,7 @@ impl SpaceWal {
 
     /// How many suffix truncations this handle's log has had since it was opened.
     pub fn truncations(&self) -> u64 {
-        self.inner.lock().generation
+        self.inner.truncations.load(Ordering::Acquire)
     }
 
     /// `last_seq` and [`SpaceWal::truncations`] read together: a consumer that starts from this
