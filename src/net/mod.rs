@@ -15,9 +15,43 @@ pub use error::NetError;
 pub use primary::Primary;
 pub use replica::{ApplyHook, Replica};
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::protocol::backoff::Backoff;
+
 pub(crate) use crate::lock;
+
+/// Dials `name` at `addr` and runs `session` on the connection, for ever: whenever dialing fails
+/// or a session ends, `ended` hears why (with the delay and how many attempts failed in a row)
+/// and the next dial waits out `backoff`'s delay. The one reconnect loop of both node kinds.
+async fn redial<S, F>(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    name: &str,
+    mut backoff: Backoff,
+    mut session: S,
+    mut ended: impl FnMut(String, Duration, u32),
+) where
+    S: FnMut(quinn::Connection) -> F,
+    F: Future<Output = Result<(), NetError>>,
+{
+    let connect_error = |reason: String| NetError::Connect { addr, name: name.to_string(), reason };
+    loop {
+        let result = async {
+            let connecting = endpoint.connect(addr, name).map_err(|e| connect_error(e.to_string()))?;
+            let conn = connecting.await.map_err(|e| connect_error(e.to_string()))?;
+            backoff.reset();
+            session(conn).await
+        }
+        .await;
+        let delay = backoff.next_delay();
+        let reason = result.err().map_or_else(|| "connection closed".to_string(), |e| e.to_string());
+        ended(reason, delay, backoff.attempts());
+        tokio::time::sleep(delay).await;
+    }
+}
 
 /// Entries of `wal` from `from` on ([`crate::wal::SpaceWal::read_from`]): from the memory tail
 /// when it holds them, else read from disk on a blocking thread, so a catch-up from old segments

@@ -285,23 +285,12 @@ async fn accept_loop(shared: Arc<Shared>) {
 
 /// Dials a replica that waits for its primary, and redials with backoff whenever the connection ends.
 async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), NodeId::from_name(&name).0);
-    loop {
-        let result = async {
-            let conn = shared
-                .endpoint
-                .connect(addr, &name)
-                .map_err(|e| NetError::Connect { addr, name: name.clone(), reason: e.to_string() })?
-                .await?;
-            backoff.reset();
-            serve(shared.clone(), conn, Some(&name)).await
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::info!(replica = %name, %addr, error = %e, "replica connection ended; redialing");
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
-    }
+    let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), NodeId::from_name(&name).0);
+    let session = |conn| serve(shared.clone(), conn, Some(&name));
+    let ended = |reason: String, retry_in: Duration, attempt: u32| {
+        tracing::info!(replica = %name, %addr, error = %reason, ?retry_in, attempt, "replica connection ended; redialing");
+    };
+    super::redial(&shared.endpoint, addr, &name, backoff, session, ended).await
 }
 
 /// Serves one replica connection until it ends.

@@ -326,29 +326,14 @@ impl Shared {
 
 /// Dials the primary, runs the session, and redials with backoff when it ends.
 async fn dial_loop(shared: Arc<Shared>, addr: SocketAddr) {
-    let mut backoff = Backoff::new(shared.config.reconnect_initial, shared.config.reconnect_max, shared.node_id.0);
-    loop {
-        let name = shared.config.primary_name.clone();
-        let result = async {
-            let conn = shared
-                .endpoint
-                .connect(addr, &name)
-                .map_err(|e| NetError::Connect { addr, name: name.clone(), reason: e.to_string() })?
-                .await
-                .map_err(|e| NetError::Connect { addr, name: name.clone(), reason: e.to_string() })?;
-            backoff.reset();
-            run_session(&shared, conn).await
-        }
-        .await;
-        let delay = backoff.next_delay();
-        let reason = match result {
-            Ok(()) => "connection closed".to_string(),
-            Err(e) => e.to_string(),
-        };
-        tracing::info!(primary = %addr, error = %reason, retry_in = ?delay, attempt = backoff.attempts(), "not connected to the primary; retrying");
+    let backoff = Backoff::new(shared.config.reconnect_initial, shared.config.reconnect_max, shared.node_id.0);
+    let name = shared.config.primary_name.clone();
+    let session = |conn| run_session(&shared, conn);
+    let ended = |reason: String, retry_in: Duration, attempt: u32| {
+        tracing::info!(primary = %addr, error = %reason, ?retry_in, attempt, "not connected to the primary; retrying");
         shared.set_state(ConnectionState::Disconnected, Some(reason));
-        tokio::time::sleep(delay).await;
-    }
+    };
+    super::redial(&shared.endpoint, addr, &name, backoff, session, ended).await
 }
 
 /// Waits for the primary to dial (when the primary knows its replicas).
