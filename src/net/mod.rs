@@ -23,6 +23,11 @@ use crate::protocol::backoff::Backoff;
 
 pub(crate) use crate::lock;
 
+/// Longest wait for one dial's handshake. quinn would wait for its idle timeout, resending its
+/// first packet 1, 3 and 7 s in: a node dialing a peer that is not up yet would connect seconds
+/// after the peer came up, showing no error meanwhile. A new dial starts over from its first send.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Dials `name` at `addr` and runs `session` on the connection, for ever: whenever dialing fails
 /// or a session ends, `ended` hears why (with the delay and how many attempts failed in a row)
 /// and the next dial waits out `backoff`'s delay. The one reconnect loop of both node kinds.
@@ -41,7 +46,14 @@ async fn redial<S, F>(
     loop {
         let result = async {
             let connecting = endpoint.connect(addr, name).map_err(|e| connect_error(e.to_string()))?;
-            let conn = connecting.await.map_err(|e| connect_error(e.to_string()))?;
+            let conn = match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
+                Ok(connected) => connected.map_err(|e| connect_error(e.to_string()))?,
+                Err(_) => {
+                    return Err(connect_error(format!(
+                        "no answer within {DIAL_TIMEOUT:?}: is the peer up at this address?"
+                    )))
+                }
+            };
             backoff.reset();
             session(conn).await
         }
@@ -100,6 +112,18 @@ async fn close_and_sync(
         tracing::warn!(error = %e, "sync at shutdown did not complete");
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+/// The last step of a node's shutdown, once its endpoint handles are dropped: quinn's endpoint
+/// driver closes the UDP socket when it next runs, so wait (up to a second) until `addr` can be
+/// bound again. A node server that restarts replication on the same port then never sees
+/// "address in use".
+async fn wait_released(addr: Option<SocketAddr>) {
+    let Some(addr) = addr else { return };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while std::net::UdpSocket::bind(addr).is_err() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// How long a peer may take to open the control stream and say hello or welcome.

@@ -26,7 +26,7 @@ use crate::entry::{now_us, Entry};
 use crate::net::error::NetError;
 use crate::net::framed::{control_writer, write_control, ControlReader};
 use crate::net::heartbeat::{self, store_summary};
-use crate::net::status::{PathStats, PrimaryStatus, ReplicaView, SpaceLog, SpaceReplication};
+use crate::net::status::{PathStats, PrimaryStatus, ReplicaView, SpaceLog, SpaceReplication, TrafficTotals};
 use crate::net::tls::{self, NodeIdentity};
 use crate::net::{close, endpoint, lock, open_store, read_entries, stream_code, HANDSHAKE_TIMEOUT};
 use crate::protocol::backoff::Backoff;
@@ -56,6 +56,29 @@ struct Shared {
 struct ReplicaLink {
     current: Mutex<Option<Arc<Session>>>,
     connections: AtomicU64,
+    /// Traffic of the connections before `current`.
+    earlier: Mutex<TrafficTotals>,
+}
+
+impl Session {
+    /// What this connection has carried so far.
+    fn traffic(&self) -> TrafficTotals {
+        let (mut bytes_sent, mut entries_sent) = (0, 0);
+        for ship in lock(&self.spaces).values() {
+            let (_, entries, bytes) = lock(&ship.progress).totals();
+            bytes_sent += bytes;
+            entries_sent += entries;
+        }
+        let s = self.conn.stats();
+        TrafficTotals {
+            bytes_sent,
+            entries_sent,
+            udp_tx_bytes: s.udp_tx.bytes,
+            udp_rx_bytes: s.udp_rx.bytes,
+            lost_packets: s.path.lost_packets,
+            congestion_events: s.path.congestion_events,
+        }
+    }
 }
 
 /// One connection to a replica.
@@ -106,6 +129,7 @@ impl Primary {
     /// Opens the WAL under `config.data_dir`, binds `config.listen` and starts serving replicas.
     pub async fn start(config: PrimaryConfig, identity: NodeIdentity) -> Result<Primary, NetError> {
         config.validate()?;
+        identity.check_configured_name("PrimaryConfig::name", &config.name)?;
         let endpoint = endpoint::server_endpoint(config.listen, &identity, &config.transport)?;
         Self::with_endpoint(config, endpoint).await
     }
@@ -116,6 +140,16 @@ impl Primary {
     pub async fn with_endpoint(config: PrimaryConfig, endpoint: quinn::Endpoint) -> Result<Primary, NetError> {
         config.validate()?;
         let store = open_store(&config.data_dir, &config.wal).await?;
+        // Appending below the newest epoch of the logs would make epochs go backwards, and every
+        // replica would refuse (or loop on) what it is sent.
+        if let Some(newest) = store.spaces().iter().map(|w| w.last_epoch()).max().filter(|e| *e > config.epoch) {
+            return Err(crate::config::ConfigError(format!(
+                "epoch {} is below epoch {newest} of entries already in {}: start the primary with an epoch of at least {newest} (persist the epoch across restarts)",
+                config.epoch,
+                config.data_dir.display()
+            ))
+            .into());
+        }
         let shared = Arc::new(Shared {
             node_id: NodeId::from_name(&config.name),
             config,
@@ -182,20 +216,24 @@ impl Primary {
             bytes_sent: 0,
             entries_sent: 0,
             path: session.as_ref().filter(|_| connected).map(|s| PathStats::of(&s.conn)),
+            totals: *lock(&link.earlier),
             spaces: Vec::new(),
         };
+        if let Some(s) = &session {
+            let now = s.traffic();
+            (view.bytes_sent, view.entries_sent) = (now.bytes_sent, now.entries_sent);
+            view.totals += now;
+        }
         let now = now_us();
         for wal in self.shared.store.spaces() {
             let head = wal.last_seq();
             let ship = session.as_ref().and_then(|s| lock(&s.spaces).get(wal.space()).cloned());
             let (sent, durable, applied, lag, inflight, error) = match &ship {
                 Some(ship) => {
-                    let (sent, durable, applied, (_, entries, bytes), inflight) = {
+                    let (sent, durable, applied, inflight) = {
                         let p = lock(&ship.progress);
-                        (p.sent(), p.durable(), p.applied(), p.totals(), p.inflight_bytes() as u64)
+                        (p.sent(), p.durable(), p.applied(), p.inflight_bytes() as u64)
                     };
-                    view.bytes_sent += bytes;
-                    view.entries_sent += entries;
                     // These may read the WAL's segments: not while the shipper's progress is locked.
                     let (age, mean) = (oldest_age_ms(&wal, durable, now), mean_entry_bytes(&wal));
                     let lag = lock(&ship.progress).lag(head, age, mean);
@@ -240,9 +278,12 @@ impl Primary {
     }
 
     /// Closes every connection, stops the tasks and syncs the WAL.
-    pub async fn shutdown(mut self) {
-        super::close_and_sync(&self.shared.endpoint, &mut self.tasks, &self.shared.store, b"primary shutting down")
-            .await;
+    pub async fn shutdown(self) {
+        let Primary { shared, mut tasks } = self;
+        super::close_and_sync(&shared.endpoint, &mut tasks, &shared.store, b"primary shutting down").await;
+        let addr = shared.endpoint.local_addr().ok();
+        drop((shared, tasks));
+        super::wait_released(addr).await;
     }
 }
 
@@ -363,10 +404,17 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     });
     let link = lock(&shared.replicas)
         .entry(name.clone())
-        .or_insert_with(|| Arc::new(ReplicaLink { current: Mutex::new(None), connections: AtomicU64::new(0) }))
+        .or_insert_with(|| {
+            Arc::new(ReplicaLink {
+                current: Mutex::new(None),
+                connections: AtomicU64::new(0),
+                earlier: Mutex::new(TrafficTotals::default()),
+            })
+        })
         .clone();
     link.connections.fetch_add(1, Ordering::Relaxed);
     if let Some(old) = lock(&link.current).replace(session.clone()) {
+        *lock(&link.earlier) += old.traffic();
         if old.conn.close_reason().is_none() {
             tracing::info!(replica = %name, "a newer connection replaces the current one");
             old.conn.close(close::REPLACED, b"replaced by a newer connection from the same replica");

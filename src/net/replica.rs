@@ -44,6 +44,10 @@ use crate::wal::{SpaceWal, SyncPolicy, WalError, WalStore};
 /// batches never skip or repeat an entry while the replica runs. At start, `applied` is the WAL's
 /// last sequence: the embedding server rebuilds its state from its own copy of the log (replaying
 /// `Replica::space(id)` from its checkpoint) before the hook takes over.
+///
+/// A hook that panics does not stop its space for good: the space's status shows the panic
+/// ([`ReplicaSpace::error`]) and, a second later, the same entries (from `applied + 1`) come
+/// again. A hook that can panic partway through a call must tolerate that repeat.
 pub trait ApplyHook: Send + Sync + 'static {
     /// Applies `entries` (contiguous, in order) of `space`.
     fn apply<'a>(&'a self, space: &'a SpaceId, entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
@@ -91,7 +95,7 @@ struct SpaceState {
     error: Mutex<Option<String>>,
     /// The log's suffix truncations counted when `applied` was set from it: the applier rolls
     /// back for every one after these.
-    truncations_seen: u64,
+    truncations_seen: AtomicU64,
 }
 
 struct LinkState {
@@ -132,6 +136,7 @@ impl Replica {
         hook: Option<Arc<dyn ApplyHook>>,
     ) -> Result<Replica, NetError> {
         config.validate()?;
+        identity.check_configured_name("ReplicaConfig::name", &config.name)?;
         let endpoint = match config.listen {
             Some(addr) => endpoint::server_endpoint(addr, &identity, &config.transport)?,
             None => {
@@ -267,10 +272,14 @@ impl Replica {
     }
 
     /// Closes the connection, stops the tasks and syncs the WAL.
-    pub async fn shutdown(mut self) {
-        super::close_and_sync(&self.shared.endpoint, &mut self.tasks, &self.shared.store, b"replica shutting down")
-            .await;
-        lock(&self.shared.link).state = ConnectionState::Stopped;
+    pub async fn shutdown(self) {
+        let Replica { shared, mut tasks } = self;
+        super::close_and_sync(&shared.endpoint, &mut tasks, &shared.store, b"replica shutting down").await;
+        lock(&shared.link).state = ConnectionState::Stopped;
+        // Only a replica that listens (the primary dials it) has an address worth freeing.
+        let addr = shared.config.listen.and_then(|_| shared.endpoint.local_addr().ok());
+        drop((shared, tasks));
+        super::wait_released(addr).await;
     }
 }
 
@@ -283,7 +292,7 @@ impl SpaceState {
             generation: AtomicU64::new(0),
             catch_ups: AtomicU64::new(0),
             error: Mutex::new(None),
-            truncations_seen: truncations,
+            truncations_seen: AtomicU64::new(truncations),
         }
     }
 }
@@ -638,6 +647,13 @@ async fn receive_batches(
         let (batch, _assembling) = match read_batch(recv, &mut decoder, &session.assembly).await {
             Ok(Some(b)) => b,
             Ok(None) => return StreamEnd::Done,
+            // Behind a valid header CRC: the primary really sends frames this large. Asking again
+            // would get the same frame at once, forever; the configurations disagree.
+            Err(NetError::Decode(e @ crate::codec::DecodeError::TooLarge { .. })) => {
+                return StreamEnd::LocalFailure(format!(
+                    "frame refused ({e}): the primary's max_batch_bytes / limits exceed this replica's limits.max_batch_bytes; make limits equal on every node"
+                ))
+            }
             Err(NetError::Decode(e)) => return StreamEnd::CatchUp(format!("bad frame: {e}")),
             Err(NetError::Protocol(reason)) => {
                 tracing::warn!(space = %wal.space(), %reason, "closing the connection");
@@ -793,29 +809,58 @@ async fn roll_back_if_cut(
         }
     }
     *truncations = now;
+    // A restarted applier (after a panicking hook) starts from here.
+    state.truncations_seen.store(now, Ordering::Release);
     true
 }
 
 /// Runs one applier per space (the hook's caller), for the replica's whole life.
 async fn run_appliers(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, mut rx: mpsc::UnboundedReceiver<Arc<SpaceState>>) {
     let mut appliers = JoinSet::new();
-    while let Some(state) = rx.recv().await {
-        appliers.spawn(apply_space(shared.clone(), hook.clone(), state));
-        while appliers.try_join_next().is_some() {}
+    let mut by_task: HashMap<tokio::task::Id, Arc<SpaceState>> = HashMap::new();
+    loop {
+        tokio::select! {
+            state = rx.recv() => {
+                let Some(state) = state else { return };
+                let task = appliers.spawn(apply_space(shared.clone(), hook.clone(), state.clone(), false));
+                by_task.insert(task.id(), state);
+            }
+            Some(Err(e)) = appliers.join_next(), if !appliers.is_empty() => {
+                // An applier ends only when its hook panicked: say so, and apply the same entries
+                // again after a pause rather than leave the space unapplied forever.
+                let Some(state) = by_task.remove(&e.id()) else { continue };
+                let from = Seq(state.applied.load(Ordering::Acquire)).next();
+                let msg = format!("{APPLY_FAILED} ({e}); applying again from {from} in {APPLY_RETRY:?}");
+                tracing::error!(space = %state.wal.space(), "{msg}");
+                *lock(&state.error) = Some(msg);
+                let (shared, hook, again) = (shared.clone(), hook.clone(), state.clone());
+                let task = appliers.spawn(async move {
+                    tokio::time::sleep(APPLY_RETRY).await;
+                    apply_space(shared, hook, again, true).await
+                });
+                by_task.insert(task.id(), state);
+            }
+        }
     }
 }
 
+/// How a space's status error starts while its hook is failing (cleared by the next success).
+const APPLY_FAILED: &str = "apply hook panicked";
+/// Pause before a space whose hook panicked is applied again.
+const APPLY_RETRY: Duration = Duration::from_secs(1);
 /// Most entries handed to the hook in one call.
 const APPLY_BATCH_ENTRIES: usize = 4096;
 /// Most entry bytes handed to the hook in one call.
 const APPLY_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// Hands a space's durable entries to the hook, in order, each exactly once, from `applied + 1`.
-async fn apply_space(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, state: Arc<SpaceState>) {
+/// `after_panic`: the previous applier's hook panicked, and the space's error says so until a
+/// call succeeds.
+async fn apply_space(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, state: Arc<SpaceState>, mut after_panic: bool) {
     let wal = state.wal.clone();
     // Only a policy that lags durability needs to watch it (a receiver costs every append a wake).
     let mut durable_rx = (!matches!(shared.config.wal.sync, SyncPolicy::Never)).then(|| wal.subscribe_durable());
-    let mut truncations = state.truncations_seen;
+    let mut truncations = state.truncations_seen.load(Ordering::Acquire);
     loop {
         if roll_back_if_cut(&shared, hook.as_ref(), &state, &mut truncations).await {
             continue;
@@ -853,6 +898,13 @@ async fn apply_space(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, state: Arc<S
         let Some(last) = entries.last().map(|e| e.seq) else { continue };
         hook.apply(wal.space(), &entries).await;
         state.applied.store(last.0, Ordering::Release);
+        if after_panic {
+            let mut error = lock(&state.error);
+            if error.as_deref().is_some_and(|e| e.starts_with(APPLY_FAILED)) {
+                *error = None;
+            }
+            after_panic = false;
+        }
         shared.ack_later(&state);
     }
 }

@@ -84,6 +84,9 @@ pub struct ReplicaView {
     pub entries_sent: u64,
     /// QUIC path statistics of the current connection.
     pub path: Option<PathStats>,
+    /// Traffic to this replica over every connection since the primary started: what a report
+    /// of a run with reconnects (a partition) needs, where the per-connection figures restart.
+    pub totals: TrafficTotals,
     /// Per space.
     pub spaces: Vec<SpaceReplication>,
 }
@@ -116,6 +119,34 @@ impl PathStats {
             udp_tx_bytes: s.udp_tx.bytes,
             udp_rx_bytes: s.udp_rx.bytes,
         }
+    }
+}
+
+/// Traffic to one replica, summed over connections.
+#[derive(Clone, Copy, Debug, Serialize, Default, PartialEq, Eq)]
+pub struct TrafficTotals {
+    /// Frame bytes sent.
+    pub bytes_sent: u64,
+    /// Entries sent.
+    pub entries_sent: u64,
+    /// UDP bytes sent.
+    pub udp_tx_bytes: u64,
+    /// UDP bytes received.
+    pub udp_rx_bytes: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// Congestion events.
+    pub congestion_events: u64,
+}
+
+impl std::ops::AddAssign for TrafficTotals {
+    fn add_assign(&mut self, o: TrafficTotals) {
+        self.bytes_sent += o.bytes_sent;
+        self.entries_sent += o.entries_sent;
+        self.udp_tx_bytes += o.udp_tx_bytes;
+        self.udp_rx_bytes += o.udp_rx_bytes;
+        self.lost_packets += o.lost_packets;
+        self.congestion_events += o.congestion_events;
     }
 }
 

@@ -201,6 +201,20 @@ impl fmt::Debug for NodeIdentity {
 }
 
 impl NodeIdentity {
+    /// Checks that `name` (a node's configured name, `setting` says which) is a name of this
+    /// identity's certificate: peers compare the two, so a mismatch would be refused on every
+    /// connection. Told at start instead.
+    pub fn check_configured_name(&self, setting: &str, name: &str) -> Result<(), crate::config::ConfigError> {
+        let names = self.cert_chain.first().map(cert_dns_names).unwrap_or_default();
+        if names.iter().any(|n| n == name) {
+            return Ok(());
+        }
+        Err(crate::config::ConfigError(format!(
+            "{setting} {name:?} is not a name of this node's certificate (it names {names:?}): \
+             peers would refuse every connection; use the name the certificate was issued for"
+        )))
+    }
+
     /// Loads `<dir>/ca.pem`, `<dir>/<name>.pem` and `<dir>/<name>.key`, then checks the result
     /// ([`NodeIdentity::verify`]) so that a wrong file is reported here rather than as an opaque
     /// handshake failure on the other node.

@@ -22,7 +22,7 @@ use crate::types::{EntryKind, Epoch, Seq, SpaceId};
 use super::config::{SyncPolicy, WalConfig};
 use super::durability::{publish, Durability, SyncFailure, SyncTarget};
 use super::error::{IoContext, WalError};
-use super::fs::{create_segment, open_rw, start_writeback, sync_dir, write_all_at};
+use super::fs::{create_segment, lock_folder, open_rw, start_writeback, sync_dir, write_all_at};
 use super::read::{self, ReadCache};
 use super::recovery::recover;
 use super::scan::{check_record, Scan, Scanner};
@@ -107,6 +107,8 @@ struct Inner {
     truncations: AtomicU64,
     /// Keeps the Interval policy's thread alive while this log is.
     _syncer: Option<Syncer>,
+    /// The space folder, locked so that a second open fails instead of writing over this one.
+    _folder_lock: File,
 }
 
 struct State {
@@ -163,6 +165,7 @@ impl SpaceWal {
         let dir = root.join(space.as_str());
         let new_folder = !dir.exists();
         std::fs::create_dir_all(&dir).ctx("create space folder", &dir)?;
+        let folder_lock = lock_folder(&dir)?;
         let mut r = recover(&dir, &config)?;
         r.tail.share(tail_budget.clone());
         tracing::debug!(space = %space, first = %r.sealed.first().unwrap_or(&r.active).first_seq, last = %r.last_seq, segments = r.sealed.len() + 1, "WAL opened");
@@ -215,6 +218,7 @@ impl SpaceWal {
             retention: Mutex::new(()),
             config,
             _syncer: syncer.clone(),
+            _folder_lock: folder_lock,
         });
         if let Some(s) = &syncer {
             let weak: std::sync::Weak<Inner> = Arc::downgrade(&inner);

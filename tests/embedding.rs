@@ -1,0 +1,217 @@
+//! What a node server that embeds walship runs into: restarts over the same folder and port,
+//! misconfiguration it must be told about at start, and an apply hook that fails.
+
+mod common;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use walship::net::status::ConnectionState;
+use walship::net::tls::ClusterCa;
+use walship::{ApplyHook, Entry, Epoch, Primary, Replica, Seq, SpaceId};
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A 127.0.0.1 UDP address nothing listens on (bound, read, released).
+fn free_addr() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// A node server restarting its replication subsystem binds the same port right away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_shutdown_the_same_port_and_folder_start_again_at_once() {
+    let c = Cluster::new();
+    let p = c.primary().await;
+    let addr = p.local_addr();
+    let r = c.replica("replica-1", addr).await;
+    write(&p, &spaces(2), 50).await;
+    converge(&p, &[&r]).await;
+    p.shutdown().await;
+    let again = Primary::start(c.primary_config(addr), c.ca.issue("primary").unwrap()).await;
+    let again = again.unwrap_or_else(|e| panic!("restart on {addr} right after shutdown().await: {e}"));
+    write(&again, &spaces(2), 10).await;
+    converge(&again, &[&r]).await;
+    again.shutdown().await;
+    r.shutdown().await;
+}
+
+/// Two writers of one WAL folder would write over each other's records: a folder still open (here
+/// through a log handle the node server kept) is refused, and free again once the handle is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_folder_still_open_is_refused_until_it_is_closed() {
+    let c = Cluster::new();
+    let p = c.primary().await;
+    let s = SpaceId::new("tenant-1").unwrap();
+    let kept = p.space(&s).unwrap();
+    for i in 1..=10 {
+        p.append(&s, 1, payload(&s, i)).unwrap();
+    }
+    p.shutdown().await;
+    let second = Primary::start(c.primary_config(any_port()), c.ca.issue("primary").unwrap()).await;
+    let err = second.err().expect("a second primary over a folder that is still open must be refused").to_string();
+    assert!(err.contains("lock space folder") && err.contains("tenant-1"), "{err}");
+    // The first handle is untouched and still the only writer.
+    assert_eq!(kept.append(Epoch(1), 1, payload(&s, 11)).unwrap(), Seq(11));
+    drop(kept);
+    let p = Primary::start(c.primary_config(any_port()), c.ca.issue("primary").unwrap()).await.unwrap();
+    assert_eq!(p.space(&s).unwrap().last_seq(), Seq(11));
+    p.shutdown().await;
+}
+
+/// A node promoted to epoch 2 and restarted with the default epoch 1 would write epochs backwards,
+/// which every replica refuses: told at start instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_below_the_epoch_of_its_own_logs_is_refused() {
+    let c = Cluster::new();
+    let s = spaces(1);
+    let mut cfg = c.primary_config(any_port());
+    cfg.epoch = Epoch(2);
+    let p = Primary::start(cfg, c.ca.issue("primary").unwrap()).await.unwrap();
+    write(&p, &s, 20).await;
+    p.shutdown().await;
+    let refused = Primary::start(c.primary_config(any_port()), c.ca.issue("primary").unwrap()).await;
+    let err = refused.err().expect("epoch 1 over a log of epoch 2 must be refused").to_string();
+    assert!(err.contains("epoch 1 is below epoch 2"), "{err}");
+}
+
+/// A configured name that is not the certificate's can never connect: told at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_name_is_not_its_certificates_fails_at_start() {
+    let c = Cluster::new();
+    let replica = Replica::start(c.replica_config("replica-1", free_addr()), c.ca.issue("replica-2").unwrap()).await;
+    let err = replica.err().expect("a replica named apart from its certificate must be refused").to_string();
+    assert!(err.contains("ReplicaConfig::name") && err.contains("replica-2"), "{err}");
+    let primary = Primary::start(c.primary_config(any_port()), c.ca.issue("primary-b").unwrap()).await;
+    let err = primary.err().expect("a primary named apart from its certificate must be refused").to_string();
+    assert!(err.contains("PrimaryConfig::name") && err.contains("primary-b"), "{err}");
+}
+
+/// A replica started before its primary (a cluster booting) says why it is not connected, and
+/// connects soon after the primary comes up rather than when quinn's backed-off resend fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_first_reports_it_and_connects_soon_after_the_primary() {
+    let c = Cluster::new();
+    let addr = free_addr();
+    let r = c.replica("replica-1", addr).await;
+    wait_for("the replica to report that nobody answers", || {
+        r.status().last_error.is_some_and(|e| e.contains("no answer within"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let p = c.primary_at(addr).await;
+    let up = tokio::time::Instant::now();
+    wait_for("connected", || r.status().connection == ConnectionState::Connected).await;
+    let took = up.elapsed();
+    // One dial lasts at most 2 s and the replica's reconnect_max is 500 ms: 2.5 s at worst, plus
+    // the handshake. Generous for a noisy machine, and well under quinn's own 7 s resend.
+    assert!(took < Duration::from_secs(5), "connected {took:?} after the primary came up");
+    write(&p, &spaces(1), 10).await;
+    converge(&p, &[&r]).await;
+    r.shutdown().await;
+    p.shutdown().await;
+}
+
+/// Certificates from another CA, or a primary under another name, are reported as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_ca_or_primary_name_is_reported_as_a_certificate_error() {
+    let c = Cluster::new();
+    let p = c.primary().await;
+    let other = ClusterCa::generate("other CA").unwrap();
+    let r =
+        Replica::start(c.replica_config("replica-1", p.local_addr()), other.issue("replica-1").unwrap()).await.unwrap();
+    let mut cfg = c.replica_config("replica-2", p.local_addr());
+    cfg.primary_name = "primary-b".into();
+    let r2 = Replica::start(cfg, c.ca.issue("replica-2").unwrap()).await.unwrap();
+    wait_for("both errors", || r.status().last_error.is_some() && r2.status().last_error.is_some()).await;
+    let (e1, e2) = (r.status().last_error.unwrap(), r2.status().last_error.unwrap());
+    assert!(e1.contains("certificate") && e2.contains("certificate"), "{e1} / {e2}");
+    assert!(p.status().replicas.is_empty());
+    r.shutdown().await;
+    r2.shutdown().await;
+    p.shutdown().await;
+}
+
+/// A replica whose frame limit is below the primary's batches cannot take them: the space says
+/// why, and the replica does not ask for the same frame again in a tight loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_limits_below_the_primarys_are_reported_not_looped() {
+    let c = Cluster::new();
+    let p = c.primary().await;
+    let s = SpaceId::new("tenant-1").unwrap();
+    let wal = p.space(&s).unwrap();
+    for i in 0..2_000u64 {
+        wal.append(Epoch(1), 1, Bytes::from(format!("{i:08}{}", "y".repeat(1016)))).unwrap();
+    }
+    let mut cfg = c.replica_config("replica-1", p.local_addr());
+    cfg.wal.max_entry_bytes = 64 * 1024;
+    cfg.limits.max_batch_bytes = 256 * 1024;
+    let r = Replica::start(cfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
+    let error = || r.status().spaces.iter().find(|x| x.log.space == s).and_then(|x| x.error.clone());
+    wait_for("the space's error", || error().is_some()).await;
+    let message = error().unwrap();
+    assert!(message.contains("max_batch_bytes"), "{message}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let catch_ups = r.status().spaces.iter().find(|x| x.log.space == s).map_or(0, |x| x.catch_ups);
+    // About one refusal a second (the primary's pause after a failed stream), not thousands.
+    assert!(catch_ups < 20, "{catch_ups} catch-up requests in about 2 s");
+    r.shutdown().await;
+    p.shutdown().await;
+}
+
+/// Panics on its first call (a node server's state update failing), records every entry after.
+struct PanicsOnce {
+    panicked: AtomicBool,
+    seen: Mutex<Vec<u64>>,
+}
+
+impl ApplyHook for PanicsOnce {
+    fn apply<'a>(&'a self, _space: &'a SpaceId, entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            if !self.panicked.swap(true, Ordering::SeqCst) {
+                panic!("the node server failed to apply");
+            }
+            self.seen.lock().unwrap().extend(entries.iter().map(|e| e.seq.0));
+        })
+    }
+}
+
+/// A hook that panics stops its space only for a moment: the status says so, the same entries
+/// come again, and once they are applied the error clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_apply_hook_is_reported_and_its_entries_come_again() {
+    let c = Cluster::new();
+    let p = c.primary().await;
+    let s = spaces(1);
+    write(&p, &s, 100).await;
+    let hook = Arc::new(PanicsOnce { panicked: AtomicBool::new(false), seen: Mutex::new(Vec::new()) });
+    let r = Replica::start_with_hook(
+        c.replica_config("replica-1", p.local_addr()),
+        c.ca.issue("replica-1").unwrap(),
+        Some(hook.clone()),
+    )
+    .await
+    .unwrap();
+    wait_for("the panic in the space's status", || {
+        r.status().spaces.iter().any(|x| x.error.as_deref().is_some_and(|e| e.contains("apply hook panicked")))
+    })
+    .await;
+    converge(&p, &[&r]).await;
+    write(&p, &s, 100).await;
+    converge(&p, &[&r]).await;
+    wait_for("every entry applied and the error cleared", || {
+        let st = r.status();
+        st.spaces.iter().all(|x| x.applied_seq == Seq(200) && x.error.is_none())
+    })
+    .await;
+    assert_eq!(*hook.seen.lock().unwrap(), (1..=200).collect::<Vec<u64>>());
+    r.shutdown().await;
+    p.shutdown().await;
+}
