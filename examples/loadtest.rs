@@ -126,6 +126,28 @@ fn cpu_seconds() -> Option<f64> {
 
 /// A warm-up as long as the run would leave nothing to time, and every percentile would read 0.
 fn check_warmup(args: &Args) -> Result<(), String> {
+    if args.duration.is_zero() {
+        return Err("--duration must be > 0".into());
+    }
+    if args.spaces == 0 || args.replicas == 0 {
+        return Err("--spaces and --replicas must be at least 1: nothing would be replicated or verified".into());
+    }
+    if let Some(at) = args.partition_at {
+        if at >= args.duration || args.partition_for.is_zero() {
+            return Err(format!(
+                "--partition-at {at:?} must be before the end of --duration {:?}, with a non-zero --partition-for",
+                args.duration
+            ));
+        }
+    }
+    if let Some(path) = &args.report_json {
+        // Fail now, not after the whole run.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("cannot write --report-json {}: {e}", path.display()))?;
+    }
     if args.warmup >= args.duration {
         return Err(format!(
             "--warmup {:?} must be shorter than --duration {:?}: nothing would be timed",
@@ -472,9 +494,15 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     let secs = total_time.as_secs_f64();
     let delivered_entries = lags.iter().map(|l| l.entries.load(Ordering::Relaxed)).min().unwrap_or(0);
     let delivered_bytes = lags.iter().map(|l| l.bytes.load(Ordering::Relaxed)).min().unwrap_or(0);
-    let frame_bytes: u64 = p.replicas.iter().map(|r| r.bytes_sent).sum::<u64>() / p.replicas.len().max(1) as u64;
-    let udp_tx: u64 = p.replicas.iter().filter_map(|r| r.path.as_ref()).map(|x| x.udp_tx_bytes).sum();
-    let raw_frame_bytes = delivered_entries * (args.entry_bytes as u64 + 17);
+    // Over every connection of the run (a partition makes new ones), all replicas together.
+    let frame_bytes: u64 = p.replicas.iter().map(|r| r.totals.bytes_sent).sum();
+    let udp_tx: u64 = p.replicas.iter().map(|r| r.totals.udp_tx_bytes).sum();
+    let entries_sent: u64 = p.replicas.iter().map(|r| r.totals.entries_sent).sum();
+    let batches_sent: u64 = p.replicas.iter().map(|r| r.totals.batches_sent).sum();
+    // Batch payloads before compression (each entry with its 17-byte header) and as sent.
+    let raw_frame_bytes = entries_sent * (args.entry_bytes as u64 + 17);
+    let sent_payload = frame_bytes.saturating_sub(batches_sent * walship::codec::batch::BATCH_HEADER_LEN as u64);
+    let ratio = |num: u64, den: u64| if den > 0 { num as f64 / den as f64 } else { 0.0 };
     let q = |h: &Histogram<u64>, q: f64, div: f64| h.value_at_quantile(q) as f64 / div;
     let replicas_json: Vec<_> = names
         .iter()
@@ -488,7 +516,13 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                 "lag_ms": { "p50": q(&h, 0.5, 1e3), "p99": q(&h, 0.99, 1e3), "p999": q(&h, 0.999, 1e3), "max": h.max() as f64 / 1e3 },
                 "reconnects": view.map(|v| v.reconnects),
                 "state": view.map(|v| v.state),
-                "path": view.and_then(|v| v.path.clone()),
+                "path": view.and_then(|v| v.path.clone()).map(|mut path| {
+                    // Lost packets, congestion events and bytes of every connection of the run.
+                    let t = view.map(|v| v.totals).unwrap_or_default();
+                    (path.lost_packets, path.congestion_events) = (t.lost_packets, t.congestion_events);
+                    (path.udp_tx_bytes, path.udp_rx_bytes) = (t.udp_tx_bytes, t.udp_rx_bytes);
+                    path
+                }),
             })
         })
         .collect();
@@ -502,8 +536,18 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             "entries_per_s": delivered_entries as f64 / secs,
             "payload_mb_per_s": delivered_bytes as f64 / secs / 1e6,
             "wire_mb_per_s": udp_tx as f64 / secs / 1e6,
+            "wire_mb_per_s_per_replica": udp_tx as f64 / secs / 1e6 / names.len().max(1) as f64,
+            "bases": "entries_per_s and payload_mb_per_s: delivered to each replica (the slowest one); wire_mb_per_s: UDP bytes the primary sent to all replicas together",
         },
-        "compression": { "codec": args.compression, "ratio": if frame_bytes > 0 { raw_frame_bytes as f64 / frame_bytes as f64 } else { 0.0 } },
+        "compression": {
+            "codec": args.compression,
+            // Entries' bytes (with their headers) over frame bytes: batch headers count, so small
+            // batches read below 1 even when compressed.
+            "ratio": ratio(raw_frame_bytes, frame_bytes),
+            // Batch payloads before and after compression: what the codec itself achieved.
+            "payload_ratio": ratio(raw_frame_bytes, sent_payload),
+            "entries_per_batch": ratio(entries_sent, batches_sent),
+        },
         "append_latency_us": {
             "p50": q(&append_hist, 0.5, 1e3), "p99": q(&append_hist, 0.99, 1e3), "p999": q(&append_hist, 0.999, 1e3), "max": append_hist.max() as f64 / 1e3,
         },
@@ -548,15 +592,18 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         delivered_bytes as f64 / 1e6
     );
     println!(
-        "throughput:        {:.0} entries/s, {:.2} MB/s payload, {:.2} MB/s on the wire (all replicas)",
+        "throughput:        {:.0} entries/s, {:.2} MB/s payload per replica; {:.2} MB/s on the wire to {} replica(s)",
         report["throughput"]["entries_per_s"].as_f64().unwrap_or(0.0),
         report["throughput"]["payload_mb_per_s"].as_f64().unwrap_or(0.0),
-        report["throughput"]["wire_mb_per_s"].as_f64().unwrap_or(0.0)
+        report["throughput"]["wire_mb_per_s"].as_f64().unwrap_or(0.0),
+        names.len()
     );
     println!(
-        "compression:       {:?}, ratio {:.2}",
+        "compression:       {:?}, entry bytes / frame bytes {:.2}, payload before / after the codec {:.2}, {:.1} entries per batch",
         args.compression,
-        report["compression"]["ratio"].as_f64().unwrap_or(0.0)
+        report["compression"]["ratio"].as_f64().unwrap_or(0.0),
+        report["compression"]["payload_ratio"].as_f64().unwrap_or(0.0),
+        report["compression"]["entries_per_batch"].as_f64().unwrap_or(0.0)
     );
     println!(
         "append latency:    p50 {:.2} us, p99 {:.2} us, p999 {:.2} us",
@@ -597,6 +644,8 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
 
 /// `--processes`: the same load test against the example binaries running as separate processes.
 mod processes {
+    /// How often the nodes rewrite their status files, and this tool reads them.
+    const STATUS_EVERY: Duration = Duration::from_millis(100);
     use std::process::{Child, Command, Stdio};
 
     use serde_json::Value;
@@ -612,6 +661,9 @@ mod processes {
     impl Drop for Node {
         fn drop(&mut self) {
             // SIGTERM for a clean shutdown; the binaries also survive SIGKILL, which follows if needed.
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
             let _ = Command::new("kill").arg(self.child.id().to_string()).status();
             for _ in 0..50 {
                 if let Ok(Some(_)) = self.child.try_wait() {
@@ -621,6 +673,26 @@ mod processes {
             }
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+
+    impl Node {
+        /// An error if the process has exited: nothing will change any more.
+        fn check_running(&mut self) -> Result<(), String> {
+            match self.child.try_wait() {
+                Ok(None) => Ok(()),
+                Ok(Some(status)) => Err(format!("{} exited early ({status})", self.name)),
+                Err(e) => Err(format!("{}: {e}", self.name)),
+            }
+        }
+    }
+
+    /// Sleeps `d`, or fails on SIGINT/SIGTERM (the caller's `Node`s are then dropped, which stops
+    /// the child processes, instead of leaving them running).
+    async fn nap(d: Duration, signal: &mut Pin<Box<impl Future<Output = ()>>>) -> Result<(), String> {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => Ok(()),
+            _ = signal.as_mut() => Err("interrupted; stopping the nodes".into()),
         }
     }
 
@@ -689,6 +761,7 @@ mod processes {
             let mut cmd = Command::new(bin_dir.join(bin));
             cmd.args(["--data", &dir.path().join(name).to_string_lossy(), "--certs", &certs.to_string_lossy()])
                 .args(["--name", name, "--status-file", &status.to_string_lossy(), "--sync", &sync])
+                .args(["--status-every", &format!("{}ms", STATUS_EVERY.as_millis())])
                 .args(["--congestion", &congestion])
                 .args(extra)
                 .stdin(Stdio::null())
@@ -718,7 +791,8 @@ mod processes {
         if let Some(w) = args.initial_window {
             pextra.extend(["--initial-window".into(), w.to_string()]);
         }
-        let primary = spawn("primary", "primary", pextra)?;
+        let mut signal = Box::pin(common::shutdown_signal());
+        let mut primary = spawn("primary", "primary", pextra)?;
         let mut controls = Vec::new();
         let mut replicas = Vec::new();
         for name in &names {
@@ -733,14 +807,19 @@ mod processes {
             args.rate
         );
 
-        // Sample the lag the primary reports for each replica while the primary's writer runs.
+        // Sample the lag the primary reports for each replica (in its status file, rewritten every
+        // STATUS_EVERY) while the primary's writer runs.
         let mut lag: Vec<Histogram<u64>> =
             names.iter().map(|_| Histogram::new_with_bounds(1, 3_600_000, 3)).collect::<Result<_, _>>()?;
         let started = Instant::now();
         let mut partitioned = false;
         let written = |v: &Value| logs(v).iter().map(|l| l.1).sum::<u64>();
         loop {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            nap(STATUS_EVERY, &mut signal).await?;
+            primary.check_running()?;
+            for r in replicas.iter_mut() {
+                r.check_running()?;
+            }
             let el = started.elapsed();
             if let Some(line) = link.follow_partition(&args, el, &mut partitioned) {
                 println!("{line}");
@@ -771,7 +850,7 @@ mod processes {
             if stop_at.elapsed() > args.converge_timeout {
                 break None;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            nap(STATUS_EVERY, &mut signal).await?;
         };
         let secs = started.elapsed().as_secs_f64();
         let p = read(&primary.status).unwrap_or(Value::Null);
@@ -790,17 +869,25 @@ mod processes {
             replicas_json.push(json!({
                 "name": r.name,
                 "lag_ms": { "p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99), "p999": h.value_at_quantile(0.999), "max": h.max() },
-                "lag_source": "primary status, sampled every 250 ms",
+                "lag_source": format!("primary status, sampled every {} ms", STATUS_EVERY.as_millis()),
+                "delivered_entries": rlogs.iter().map(|l| l.1).sum::<u64>(),
+                "totals": view.as_ref().map(|v| v["totals"].clone()),
                 "reconnects": view.as_ref().map(|v| v["reconnects"].clone()),
                 "path": view.as_ref().map(|v| v["path"].clone()),
             }));
         }
         let verified = differences.is_empty() && converged.is_some();
-        let entries = total as f64;
-        let udp_tx: f64 = p["replicas"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|r| r["path"]["udp_tx_bytes"].as_f64()).sum())
-            .unwrap_or(0.0);
+        // What the slowest replica holds, and what the primary sent over every connection.
+        let entries = replicas_json.iter().filter_map(|r| r["delivered_entries"].as_u64()).min().unwrap_or(0) as f64;
+        let totals = |key: &str| -> f64 {
+            p["replicas"].as_array().map(|a| a.iter().filter_map(|r| r["totals"][key].as_f64()).sum()).unwrap_or(0.0)
+        };
+        let udp_tx = totals("udp_tx_bytes");
+        let frame_bytes = totals("bytes_sent");
+        let batches = totals("batches_sent");
+        let raw_frame_bytes = totals("entries_sent") * (args.entry_bytes as f64 + 17.0);
+        let sent_payload = frame_bytes - batches * walship::codec::batch::BATCH_HEADER_LEN as f64;
+        let ratio = |num: f64, den: f64| if den > 0.0 { num / den } else { 0.0 };
         let report = json!({
             "verified": verified,
             "differences": differences,
@@ -809,6 +896,15 @@ mod processes {
                 "entries_per_s": entries / secs,
                 "payload_mb_per_s": entries * args.entry_bytes as f64 / secs / 1e6,
                 "wire_mb_per_s": udp_tx / secs / 1e6,
+                "wire_mb_per_s_per_replica": udp_tx / secs / 1e6 / names.len().max(1) as f64,
+                "bases": "entries_per_s and payload_mb_per_s: delivered to each replica (the slowest one); wire_mb_per_s: UDP bytes the primary sent to all replicas together",
+            },
+            "delivered": { "entries": entries, "payload_bytes": entries * args.entry_bytes as f64 },
+            "compression": {
+                "codec": args.compression,
+                "ratio": ratio(raw_frame_bytes, frame_bytes),
+                "payload_ratio": ratio(raw_frame_bytes, sent_payload),
+                "entries_per_batch": ratio(totals("entries_sent"), batches),
             },
             "append_latency_us": { "p50": null, "p99": null, "p999": null, "note": "measured inside the primary process only in in-process mode" },
             "converge_ms": converged.map(|d| d.as_secs_f64() * 1e3),
@@ -829,7 +925,24 @@ mod processes {
         for d in differences.iter().take(10) {
             println!("  {d}");
         }
-        println!("entries:         {} over {} spaces, {:.0} entries/s overall", total, args.spaces, entries / secs);
+        println!(
+            "entries:         {} written over {} spaces; {:.0} delivered per replica",
+            total, args.spaces, entries
+        );
+        println!(
+            "throughput:      {:.0} entries/s, {:.2} MB/s payload per replica; {:.2} MB/s on the wire to {} replica(s)",
+            entries / secs,
+            entries * args.entry_bytes as f64 / secs / 1e6,
+            udp_tx / secs / 1e6,
+            names.len()
+        );
+        println!(
+            "compression:     {}, entry bytes / frame bytes {:.2}, payload before / after the codec {:.2}, {:.1} entries per batch",
+            args.compression,
+            ratio(raw_frame_bytes, frame_bytes),
+            ratio(raw_frame_bytes, sent_payload),
+            ratio(totals("entries_sent"), batches)
+        );
         for r in &replicas_json {
             println!(
                 "{}:       sampled lag p50 {} ms, p99 {} ms, max {} ms; reconnects {}",

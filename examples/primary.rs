@@ -57,9 +57,12 @@ struct Args {
     /// A replica to dial, as NAME=ADDR (repeatable), for replicas that wait for their primary.
     #[arg(long, value_parser = parse_dial)]
     dial: Vec<ReplicaAddr>,
-    /// Rewrite this file with the status as JSON about once a second and at shutdown.
+    /// Rewrite this file with the status as JSON every `--status-every` and at shutdown.
     #[arg(long)]
     status_file: Option<PathBuf>,
+    /// How often the status file is rewritten (the console line stays once a second).
+    #[arg(long, default_value = "1s", value_parser = walship::netsim::parse_duration)]
+    status_every: std::time::Duration,
     /// Congestion controller: bbr, cubic or newreno.
     #[arg(long, default_value = "bbr")]
     congestion: walship::net::endpoint::CongestionControl,
@@ -119,9 +122,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
 
     let mut last_written = 0;
-    common::every_second_until_signal(|elapsed| {
+    common::every_until_signal(args.status_every, |elapsed, new_second| {
         let status = primary.status();
         common::write_status(&args.status_file, &status);
+        if !new_second {
+            return;
+        }
         let written = writer.as_ref().map_or(0, |(s, _)| s.written.load(Ordering::Relaxed));
         let replicas: Vec<String> = status
             .replicas

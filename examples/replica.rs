@@ -43,9 +43,12 @@ struct Args {
     /// Congestion controller: bbr, cubic or newreno.
     #[arg(long, default_value = "bbr")]
     congestion: walship::net::endpoint::CongestionControl,
-    /// Rewrite this file with the status as JSON about once a second and at shutdown.
+    /// Rewrite this file with the status as JSON every `--status-every` and at shutdown.
     #[arg(long)]
     status_file: Option<PathBuf>,
+    /// How often the status file is rewritten (the console line stays once a second).
+    #[arg(long, default_value = "1s", value_parser = walship::netsim::parse_duration)]
+    status_every: std::time::Duration,
 }
 
 #[tokio::main]
@@ -65,9 +68,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     println!("replica {} replicating from {} (data {})", args.name, args.primary, args.data.display());
 
     let mut last_total = 0u64;
-    common::every_second_until_signal(|elapsed| {
+    common::every_until_signal(args.status_every, |elapsed, new_second| {
         let status = replica.status();
         common::write_status(&args.status_file, &status);
+        if !new_second {
+            return;
+        }
         let total: u64 = status.spaces.iter().map(|s| s.log.last_seq.0).sum();
         let state = match status.connection {
             ConnectionState::Connected => format!("connected to {}", status.primary.clone().unwrap_or_default()),

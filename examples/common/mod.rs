@@ -163,17 +163,25 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Calls `tick` with the time since the start once a second, until SIGINT or SIGTERM: the
-/// binaries' progress lines and status files.
-pub async fn every_second_until_signal(mut tick: impl FnMut(Duration)) {
+/// Calls `tick` every `period` until SIGINT or SIGTERM, with the time since start and whether this
+/// tick is the first of a new second (the binaries print their console line once a second while
+/// their status file may be rewritten more often).
+pub async fn every_until_signal(period: Duration, mut tick: impl FnMut(Duration, bool)) {
     let started = Instant::now();
-    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    let mut interval = tokio::time::interval(period);
     let signal = shutdown_signal();
     tokio::pin!(signal);
+    let mut second = None;
     loop {
         tokio::select! {
             _ = &mut signal => return,
-            _ = interval.tick() => tick(started.elapsed()),
+            _ = interval.tick() => {
+                let elapsed = started.elapsed();
+                let now = elapsed.as_secs();
+                let new_second = second != Some(now);
+                second = Some(now);
+                tick(elapsed, new_second);
+            }
         }
     }
 }

@@ -63,14 +63,16 @@ struct ReplicaLink {
 impl Session {
     /// What this connection has carried so far.
     fn traffic(&self) -> TrafficTotals {
-        let (mut bytes_sent, mut entries_sent) = (0, 0);
+        let (mut batches_sent, mut bytes_sent, mut entries_sent) = (0, 0, 0);
         for ship in lock(&self.spaces).values() {
-            let (_, entries, bytes) = lock(&ship.progress).totals();
+            let (batches, entries, bytes) = lock(&ship.progress).totals();
+            batches_sent += batches;
             bytes_sent += bytes;
             entries_sent += entries;
         }
         let s = self.conn.stats();
         TrafficTotals {
+            batches_sent,
             bytes_sent,
             entries_sent,
             udp_tx_bytes: s.udp_tx.bytes,

@@ -125,7 +125,9 @@ impl PathStats {
 /// Traffic to one replica, summed over connections.
 #[derive(Clone, Copy, Debug, Serialize, Default, PartialEq, Eq)]
 pub struct TrafficTotals {
-    /// Frame bytes sent.
+    /// Batch frames sent.
+    pub batches_sent: u64,
+    /// Frame bytes sent (headers included).
     pub bytes_sent: u64,
     /// Entries sent.
     pub entries_sent: u64,
@@ -141,6 +143,7 @@ pub struct TrafficTotals {
 
 impl std::ops::AddAssign for TrafficTotals {
     fn add_assign(&mut self, o: TrafficTotals) {
+        self.batches_sent += o.batches_sent;
         self.bytes_sent += o.bytes_sent;
         self.entries_sent += o.entries_sent;
         self.udp_tx_bytes += o.udp_tx_bytes;
