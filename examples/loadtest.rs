@@ -195,6 +195,9 @@ fn system_line() -> String {
 fn parse_write_rate(s: &str) -> Result<u64, String> {
     match s {
         "max" => Ok(0),
+        // 0 stands for `max` inside; said out loud, it is more likely a slip (and `max` with
+        // large entries writes gigabytes).
+        "0" => Err("--rate 0: write `max` for as fast as possible".into()),
         _ => s.parse().map_err(|_| format!("bad rate {s:?}: entries per second, or `max`")),
     }
 }
@@ -562,6 +565,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         "link": {
             "mode": args.link, "impairment": imp.to_string(), "packets": link_stats.packets, "dropped": link_stats.dropped(),
             "duplicated": link_stats.duplicated, "reordered": link_stats.reordered,
+            "overtaking": link_stats.overtaking,
         },
         "config": {
             "replicas": args.replicas, "spaces": args.spaces, "rate": args.rate, "entry_bytes": args.entry_bytes,

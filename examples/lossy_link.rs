@@ -25,11 +25,11 @@ use walship::netsim::{parse_duration, parse_rate};
 #[derive(Parser, Debug)]
 #[command(about = "UDP forwarder that impairs traffic like a bad network link (both directions)")]
 struct Args {
-    /// Address clients send to.
-    #[arg(long)]
+    /// Address clients send to (IP:PORT or HOST:PORT).
+    #[arg(long, value_parser = common::parse_addr)]
     listen: SocketAddr,
-    /// Address datagrams are forwarded to (the server).
-    #[arg(long)]
+    /// Address datagrams are forwarded to, the server (IP:PORT or HOST:PORT).
+    #[arg(long, value_parser = common::parse_addr)]
     upstream: SocketAddr,
     #[command(flatten)]
     impair: common::ImpairmentFlags,
@@ -59,6 +59,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     common::init_tracing_with("warn");
+    common::exit_quietly_on_closed_stdout();
     let args = Args::parse();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,7 +71,14 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
+    if args.queue_bytes.is_some() && args.rate.is_none() {
+        return Err("--queue-bytes sizes the queue of the --rate cap: give a --rate too".into());
+    }
+    if args.duration.is_some_and(|d| d.is_zero()) {
+        return Err("--duration 0 would stop at once: leave it out to run until SIGINT/SIGTERM".into());
+    }
     let imp = args.impair.impairment(args.rate, args.queue_bytes);
+    imp.validate().map_err(|e| format!("bad impairment: {e}"))?;
     if let Some(every) = args.partition_every {
         if every.is_zero() || args.partition_for >= every {
             return Err(format!(

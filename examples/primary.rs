@@ -21,8 +21,8 @@ use walship::{Epoch, Primary};
 #[derive(Parser, Debug)]
 #[command(about = "walship primary: ships every space's WAL to its replicas over QUIC")]
 struct Args {
-    /// Address to listen on for replicas.
-    #[arg(long, default_value = "127.0.0.1:7400")]
+    /// Address to listen on for replicas (IP:PORT or HOST:PORT).
+    #[arg(long, default_value = "127.0.0.1:7400", value_parser = common::parse_addr)]
     listen: SocketAddr,
     /// Data folder (one sub-folder per space).
     #[arg(long)]

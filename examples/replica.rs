@@ -19,8 +19,8 @@ use walship::Replica;
 #[derive(Parser, Debug)]
 #[command(about = "walship replica: copies its primary's spaces over QUIC")]
 struct Args {
-    /// The primary's address.
-    #[arg(long)]
+    /// The primary's address (IP:PORT or HOST:PORT).
+    #[arg(long, value_parser = common::parse_addr)]
     primary: SocketAddr,
     /// The primary's node name (checked against its certificate).
     #[arg(long, default_value = "primary")]

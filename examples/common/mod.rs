@@ -234,6 +234,25 @@ pub fn init_tracing_with(default: &str) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
 }
 
+/// A socket address given as `IP:PORT` or `HOST:PORT` (resolved once, first address), for flags
+/// that name another node.
+pub fn parse_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let mut addrs = s.to_socket_addrs().map_err(|e| format!("bad address {s:?} (IP:PORT or HOST:PORT): {e}"))?;
+    addrs.next().ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+/// Ends the process quietly, as Unix tools do, when stdout is a pipe whose reader is gone
+/// (`lossy_link ... | head -3`): Rust ignores SIGPIPE, so the next `println!` would panic instead.
+/// Only for tools with nothing to clean up.
+pub fn exit_quietly_on_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal; no handler code is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Raises the soft open-file limit to the hard limit: every space keeps its active segment open,
 /// so a node with thousands of spaces needs more than the usual soft default of 1,024.
 pub fn raise_fd_limit() {

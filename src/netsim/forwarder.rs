@@ -357,11 +357,21 @@ impl Shared {
 /// Reads the upstream's replies to one client and feeds them to the `down` model.
 async fn upstream_receive(shared: Arc<Shared>, socket: Arc<UdpSocket>, client: SocketAddr, last_seen: Arc<AtomicU64>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut warned = false;
     loop {
         match socket.recv(&mut buf).await {
             Ok(n) => {
                 last_seen.store(shared.millis(), Ordering::Relaxed);
                 shared.submit(Direction::Down, &buf[..n], Dest::Client(client));
+            }
+            // The ICMP answer to a datagram sent upstream (on whichever call comes next, the
+            // send or this receive): nothing listens there. Counted like a failed send.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                shared.model(Direction::Up).record_undeliverable();
+                if !std::mem::replace(&mut warned, true) {
+                    let upstream = socket.peer_addr().ok();
+                    tracing::warn!(%client, ?upstream, "the upstream refuses datagrams: is anything listening there?");
+                }
             }
             Err(e) if is_transient(&e) => {}
             Err(e) => {

@@ -11,7 +11,8 @@
 //!    loss probability of the new state;
 //! 3. independent loss;
 //! 4. rate cap: the packet joins a drop-tail serialization queue (dropped if the queue is full);
-//! 5. delay + jitter (uniform in `0..=jitter`; jitter alone may reorder packets, as in netem);
+//! 5. delay + jitter (uniform in `0..=jitter`; jitter alone may reorder packets, as in netem,
+//!    which [`LinkStats::overtaking`] counts);
 //! 6. reorder: the packet is held back an extra `delay / 2 + jitter + 5 ms`;
 //! 7. duplicate: a second copy is delivered right after the original.
 //!
@@ -275,6 +276,9 @@ pub struct LinkStats {
     pub duplicated: u64,
     /// Packets held back for reordering.
     pub reordered: u64,
+    /// Packets delivered before a packet offered earlier: those `reordered` holds back are
+    /// overtaken, and jitter larger than the packets' spacing reorders many more on its own.
+    pub overtaking: u64,
     /// Packets that had to wait behind others in the rate queue.
     pub queued: u64,
     /// Packets (copies) the model let through that could not be handed over: no socket at the
@@ -311,6 +315,7 @@ impl LinkStats {
         self.dropped_queue += other.dropped_queue;
         self.duplicated += other.duplicated;
         self.reordered += other.reordered;
+        self.overtaking += other.overtaking;
         self.queued += other.queued;
         self.undeliverable += other.undeliverable;
     }
@@ -321,7 +326,7 @@ impl fmt::Display for LinkStats {
         write!(
             f,
             "{} pkts ({} B) in, {} forwarded ({} B), {} dropped (loss {}, burst {}, partition {}, queue {}), \
-             {} duplicated, {} reordered, {} queued, {} undeliverable",
+             {} duplicated, {} reordered ({} overtook an earlier packet), {} queued, {} undeliverable",
             self.packets,
             self.bytes,
             self.forwarded,
@@ -333,6 +338,7 @@ impl fmt::Display for LinkStats {
             self.dropped_queue,
             self.duplicated,
             self.reordered,
+            self.overtaking,
             self.queued,
             self.undeliverable
         )
@@ -419,6 +425,8 @@ pub struct LinkModel {
     partitioned: bool,
     /// When the rate queue has finished serializing every accepted packet.
     horizon: Option<Instant>,
+    /// The latest delivery time given so far, to count packets that overtake.
+    latest_delivery: Option<Instant>,
     stats: LinkStats,
 }
 
@@ -431,6 +439,7 @@ impl LinkModel {
             ge_bad: false,
             partitioned: false,
             horizon: None,
+            latest_delivery: None,
             stats: LinkStats::default(),
         }
     }
@@ -548,6 +557,11 @@ impl LinkModel {
         } else {
             None
         };
+        let arrival = now + delay;
+        match self.latest_delivery {
+            Some(latest) if arrival < latest => self.stats.overtaking += 1,
+            _ => self.latest_delivery = Some(arrival),
+        }
         self.stats.forwarded += 1;
         self.stats.forwarded_bytes += len as u64;
         Verdict::Deliver { delay, duplicate, reordered }
@@ -815,6 +829,28 @@ mod tests {
             .collect();
         let inversions = arrivals.windows(2).filter(|w| w[1] < w[0]).count();
         assert!(inversions as u64 >= s.reordered * 9 / 10, "{inversions} inversions");
+    }
+
+    #[test]
+    fn packets_that_overtake_are_counted_whatever_reorders_them() {
+        // 100 us apart with 5 ms of jitter: jitter alone reorders most packets.
+        let imp = Impairment { delay: 20 * MS, jitter: 5 * MS, ..Default::default() };
+        let (v, s) = run(imp, 4, 10_000);
+        let mut latest = Duration::ZERO;
+        let mut overtaking = 0;
+        for (i, x) in v.iter().enumerate() {
+            let Verdict::Deliver { delay, .. } = x else { continue };
+            let arrival = Duration::from_micros(i as u64 * 100) + *delay;
+            if arrival < latest {
+                overtaking += 1;
+            }
+            latest = latest.max(arrival);
+        }
+        assert_eq!((s.reordered, s.overtaking), (0, overtaking));
+        assert!(overtaking > 5_000, "{overtaking}");
+        // Without jitter or reordering, nothing overtakes.
+        let (_, s) = run(Impairment { delay: 20 * MS, loss: 0.1, ..Default::default() }, 4, 10_000);
+        assert_eq!(s.overtaking, 0);
     }
 
     #[test]
