@@ -103,7 +103,8 @@ pub struct PrimaryConfig {
     pub heartbeat: HeartbeatConfig,
     /// QUIC transport settings.
     pub transport: TransportSettings,
-    /// Bounds on frames (must match the replicas').
+    /// Bounds on frames this primary sends; a replica announcing a smaller `max_batch_bytes` in
+    /// its hello gets batches within its own.
     pub limits: FrameLimits,
     /// Replicas this primary dials (besides accepting the ones that dial it).
     pub dial_replicas: Vec<ReplicaAddr>,
@@ -145,7 +146,7 @@ impl PrimaryConfig {
         if self.max_batch_bytes.saturating_add(self.max_batch_entries.saturating_mul(32)) > self.limits.max_batch_bytes
         {
             return Err(ConfigError(format!(
-                "max_batch_bytes {} (plus entry headers) exceeds the frame limit {}; lower it or raise limits.max_batch_bytes on both sides",
+                "max_batch_bytes {} (plus entry headers) exceeds the frame limit {}; lower it or raise limits.max_batch_bytes",
                 self.max_batch_bytes, self.limits.max_batch_bytes
             )));
         }
@@ -190,7 +191,8 @@ pub struct ReplicaConfig {
     pub ack_interval: Duration,
     /// QUIC transport settings.
     pub transport: TransportSettings,
-    /// Bounds on frames (must match the primary's).
+    /// Bounds on frames this replica accepts. Its hello announces `max_batch_bytes`, and the
+    /// primary sends no larger batch on that connection.
     pub limits: FrameLimits,
     /// The largest in-flight credit (`PrimaryConfig::max_replica_inflight_bytes`) this replica
     /// accepts from a primary; a primary announcing more is refused at the handshake. The replica

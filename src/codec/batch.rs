@@ -218,7 +218,7 @@ impl BatchEncoder {
         self
     }
 
-    /// Bounds the batches this encoder will build (must match the receiver's limits).
+    /// Bounds the batches this encoder will build (within the receiver's limits).
     pub fn with_limits(mut self, limits: FrameLimits) -> Self {
         self.limits = limits;
         self

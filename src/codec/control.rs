@@ -60,6 +60,9 @@ pub struct Hello {
     pub node_name: String,
     /// Highest primary epoch the replica has seen.
     pub epoch: Epoch,
+    /// The largest uncompressed batch payload the replica accepts (its
+    /// `FrameLimits::max_batch_bytes`): the primary sends no larger batch on this connection.
+    pub max_batch_bytes: u64,
     /// Durable position of every space the replica holds.
     pub spaces: Vec<SpacePosition>,
 }
@@ -211,6 +214,7 @@ mod tests {
                 node_id: NodeId(5),
                 node_name: "replica-1".into(),
                 epoch: Epoch(2),
+                max_batch_bytes: 1 << 20,
                 spaces: vec![SpacePosition {
                     space: sid("a"),
                     last_seq: Seq(10),

@@ -36,4 +36,4 @@ fn decode_postcard<T: serde::de::DeserializeOwned>(what: &'static str, b: &[u8])
 }
 
 /// Version of the wire protocol spoken by this build. Frames and hellos of another version are refused.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;

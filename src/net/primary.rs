@@ -17,7 +17,7 @@ use quinn::{Connection, SendStream};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::codec::batch::{BATCH_HEADER_LEN, ENTRY_HEADER_LEN};
+use crate::codec::batch::{FrameLimits, BATCH_HEADER_LEN, ENTRY_HEADER_LEN};
 use crate::codec::control::{ErrorCode, ErrorMessage, SpacePosition, SpaceRange, Welcome};
 use crate::codec::stream::{mux_preamble, StreamHeader};
 use crate::codec::{BatchEncoder, ControlMessage, PROTOCOL_VERSION};
@@ -96,6 +96,8 @@ struct Session {
     /// Credit for frames larger than `SMALL_FRAME_BYTES` in flight to this replica, all spaces
     /// together (`PrimaryConfig::max_replica_inflight_bytes`).
     credit: Arc<Semaphore>,
+    /// The smaller of this primary's and the replica's frame limits (the replica's is in its hello).
+    frame_limits: FrameLimits,
 }
 
 /// Shared state of one (space, replica) shipper.
@@ -403,6 +405,14 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
         control: control_tx,
         mux,
         credit: Arc::new(Semaphore::new(shared.config.max_replica_inflight_bytes)),
+        // A replica configured with smaller frames gets smaller batches (not frames it must refuse).
+        frame_limits: FrameLimits {
+            max_batch_bytes: shared
+                .config
+                .limits
+                .max_batch_bytes
+                .min(usize::try_from(hello.max_batch_bytes).unwrap_or(usize::MAX)),
+        },
     });
     let link = lock(&shared.replicas)
         .entry(name.clone())
@@ -760,7 +770,7 @@ async fn ship_space(shared: Arc<Shared>, session: Arc<Session>, ship: Arc<SpaceS
     let space = wal.space().clone();
     let mut encoder = BatchEncoder::new(shared.node_id, cfg.compression)
         .with_min_compress_bytes(cfg.min_compress_bytes)
-        .with_limits(cfg.limits);
+        .with_limits(session.frame_limits);
     let mut restart = ship.restart.subscribe();
     let mut from = start;
     loop {
@@ -849,7 +859,11 @@ async fn ship_stream(
             continue;
         }
         let count = usize::try_from(upto.0 - next.0 + 1).unwrap_or(usize::MAX).min(cfg.max_batch_entries);
-        let mut entries = read_entries(wal, next, count, cfg.max_batch_bytes).await?;
+        // Payload bytes per batch: this primary's setting, within the session's frame limit
+        // (which also holds each entry's header).
+        let frame_room = session.frame_limits.max_batch_bytes.saturating_sub(count.saturating_mul(ENTRY_HEADER_LEN));
+        let batch_bytes = cfg.max_batch_bytes.min(frame_room);
+        let mut entries = read_entries(wal, next, count, batch_bytes).await?;
         // Cut back since the handshake (an operator's `truncate_suffix`): what the replica holds
         // past the cut may not be what this log holds there now. Shipping on would splice two logs;
         // a new handshake compares them instead.

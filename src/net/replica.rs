@@ -378,6 +378,7 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
         node_id: shared.node_id,
         node_name: shared.config.name.clone(),
         epoch: lock(&shared.link).epoch,
+        max_batch_bytes: shared.config.limits.max_batch_bytes as u64,
         spaces: shared
             .store
             .spaces()
@@ -647,11 +648,12 @@ async fn receive_batches(
         let (batch, _assembling) = match read_batch(recv, &mut decoder, &session.assembly).await {
             Ok(Some(b)) => b,
             Ok(None) => return StreamEnd::Done,
-            // Behind a valid header CRC: the primary really sends frames this large. Asking again
-            // would get the same frame at once, forever; the configurations disagree.
+            // Behind a valid header CRC: the primary really sends frames this large, although the
+            // hello announced this replica's limit. Asking again at once would get the same frame,
+            // for ever: pause the stream (a local failure) and say why.
             Err(NetError::Decode(e @ crate::codec::DecodeError::TooLarge { .. })) => {
                 return StreamEnd::LocalFailure(format!(
-                    "frame refused ({e}): the primary's max_batch_bytes / limits exceed this replica's limits.max_batch_bytes; make limits equal on every node"
+                    "frame refused ({e}): the primary ignores the limits.max_batch_bytes this replica announced"
                 ))
             }
             Err(NetError::Decode(e)) => return StreamEnd::CatchUp(format!("bad frame: {e}")),
