@@ -314,6 +314,7 @@ fn control_samples() -> Vec<ControlMessage> {
             node_id: NodeId(5),
             node_name: "replica-1".into(),
             epoch: Epoch(2),
+            instance: 77,
             max_batch_bytes: 1 << 20,
             spaces: (0..5)
                 .map(|i| SpacePosition {

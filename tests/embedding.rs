@@ -162,6 +162,37 @@ async fn a_replica_with_smaller_frame_limits_gets_smaller_batches() {
     p.shutdown().await;
 }
 
+/// Two replica processes configured with one name (a copied config): the second is refused and
+/// told why, the first keeps its connection (they used to displace each other for ever), and
+/// the second gets in once the first is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_replica_under_the_same_name_is_refused_while_the_first_is_alive() {
+    let c = Cluster::new();
+    let p = c.primary().await;
+    let addr = p.local_addr();
+    let s = spaces(2);
+    write(&p, &s, 50).await;
+    let first = c.replica("replica-1", addr).await;
+    converge(&p, &[&first]).await;
+    let mut cfg = c.replica_config("replica-1", addr);
+    cfg.data_dir = c.path("replica-1-copy");
+    let second = Replica::start(cfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
+    wait_for("the second replica to be refused", || {
+        second.status().last_error.is_some_and(|e| e.contains("replica names must be unique"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let view = p.status().replicas.into_iter().find(|r| r.name == "replica-1").unwrap();
+    assert_eq!(view.reconnects, 0, "the first replica's connection was never taken over");
+    assert_eq!(first.status().connection, ConnectionState::Connected);
+    assert_ne!(second.status().connection, ConnectionState::Connected);
+    first.shutdown().await;
+    write(&p, &s, 10).await;
+    converge(&p, &[&second]).await;
+    second.shutdown().await;
+    p.shutdown().await;
+}
+
 /// Panics on its first call (a node server's state update failing), records every entry after.
 struct PanicsOnce {
     panicked: AtomicBool,

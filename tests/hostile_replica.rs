@@ -41,6 +41,7 @@ async fn handshake(
         node_id: NodeId::from_name("replica-1"),
         node_name: "replica-1".into(),
         epoch: Epoch(0),
+        instance: 1,
         max_batch_bytes: walship::codec::batch::FrameLimits::default().max_batch_bytes as u64,
         spaces: vec![],
     });

@@ -188,21 +188,23 @@ async fn replicas_from_another_ca_are_refused_and_the_primary_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_connection_from_the_same_replica_replaces_the_first() {
+async fn a_replica_restarted_elsewhere_takes_over_once_its_old_process_is_gone() {
     let c = Cluster::new();
     let primary = c.primary().await;
     let spaces = spaces(2);
     let a = c.replica("replica-1", primary.local_addr()).await;
     write(&primary, &spaces, 100).await;
     converge(&primary, &[&a]).await;
-    // Same identity, another data folder: the newer connection wins; the older one is closed.
+    // The same identity in another process (another data folder), started while the first still
+    // runs: refused until the first is gone (tests/embedding.rs), here a crash (dropped, its
+    // connection never closed), then let in as the same replica.
     let mut cfg = c.replica_config("replica-1", primary.local_addr());
     cfg.data_dir = c.path("replica-1-bis");
     let b = Replica::start(cfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
+    drop(a);
     converge(&primary, &[&b]).await;
     assert_eq!(primary.status().replicas.len(), 1);
     assert!(primary.status().replicas[0].reconnects >= 1);
-    drop(a);
     b.shutdown().await;
     primary.shutdown().await;
 }

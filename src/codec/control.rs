@@ -60,6 +60,9 @@ pub struct Hello {
     pub node_name: String,
     /// Highest primary epoch the replica has seen.
     pub epoch: Epoch,
+    /// Random per replica process: the primary tells a reconnect of the connected replica (same
+    /// instance) from a second process under the same name (another instance).
+    pub instance: u64,
     /// The largest uncompressed batch payload the replica accepts (its
     /// `FrameLimits::max_batch_bytes`): the primary sends no larger batch on this connection.
     pub max_batch_bytes: u64,
@@ -146,6 +149,8 @@ pub enum ErrorCode {
     Internal,
     /// The replica has seen a newer primary epoch: this primary was deposed.
     StaleEpoch,
+    /// Another live replica process connected under the same name.
+    DuplicateName,
 }
 
 /// An error report.
@@ -214,6 +219,7 @@ mod tests {
                 node_id: NodeId(5),
                 node_name: "replica-1".into(),
                 epoch: Epoch(2),
+                instance: 77,
                 max_batch_bytes: 1 << 20,
                 spaces: vec![SpacePosition {
                     space: sid("a"),

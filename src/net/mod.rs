@@ -28,6 +28,11 @@ pub(crate) use crate::lock;
 /// after the peer came up, showing no error meanwhile. A new dial starts over from its first send.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A session that lasted this long was a success: the next dial starts from the first delay
+/// again. One that ended sooner counts as a failed attempt, so a peer that refuses at the
+/// handshake is retried with growing delays rather than at the first delay for ever.
+const STABLE_SESSION: Duration = Duration::from_secs(5);
+
 /// Dials `name` at `addr` and runs `session` on the connection, for ever: whenever dialing fails
 /// or a session ends, `ended` hears why (with the delay and how many attempts failed in a row)
 /// and the next dial waits out `backoff`'s delay. The one reconnect loop of both node kinds.
@@ -54,8 +59,12 @@ async fn redial<S, F>(
                     )))
                 }
             };
-            backoff.reset();
-            session(conn).await
+            let began = tokio::time::Instant::now();
+            let ended = session(conn).await;
+            if began.elapsed() >= STABLE_SESSION {
+                backoff.reset();
+            }
+            ended
         }
         .await;
         let delay = backoff.next_delay();
@@ -148,6 +157,8 @@ pub mod close {
     /// the cut may differ from what the primary writes there next, so the handshake must compare
     /// the logs again (the replica reconnects).
     pub const LOG_CUT: VarInt = VarInt::from_u32(6);
+    /// Another live replica process is connected under this replica's name.
+    pub const DUPLICATE_NAME: VarInt = VarInt::from_u32(7);
 }
 
 /// Application error codes of a data stream (`stop` / `reset`).

@@ -21,7 +21,7 @@ use crate::codec::batch::{FrameLimits, BATCH_HEADER_LEN, ENTRY_HEADER_LEN};
 use crate::codec::control::{ErrorCode, ErrorMessage, SpacePosition, SpaceRange, Welcome};
 use crate::codec::stream::{mux_preamble, StreamHeader};
 use crate::codec::{BatchEncoder, ControlMessage, PROTOCOL_VERSION};
-use crate::config::{PrimaryConfig, SMALL_FRAME_BYTES};
+use crate::config::{HeartbeatConfig, PrimaryConfig, SMALL_FRAME_BYTES};
 use crate::entry::{now_us, Entry};
 use crate::net::error::NetError;
 use crate::net::framed::{control_writer, write_control, ControlReader};
@@ -98,6 +98,8 @@ struct Session {
     credit: Arc<Semaphore>,
     /// The smaller of this primary's and the replica's frame limits (the replica's is in its hello).
     frame_limits: FrameLimits,
+    /// The replica process's [`Hello::instance`](crate::codec::control::Hello::instance).
+    instance: u64,
 }
 
 /// Shared state of one (space, replica) shipper.
@@ -413,6 +415,7 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
                 .max_batch_bytes
                 .min(usize::try_from(hello.max_batch_bytes).unwrap_or(usize::MAX)),
         },
+        instance: hello.instance,
     });
     let link = lock(&shared.replicas)
         .entry(name.clone())
@@ -424,6 +427,12 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
             })
         })
         .clone();
+    if let Some(reason) = taken_by_another_process(&link, &session, &shared.config.heartbeat) {
+        let _ = write_control(&mut send, &error_msg(ErrorCode::DuplicateName, None, &reason)).await;
+        // The close can overtake the message: its reason says it too.
+        conn.close(close::DUPLICATE_NAME, reason.as_bytes());
+        return Err(NetError::Protocol(reason));
+    }
     link.connections.fetch_add(1, Ordering::Relaxed);
     if let Some(old) = lock(&link.current).replace(session.clone()) {
         *lock(&link.earlier) += old.traffic();
@@ -491,6 +500,26 @@ fn max_lag_entries(store: &WalStore, session: &Session) -> u64 {
         })
         .max()
         .unwrap_or(0)
+}
+
+/// Why `new` may not replace the replica's current connection, if it may not: that connection is
+/// alive (heard from within the heartbeat timeout) and comes from another replica process under
+/// the same name. Letting each take over from the other would make the two flap for ever; a
+/// restarted replica gets in once its old connection has gone silent.
+fn taken_by_another_process(link: &ReplicaLink, new: &Session, heartbeat: &HeartbeatConfig) -> Option<String> {
+    let current = lock(&link.current).clone()?;
+    let alive = current.conn.close_reason().is_none()
+        && !lock(&current.liveness).is_dead(tokio::time::Instant::now().into_std());
+    if !alive || current.instance == new.instance {
+        return None;
+    }
+    Some(format!(
+        "another replica process named {:?} is connected from {}: replica names must be unique (a restarted replica \
+         is let in once its old connection has been silent for {:?})",
+        tls::peer_name(&new.conn).unwrap_or_default(),
+        current.conn.remote_address(),
+        heartbeat.timeout
+    ))
 }
 
 fn error_msg(code: ErrorCode, space: Option<SpaceId>, reason: &str) -> ControlMessage {

@@ -73,6 +73,8 @@ pub struct Replica {
 struct Shared {
     config: ReplicaConfig,
     node_id: NodeId,
+    /// Random per `Replica`, sent in every hello ([`Hello::instance`]).
+    instance: u64,
     store: WalStore,
     endpoint: quinn::Endpoint,
     hook: Option<Arc<dyn ApplyHook>>,
@@ -173,6 +175,8 @@ impl Replica {
         let seen_epoch = store.spaces().iter().map(|w| w.last_epoch()).max().unwrap_or(Epoch(0));
         let shared = Arc::new(Shared {
             node_id: NodeId::from_name(&config.name),
+            // Seeded by the OS's randomness, different for every `Replica`.
+            instance: std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8),
             config,
             store,
             endpoint,
@@ -378,6 +382,7 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
         node_id: shared.node_id,
         node_name: shared.config.name.clone(),
         epoch: lock(&shared.link).epoch,
+        instance: shared.instance,
         max_batch_bytes: shared.config.limits.max_batch_bytes as u64,
         spaces: shared
             .store
