@@ -14,6 +14,33 @@ use walship::net::status::ConnectionState;
 use walship::{ApplyHook, Primary, Replica, SpaceId};
 // (Entry, Future, Pin, Arc are imported above for the hooks.)
 
+/// A writer that wants copies before it answers waits for them; nobody else does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_can_wait_until_its_entry_is_durable_on_replicas() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let s = SpaceId::new("tenant-1").unwrap();
+    // No replica yet: the wait ends at its timeout, with nobody holding the entry.
+    let first = primary.append(&s, 1, payload(&s, 1)).unwrap();
+    let holding = primary.wait_durable(&s, first, 1, std::time::Duration::from_millis(300)).await;
+    assert!(holding.is_empty(), "{holding:?}");
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    let r2 = c.replica("replica-2", primary.local_addr()).await;
+    let mut last = first;
+    for i in 2..=50 {
+        last = primary.append(&s, 1, payload(&s, i)).unwrap();
+    }
+    let mut holding = primary.wait_durable(&s, last, 2, DEADLINE).await;
+    holding.sort();
+    assert_eq!(holding, ["replica-1", "replica-2"]);
+    for r in [&r1, &r2] {
+        assert!(r.space(&s).unwrap().durable_seq() >= last);
+    }
+    r1.shutdown().await;
+    r2.shutdown().await;
+    primary.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_32_spaces_converge_to_identical_logs() {
     let c = Cluster::new();

@@ -50,6 +50,8 @@ struct Shared {
     endpoint: quinn::Endpoint,
     replicas: Mutex<BTreeMap<String, Arc<ReplicaLink>>>,
     sessions: AtomicU64,
+    /// Woken after every ack a replica sends ([`Primary::wait_durable`]).
+    acked: Notify,
 }
 
 /// Everything known of one replica, across its connections.
@@ -163,6 +165,7 @@ impl Primary {
             endpoint,
             replicas: Mutex::new(BTreeMap::new()),
             sessions: AtomicU64::new(0),
+            acked: Notify::new(),
         });
         let mut tasks = JoinSet::new();
         tasks.spawn(accept_loop(shared.clone()));
@@ -194,6 +197,10 @@ impl Primary {
     }
 
     /// Logs, replicas, lag and health.
+    ///
+    /// The lag in time of a (space, replica) pair reads the oldest entry the replica lacks: from
+    /// memory when the log's tail holds it, else from disk. With many spaces far behind, call this
+    /// from a blocking context (`spawn_blocking`), not from a latency-sensitive async task.
     pub fn status(&self) -> PrimaryStatus {
         let spaces: Vec<SpaceLog> = self.shared.store.spaces().iter().map(SpaceLog::of).collect();
         let links: Vec<(String, Arc<ReplicaLink>)> =
@@ -268,6 +275,44 @@ impl Primary {
             self.shared.config.lag_threshold.as_millis() as u64,
         );
         view
+    }
+
+    /// Waits until entry `seq` of `space` is durable on at least `replicas` replicas, or until
+    /// `timeout` passes, and returns the names of the replicas that hold it durable: at least
+    /// `replicas` of them, or fewer if the time ran out. Replication stays asynchronous (appends
+    /// never wait for it); this is for the writers that choose to, such as a planned failover
+    /// that stops writes and waits for a replica to hold everything, or a commit that wants a
+    /// second copy before it answers.
+    pub async fn wait_durable(&self, space: &SpaceId, seq: Seq, replicas: usize, timeout: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Register before looking, so an ack between the look and the wait is not missed.
+            let acked = self.shared.acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
+            let holding = self.replicas_holding(space, seq);
+            if holding.len() >= replicas {
+                return holding;
+            }
+            if tokio::time::timeout_at(deadline, acked).await.is_err() {
+                return self.replicas_holding(space, seq);
+            }
+        }
+    }
+
+    /// Names of the replicas whose latest connection's acks say `seq` of `space` is durable there.
+    fn replicas_holding(&self, space: &SpaceId, seq: Seq) -> Vec<String> {
+        let links: Vec<(String, Arc<ReplicaLink>)> =
+            lock(&self.shared.replicas).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        links
+            .into_iter()
+            .filter(|(_, link)| {
+                let session = lock(&link.current).clone();
+                let ship = session.and_then(|s| lock(&s.spaces).get(space).cloned());
+                ship.is_some_and(|ship| lock(&ship.progress).durable() >= seq)
+            })
+            .map(|(name, _)| name)
+            .collect()
     }
 
     /// Closes the connection of replica `name`, if connected; the replica will reconnect and resume.
@@ -464,7 +509,7 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
 
     let mut tasks = JoinSet::new();
     tasks.spawn(control_writer(send, control_rx));
-    tasks.spawn(control_reader(session.clone(), control));
+    tasks.spawn(control_reader(shared.clone(), session.clone(), control));
     if let Some(rx) = mux_rx {
         tasks.spawn(mux_writer(conn.clone(), rx));
     }
@@ -596,7 +641,7 @@ impl FrameSink {
 }
 
 /// Reads acks and catch-up requests from the replica.
-async fn control_reader(session: Arc<Session>, mut control: ControlReader) {
+async fn control_reader(shared: Arc<Shared>, session: Arc<Session>, mut control: ControlReader) {
     loop {
         let msg = match control.read().await {
             Ok(Some(m)) => m,
@@ -631,6 +676,8 @@ async fn control_reader(session: Arc<Session>, mut control: ControlReader) {
                     ship.release_credit(a.durable);
                     ship.acked.notify_one();
                 }
+                drop(spaces);
+                shared.acked.notify_waiters();
             }
             ControlMessage::CatchUp(c) => {
                 tracing::info!(space = %c.space, from = %c.from_seq, reason = %c.reason, "replica asks for catch-up");
