@@ -51,8 +51,9 @@ thread_local! {
 
 /// The write-ahead log of one space. Cheap to clone (shared handle); `Send + Sync`.
 ///
-/// Open each space folder through one `SpaceWal` (or one [`WalStore`](super::WalStore)) at a time: two
-/// independent opens of the same folder would write over each other.
+/// Each space folder is open through one `SpaceWal` (or one [`WalStore`](super::WalStore)) at a
+/// time: the handle locks the folder, and a second open fails (after waiting up to a second for
+/// a handle that is being dropped) rather than write over the first.
 #[derive(Clone)]
 pub struct SpaceWal {
     inner: Arc<Inner>,
