@@ -63,6 +63,12 @@ struct Args {
     /// How often the status file is rewritten (the console line stays once a second).
     #[arg(long, default_value = "1s", value_parser = walship::netsim::parse_duration)]
     status_every: std::time::Duration,
+    /// Serve Prometheus metrics on this address (http://ADDR/metrics), refreshed with the status.
+    #[arg(long, value_parser = common::parse_addr)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Per-space series (lag, positions) only while the node has at most this many spaces.
+    #[arg(long, default_value_t = 1000)]
+    metrics_max_spaces: usize,
     /// Congestion controller: bbr, cubic or newreno.
     #[arg(long, default_value = "bbr")]
     congestion: walship::net::endpoint::CongestionControl,
@@ -101,6 +107,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.transport.initial_window = args.initial_window;
     config.single_stream = args.single_stream;
     let primary = Primary::start(config, identity).await?;
+    if let Some(addr) = args.metrics_addr {
+        common::serve_metrics(addr)?;
+    }
     println!("primary {} listening on {} (data {})", args.name, primary.local_addr(), args.data.display());
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -125,6 +134,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     common::every_until_signal(args.status_every, |elapsed, new_second| {
         let status = primary.status();
         common::write_status(&args.status_file, &status);
+        if args.metrics_addr.is_some() {
+            walship::net::metrics::record_primary(&status, status.spaces.len() <= args.metrics_max_spaces);
+        }
         if !new_second {
             return;
         }

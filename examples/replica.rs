@@ -49,6 +49,12 @@ struct Args {
     /// How often the status file is rewritten (the console line stays once a second).
     #[arg(long, default_value = "1s", value_parser = walship::netsim::parse_duration)]
     status_every: std::time::Duration,
+    /// Serve Prometheus metrics on this address (http://ADDR/metrics), refreshed with the status.
+    #[arg(long, value_parser = common::parse_addr)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Per-space series (lag, positions) only while the node has at most this many spaces.
+    #[arg(long, default_value_t = 1000)]
+    metrics_max_spaces: usize,
 }
 
 #[tokio::main]
@@ -65,12 +71,18 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.listen = args.listen;
     config.transport.congestion = args.congestion;
     let replica = Replica::start(config, identity).await?;
+    if let Some(addr) = args.metrics_addr {
+        common::serve_metrics(addr)?;
+    }
     println!("replica {} replicating from {} (data {})", args.name, args.primary, args.data.display());
 
     let mut last_total = 0u64;
     common::every_until_signal(args.status_every, |elapsed, new_second| {
         let status = replica.status();
         common::write_status(&args.status_file, &status);
+        if args.metrics_addr.is_some() {
+            walship::net::metrics::record_replica(&status, status.spaces.len() <= args.metrics_max_spaces);
+        }
         if !new_second {
             return;
         }

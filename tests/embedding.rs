@@ -242,3 +242,58 @@ async fn a_panicking_apply_hook_is_reported_and_its_entries_come_again() {
     r.shutdown().await;
     p.shutdown().await;
 }
+
+/// The status a node server exports as metrics: the values behind the names match the status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_snapshots_become_metrics() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let c = Cluster::new();
+    let p = c.primary().await;
+    let r = c.replica("replica-1", p.local_addr()).await;
+    let s = spaces(3);
+    write(&p, &s, 40).await;
+    converge(&p, &[&r]).await;
+    wait_for("every space acked", || p.status().replicas.iter().all(|v| v.max_lag.entries == 0)).await;
+    let (ps, rs) = (p.status(), r.status());
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        walship::net::metrics::record_primary(&ps, true);
+        walship::net::metrics::record_replica(&rs, true);
+    });
+    // (name, labels, value) of every metric recorded.
+    type Recorded = (String, Vec<(String, String)>, DebugValue);
+    let values: Vec<Recorded> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let key = key.key();
+            let labels = key.labels().map(|l| (l.key().to_string(), l.value().to_string())).collect();
+            (key.name().to_string(), labels, value)
+        })
+        .collect();
+    let find = |name: &str, labels: &[(&str, &str)]| {
+        values
+            .iter()
+            .find(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.iter().any(|(a, b)| a == k && b == v)))
+            .map(|(_, _, v)| v)
+            .unwrap_or_else(|| panic!("no metric {name} {labels:?}"))
+    };
+    let view = &ps.replicas[0];
+    assert_eq!(find("walship_replica_connected", &[("replica", "replica-1")]), &DebugValue::Gauge(1.0.into()));
+    assert_eq!(
+        find("walship_replication_bytes_total", &[("replica", "replica-1"), ("direction", "sent")]),
+        &DebugValue::Counter(view.totals.bytes_sent)
+    );
+    assert_eq!(find("walship_replication_entries_total", &[("replica", "replica-1")]), &DebugValue::Counter(120));
+    for space in &s {
+        let labels = [("replica", "replica-1"), ("space", space.as_str())];
+        assert_eq!(find("walship_replication_lag_entries", &labels), &DebugValue::Gauge(0.0.into()));
+        assert_eq!(find("walship_space_applied_seq", &[("space", space.as_str())]), &DebugValue::Gauge(40.0.into()));
+    }
+    assert_eq!(find("walship_connected_to_primary", &[]), &DebugValue::Gauge(1.0.into()));
+    r.shutdown().await;
+    p.shutdown().await;
+}

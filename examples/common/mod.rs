@@ -234,6 +234,18 @@ pub fn init_tracing_with(default: &str) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
 }
 
+/// Serves the metrics the binaries record (`walship::net::metrics`) for Prometheus to scrape at
+/// `http://ADDR/metrics`.
+pub fn serve_metrics(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+    walship::net::metrics::describe();
+    println!("metrics on http://{addr}/metrics");
+    Ok(())
+}
+
 /// A socket address given as `IP:PORT` or `HOST:PORT` (resolved once, first address), for flags
 /// that name another node.
 pub fn parse_addr(s: &str) -> Result<std::net::SocketAddr, String> {

@@ -6,6 +6,7 @@ pub mod endpoint;
 mod error;
 mod framed;
 mod heartbeat;
+pub mod metrics;
 mod primary;
 mod replica;
 pub mod status;
