@@ -41,6 +41,30 @@ async fn a_writer_can_wait_until_its_entry_is_durable_on_replicas() {
     primary.shutdown().await;
 }
 
+/// A replica that comes back already holding the entry (here after a primary restart) says so in
+/// its hello and has nothing new to ack: the wait must still end when it connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_durable_ends_when_a_reconnecting_replica_already_holds_the_entry() {
+    let c = Cluster::new();
+    let p = c.primary().await;
+    let addr = p.local_addr();
+    let s = SpaceId::new("tenant-1").unwrap();
+    let mut last = walship::Seq(0);
+    for i in 1..=20 {
+        last = p.append(&s, 1, payload(&s, i)).unwrap();
+    }
+    let r = c.replica("replica-1", addr).await;
+    converge(&p, &[&r]).await;
+    p.shutdown().await;
+    let p = c.primary_at(addr).await;
+    // A wait that only an ack could end would outlast the test's deadline.
+    let wait = p.wait_durable(&s, last, 1, DEADLINE * 4);
+    let holding = tokio::time::timeout(DEADLINE, wait).await.expect("the replica's return ends the wait");
+    assert_eq!(holding, ["replica-1"]);
+    r.shutdown().await;
+    p.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_32_spaces_converge_to_identical_logs() {
     let c = Cluster::new();

@@ -114,11 +114,20 @@ pub struct TransportSettings {
     pub max_idle_timeout: Duration,
     /// See [`DEFAULT_INITIAL_RTT`].
     pub initial_rtt: Duration,
+    /// See [`DEFAULT_DIAL_TIMEOUT`].
+    pub dial_timeout: Duration,
     /// See [`DEFAULT_SOCKET_BUFFER_SIZE`].
     pub socket_send_buffer_size: usize,
     /// See [`DEFAULT_SOCKET_BUFFER_SIZE`].
     pub socket_recv_buffer_size: usize,
 }
+
+/// Longest wait for one dial's handshake, after which the dial counts as failed and the next one
+/// starts over (after the reconnect backoff). Without it a dial would wait for quinn's idle
+/// timeout, resending its first packet 1, 3 and 7 s in: a node dialing a peer that is not up yet
+/// would connect seconds after the peer came up and show no error meanwhile. Raise it for paths
+/// whose round trip approaches it.
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Default for TransportSettings {
     fn default() -> Self {
@@ -135,6 +144,7 @@ impl Default for TransportSettings {
             keep_alive_interval: Some(DEFAULT_KEEP_ALIVE_INTERVAL),
             max_idle_timeout: DEFAULT_MAX_IDLE_TIMEOUT,
             initial_rtt: DEFAULT_INITIAL_RTT,
+            dial_timeout: DEFAULT_DIAL_TIMEOUT,
             socket_send_buffer_size: DEFAULT_SOCKET_BUFFER_SIZE,
             socket_recv_buffer_size: DEFAULT_SOCKET_BUFFER_SIZE,
         }
@@ -279,6 +289,13 @@ impl TransportSettings {
         }
         if self.initial_rtt.is_zero() {
             return bad("initial_rtt must be > 0".into());
+        }
+        // Room for the first packet and one resend (quinn resends after 3 x initial_rtt).
+        if self.dial_timeout < self.initial_rtt * 6 {
+            return bad(format!(
+                "dial_timeout {:?} must be at least 6 x initial_rtt ({:?}): a dial needs room for one resend",
+                self.dial_timeout, self.initial_rtt
+            ));
         }
         Ok(())
     }

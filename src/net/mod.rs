@@ -24,11 +24,6 @@ use crate::protocol::backoff::Backoff;
 
 pub(crate) use crate::lock;
 
-/// Longest wait for one dial's handshake. quinn would wait for its idle timeout, resending its
-/// first packet 1, 3 and 7 s in: a node dialing a peer that is not up yet would connect seconds
-/// after the peer came up, showing no error meanwhile. A new dial starts over from its first send.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// A session that lasted this long was a success: the next dial starts from the first delay
 /// again. One that ended sooner counts as a failed attempt, so a peer that refuses at the
 /// handshake is retried with growing delays rather than at the first delay for ever.
@@ -41,6 +36,7 @@ async fn redial<S, F>(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     name: &str,
+    dial_timeout: Duration,
     mut backoff: Backoff,
     mut session: S,
     mut ended: impl FnMut(String, Duration, u32),
@@ -52,11 +48,12 @@ async fn redial<S, F>(
     loop {
         let result = async {
             let connecting = endpoint.connect(addr, name).map_err(|e| connect_error(e.to_string()))?;
-            let conn = match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
+            let conn = match tokio::time::timeout(dial_timeout, connecting).await {
                 Ok(connected) => connected.map_err(|e| connect_error(e.to_string()))?,
                 Err(_) => {
                     return Err(connect_error(format!(
-                        "no answer within {DIAL_TIMEOUT:?}: is the peer up at this address?"
+                        "no handshake within {dial_timeout:?}: is the peer up at this address? (on a path whose \
+                         round trip approaches that, raise TransportSettings::dial_timeout)"
                     )))
                 }
             };

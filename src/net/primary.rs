@@ -41,6 +41,9 @@ use crate::wal::{SpaceWal, WalError, WalStore};
 pub struct Primary {
     shared: Arc<Shared>,
     tasks: JoinSet<()>,
+    /// The address of the UDP socket `start` bound, to be free again when `shutdown` returns
+    /// (`None` on an endpoint the caller built, which may not even be a real socket).
+    bound: Option<SocketAddr>,
 }
 
 struct Shared {
@@ -58,7 +61,7 @@ struct Shared {
 struct ReplicaLink {
     current: Mutex<Option<Arc<Session>>>,
     connections: AtomicU64,
-    /// Traffic of the connections before `current`.
+    /// Traffic of the connections before `current`. Lock order: `earlier`, then `current`.
     earlier: Mutex<TrafficTotals>,
 }
 
@@ -139,7 +142,15 @@ impl Primary {
         config.validate()?;
         identity.check_configured_name("PrimaryConfig::name", &config.name)?;
         let endpoint = endpoint::server_endpoint(config.listen, &identity, &config.transport)?;
-        Self::with_endpoint(config, endpoint).await
+        let bound = endpoint.local_addr().ok();
+        match Self::with_endpoint(config, endpoint).await {
+            Ok(primary) => Ok(Primary { bound, ..primary }),
+            Err(e) => {
+                // The endpoint was dropped: free the port for a corrected start, as shutdown() does.
+                super::wait_released(bound).await;
+                Err(e)
+            }
+        }
     }
 
     /// Starts on an endpoint built by the caller (a simulated link, a shared socket). The endpoint must
@@ -173,7 +184,7 @@ impl Primary {
             tasks.spawn(dial_loop(shared.clone(), replica.name, replica.addr));
         }
         tracing::info!(name = %shared.config.name, addr = ?shared.endpoint.local_addr().ok(), "primary started");
-        Ok(Primary { shared, tasks })
+        Ok(Primary { shared, tasks, bound: None })
     }
 
     /// The address the primary listens on.
@@ -217,7 +228,11 @@ impl Primary {
     }
 
     fn replica_view(&self, name: String, link: &ReplicaLink) -> ReplicaView {
+        // `earlier` first, then `current`, as a new connection updates them: never one connection
+        // counted in both, or in neither.
+        let earlier = lock(&link.earlier);
         let session = lock(&link.current).clone();
+        let earlier = *earlier;
         let connected = session.as_ref().is_some_and(|s| s.conn.close_reason().is_none());
         let mut view = ReplicaView {
             name,
@@ -229,7 +244,7 @@ impl Primary {
             bytes_sent: 0,
             entries_sent: 0,
             path: session.as_ref().filter(|_| connected).map(|s| PathStats::of(&s.conn)),
-            totals: *lock(&link.earlier),
+            totals: earlier,
             spaces: Vec::new(),
         };
         if let Some(s) = &session {
@@ -330,11 +345,10 @@ impl Primary {
 
     /// Closes every connection, stops the tasks and syncs the WAL.
     pub async fn shutdown(self) {
-        let Primary { shared, mut tasks } = self;
+        let Primary { shared, mut tasks, bound } = self;
         super::close_and_sync(&shared.endpoint, &mut tasks, &shared.store, b"primary shutting down").await;
-        let addr = shared.endpoint.local_addr().ok();
         drop((shared, tasks));
-        super::wait_released(addr).await;
+        super::wait_released(bound).await;
     }
 }
 
@@ -382,7 +396,8 @@ async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAddr) {
     let ended = |reason: String, retry_in: Duration, attempt: u32| {
         tracing::info!(replica = %name, %addr, error = %reason, ?retry_in, attempt, "replica connection ended; redialing");
     };
-    super::redial(&shared.endpoint, addr, &name, backoff, session, ended).await
+    let dial_timeout = shared.config.transport.dial_timeout;
+    super::redial(&shared.endpoint, addr, &name, dial_timeout, backoff, session, ended).await
 }
 
 /// Serves one replica connection until it ends.
@@ -479,8 +494,17 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
         return Err(NetError::Protocol(reason));
     }
     link.connections.fetch_add(1, Ordering::Relaxed);
-    if let Some(old) = lock(&link.current).replace(session.clone()) {
-        *lock(&link.earlier) += old.traffic();
+    let replaced = {
+        let mut earlier = lock(&link.earlier);
+        let old = lock(&link.current).replace(session.clone());
+        // What the old connection carried until now; a batch it still sends while closing is
+        // not counted.
+        if let Some(old) = &old {
+            *earlier += old.traffic();
+        }
+        old
+    };
+    if let Some(old) = replaced {
         if old.conn.close_reason().is_none() {
             tracing::info!(replica = %name, "a newer connection replaces the current one");
             old.conn.close(close::REPLACED, b"replaced by a newer connection from the same replica");
@@ -791,6 +815,8 @@ fn start_shippers(
             }
         }
     }
+    // The replica's hello may already hold what a `wait_durable` caller waits for: no ack will say so.
+    shared.acked.notify_waiters();
 }
 
 /// Where shipping `wal` to a replica starts, given what the replica said it holds of the space

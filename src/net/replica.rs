@@ -47,7 +47,9 @@ use crate::wal::{SpaceWal, SyncPolicy, WalError, WalStore};
 ///
 /// A hook that panics does not stop its space for good: the space's status shows the panic
 /// ([`ReplicaSpace::error`]) and, a second later, the same entries (from `applied + 1`) come
-/// again. A hook that can panic partway through a call must tolerate that repeat.
+/// again. A hook that can panic partway through a call must tolerate that repeat, and should
+/// leave no partial effect behind: if the log is cut back meanwhile, the entries that come again
+/// may differ from the ones it saw.
 pub trait ApplyHook: Send + Sync + 'static {
     /// Applies `entries` (contiguous, in order) of `space`.
     fn apply<'a>(&'a self, space: &'a SpaceId, entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
@@ -68,6 +70,9 @@ pub trait ApplyHook: Send + Sync + 'static {
 pub struct Replica {
     shared: Arc<Shared>,
     tasks: JoinSet<()>,
+    /// The address of the UDP socket `start` bound, to be free again when `shutdown` returns
+    /// (`None` on an endpoint the caller built, which may not even be a real socket).
+    bound: Option<SocketAddr>,
 }
 
 struct Shared {
@@ -149,7 +154,15 @@ impl Replica {
                 endpoint::client_endpoint(any, &identity, &config.transport)?
             }
         };
-        Self::with_endpoint(config, endpoint, hook).await
+        // Only a replica that listens (the primary dials it) has an address worth freeing.
+        let bound = config.listen.and_then(|_| endpoint.local_addr().ok());
+        match Self::with_endpoint(config, endpoint, hook).await {
+            Ok(replica) => Ok(Replica { bound, ..replica }),
+            Err(e) => {
+                super::wait_released(bound).await;
+                Err(e)
+            }
+        }
     }
 
     /// Starts on an endpoint built by the caller (a simulated link, a shared socket). It needs a
@@ -206,7 +219,7 @@ impl Replica {
         if shared.config.listen.is_some() {
             tasks.spawn(accept_loop(shared.clone()));
         }
-        Ok(Replica { shared, tasks })
+        Ok(Replica { shared, tasks, bound: None })
     }
 
     /// The local address of the replica's endpoint.
@@ -277,13 +290,11 @@ impl Replica {
 
     /// Closes the connection, stops the tasks and syncs the WAL.
     pub async fn shutdown(self) {
-        let Replica { shared, mut tasks } = self;
+        let Replica { shared, mut tasks, bound } = self;
         super::close_and_sync(&shared.endpoint, &mut tasks, &shared.store, b"replica shutting down").await;
         lock(&shared.link).state = ConnectionState::Stopped;
-        // Only a replica that listens (the primary dials it) has an address worth freeing.
-        let addr = shared.config.listen.and_then(|_| shared.endpoint.local_addr().ok());
         drop((shared, tasks));
-        super::wait_released(addr).await;
+        super::wait_released(bound).await;
     }
 }
 
@@ -346,7 +357,8 @@ async fn dial_loop(shared: Arc<Shared>, addr: SocketAddr) {
         tracing::info!(primary = %addr, error = %reason, ?retry_in, attempt, "not connected to the primary; retrying");
         shared.set_state(ConnectionState::Disconnected, Some(reason));
     };
-    super::redial(&shared.endpoint, addr, &name, backoff, session, ended).await
+    let dial_timeout = shared.config.transport.dial_timeout;
+    super::redial(&shared.endpoint, addr, &name, dial_timeout, backoff, session, ended).await
 }
 
 /// Waits for the primary to dial (when the primary knows its replicas).
@@ -832,10 +844,16 @@ async fn run_appliers(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, mut rx: mps
                 let task = appliers.spawn(apply_space(shared.clone(), hook.clone(), state.clone(), false));
                 by_task.insert(task.id(), state);
             }
-            Some(Err(e)) = appliers.join_next(), if !appliers.is_empty() => {
-                // An applier ends only when its hook panicked: say so, and apply the same entries
-                // again after a pause rather than leave the space unapplied forever.
-                let Some(state) = by_task.remove(&e.id()) else { continue };
+            Some(joined) = appliers.join_next_with_id(), if !appliers.is_empty() => {
+                let (id, failure) = match joined {
+                    Ok((id, ())) => (id, None),
+                    Err(e) => (e.id(), e.is_panic().then_some(e)),
+                };
+                let Some(state) = by_task.remove(&id) else { continue };
+                // An applier that ended otherwise (its log closed) has nothing left to apply.
+                let Some(e) = failure else { continue };
+                // Its hook panicked: say so, and apply the same entries again after a pause
+                // rather than leave the space unapplied for ever.
                 let from = Seq(state.applied.load(Ordering::Acquire)).next();
                 let msg = format!("{APPLY_FAILED} ({e}); applying again from {from} in {APPLY_RETRY:?}");
                 tracing::error!(space = %state.wal.space(), "{msg}");

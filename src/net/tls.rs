@@ -201,17 +201,19 @@ impl fmt::Debug for NodeIdentity {
 }
 
 impl NodeIdentity {
-    /// Checks that `name` (a node's configured name, `setting` says which) is a name of this
-    /// identity's certificate: peers compare the two, so a mismatch would be refused on every
-    /// connection. Told at start instead.
+    /// Checks that `name` (a node's configured name, `setting` says which) is this identity's
+    /// certificate's first DNS name, which peers know the node by: a mismatch would be refused on
+    /// every connection. Told at start instead.
     pub fn check_configured_name(&self, setting: &str, name: &str) -> Result<(), crate::config::ConfigError> {
         let names = self.cert_chain.first().map(cert_dns_names).unwrap_or_default();
-        if names.iter().any(|n| n == name) {
+        // Peers name a node by its certificate's first DNS name (`peer_name`), not by any of them.
+        if names.first().is_some_and(|n| n == name) {
             return Ok(());
         }
         Err(crate::config::ConfigError(format!(
-            "{setting} {name:?} is not a name of this node's certificate (it names {names:?}): \
-             peers would refuse every connection; use the name the certificate was issued for"
+            "{setting} {name:?} is not the name of this node's certificate, its first DNS name, which peers \
+             go by (it names {names:?}): peers would refuse every connection; use the name the certificate \
+             was issued for"
         )))
     }
 

@@ -93,6 +93,14 @@ pub enum WalError {
         /// The failure that stopped it.
         reason: String,
     },
+    /// The folder is open through another handle: two writers would write over each other.
+    #[error("{what} {} is already open (another WalStore, Primary or Replica, in this process or another): close that one first", path.display())]
+    InUse {
+        /// "WAL folder" or "space folder".
+        what: &'static str,
+        /// The folder.
+        path: PathBuf,
+    },
 }
 
 impl WalError {

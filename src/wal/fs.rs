@@ -33,11 +33,12 @@ pub(crate) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Res
 /// dropped closes its logs a moment later (its tasks are aborted asynchronously, 1.7 ms here).
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Takes an exclusive advisory lock (`flock`) on a space folder for as long as the returned handle is
-/// open. Two opens of one folder, in this process or another, would write over each other's records:
-/// the second waits up to [`LOCK_WAIT`], then fails saying which folder is in use.
-pub(crate) fn lock_folder(dir: &Path) -> Result<File, WalError> {
-    let folder = File::open(dir).ctx("open space folder", dir)?;
+/// Takes an exclusive advisory lock (`flock`) on a folder (a store's root, or a space's) for as
+/// long as the returned handle is open. Two opens of one folder, in this process or another,
+/// would write over each other's records: the second waits up to [`LOCK_WAIT`], then fails with
+/// [`WalError::InUse`].
+pub(crate) fn lock_folder(dir: &Path, what: &'static str) -> Result<File, WalError> {
+    let folder = File::open(dir).ctx("open folder", dir)?;
     #[cfg(unix)]
     {
         use std::os::fd::AsRawFd;
@@ -48,10 +49,11 @@ pub(crate) fn lock_folder(dir: &Path) -> Result<File, WalError> {
                 break;
             }
             let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::WouldBlock || std::time::Instant::now() >= deadline {
-                let what = "lock space folder (is this space open in another WalStore, Primary or Replica, \
-                            in this process or another? close it first)";
-                return Err(WalError::io(what, dir, e));
+            if e.kind() != io::ErrorKind::WouldBlock {
+                return Err(WalError::io("lock folder", dir, e));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(WalError::InUse { what, path: dir.to_path_buf() });
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }

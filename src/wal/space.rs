@@ -166,7 +166,7 @@ impl SpaceWal {
         let dir = root.join(space.as_str());
         let new_folder = !dir.exists();
         std::fs::create_dir_all(&dir).ctx("create space folder", &dir)?;
-        let folder_lock = lock_folder(&dir)?;
+        let folder_lock = lock_folder(&dir, "space folder")?;
         let mut r = recover(&dir, &config)?;
         r.tail.share(tail_budget.clone());
         tracing::debug!(space = %space, first = %r.sealed.first().unwrap_or(&r.active).first_seq, last = %r.last_seq, segments = r.sealed.len() + 1, "WAL opened");

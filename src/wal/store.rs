@@ -37,6 +37,8 @@ struct StoreInner {
     tail_budget: Arc<TailBudget>,
     spaces: Mutex<Spaces>,
     count: watch::Sender<usize>,
+    /// The root folder, locked: a second store over it (which would create the same new spaces) fails.
+    _root_lock: std::fs::File,
 }
 
 /// The open spaces, by id and in the order they were opened (so a watcher can take just the new ones).
@@ -61,6 +63,7 @@ impl WalStore {
     /// Entries of `root` that are not valid space ids are ignored.
     pub fn open(root: &Path, config: WalConfig) -> Result<WalStore, WalError> {
         std::fs::create_dir_all(root).ctx("create WAL root folder", root)?;
+        let root_lock = super::fs::lock_folder(root, "WAL folder")?;
         let syncer = match config.sync {
             SyncPolicy::Interval(every) => Some(Syncer::start(every).ctx("start the WAL sync thread for", root)?),
             _ => None,
@@ -93,6 +96,7 @@ impl WalStore {
                 tail_budget,
                 spaces: Mutex::new(spaces),
                 count,
+                _root_lock: root_lock,
             }),
         })
     }
