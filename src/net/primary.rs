@@ -228,11 +228,12 @@ impl Primary {
     }
 
     fn replica_view(&self, name: String, link: &ReplicaLink) -> ReplicaView {
-        // `earlier` first, then `current`, as a new connection updates them: never one connection
-        // counted in both, or in neither.
-        let earlier = lock(&link.earlier);
-        let session = lock(&link.current).clone();
-        let earlier = *earlier;
+        // Read together, in the order a new connection updates them (`earlier`, then `current`):
+        // no connection is counted in both, or in neither.
+        let (earlier, session) = {
+            let earlier = lock(&link.earlier);
+            (*earlier, lock(&link.current).clone())
+        };
         let connected = session.as_ref().is_some_and(|s| s.conn.close_reason().is_none());
         let mut view = ReplicaView {
             name,
