@@ -124,8 +124,10 @@ fn cpu_seconds() -> Option<f64> {
     (hz > 0).then(|| ticks / hz as f64)
 }
 
-/// A warm-up as long as the run would leave nothing to time, and every percentile would read 0.
-fn check_warmup(args: &Args) -> Result<(), String> {
+/// Flag combinations that could not give a meaningful run, refused before anything starts: nothing
+/// to replicate, a partition after the end, a report that could not be written, or a warm-up as
+/// long as the run (nothing would be timed, and every percentile would read 0).
+fn check_args(args: &Args) -> Result<(), String> {
     if args.duration.is_zero() {
         return Err("--duration must be > 0".into());
     }
@@ -319,7 +321,7 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
-    check_warmup(&args)?;
+    check_args(&args)?;
     let imp = args.impair.impairment(args.link_rate, None);
     imp.validate()?;
     let dir = tempfile::tempdir()?;
@@ -744,7 +746,7 @@ mod processes {
                 .into());
             }
         }
-        check_warmup(&args)?;
+        check_args(&args)?;
         if args.rate == 0 {
             return Err("--processes needs a finite --rate (the primary binary's writer is paced)".into());
         }
