@@ -57,18 +57,8 @@ struct Args {
     /// A replica to dial, as NAME=ADDR (repeatable), for replicas that wait for their primary.
     #[arg(long, value_parser = parse_dial)]
     dial: Vec<ReplicaAddr>,
-    /// Rewrite this file with the status as JSON every `--status-every` and at shutdown.
-    #[arg(long)]
-    status_file: Option<PathBuf>,
-    /// How often the status file is rewritten (the console line stays once a second).
-    #[arg(long, default_value = "1s", value_parser = walship::netsim::parse_duration)]
-    status_every: std::time::Duration,
-    /// Serve Prometheus metrics on this address (http://ADDR/metrics), refreshed with the status.
-    #[arg(long, value_parser = common::parse_addr)]
-    metrics_addr: Option<std::net::SocketAddr>,
-    /// Per-space series (lag, positions) only while the node has at most this many spaces.
-    #[arg(long, default_value_t = 1000)]
-    metrics_max_spaces: usize,
+    #[command(flatten)]
+    report: common::ReportFlags,
     /// Congestion controller: bbr, cubic or newreno.
     #[arg(long, default_value = "bbr")]
     congestion: walship::net::endpoint::CongestionControl,
@@ -107,9 +97,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.transport.initial_window = args.initial_window;
     config.single_stream = args.single_stream;
     let primary = Primary::start(config, identity).await?;
-    if let Some(addr) = args.metrics_addr {
-        common::serve_metrics(addr)?;
-    }
+    args.report.serve_metrics()?;
     println!("primary {} listening on {} (data {})", args.name, primary.local_addr(), args.data.display());
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -131,12 +119,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
 
     let mut last_written = 0;
-    common::every_until_signal(args.status_every, |elapsed, new_second| {
+    common::every_until_signal(args.report.status_every, |elapsed, new_second| {
         let status = primary.status();
-        common::write_status(&args.status_file, &status);
-        if args.metrics_addr.is_some() {
-            walship::net::metrics::record_primary(&status, status.spaces.len() <= args.metrics_max_spaces);
-        }
+        args.report.publish(&status, status.spaces.len(), walship::net::metrics::record_primary);
         if !new_second {
             return;
         }
@@ -167,7 +152,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let status = primary.status();
     primary.shutdown().await;
-    common::write_status(&args.status_file, &status);
+    common::write_status(&args.report.status_file, &status);
     println!("primary stopped");
     Ok(())
 }

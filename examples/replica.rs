@@ -43,18 +43,8 @@ struct Args {
     /// Congestion controller: bbr, cubic or newreno.
     #[arg(long, default_value = "bbr")]
     congestion: walship::net::endpoint::CongestionControl,
-    /// Rewrite this file with the status as JSON every `--status-every` and at shutdown.
-    #[arg(long)]
-    status_file: Option<PathBuf>,
-    /// How often the status file is rewritten (the console line stays once a second).
-    #[arg(long, default_value = "1s", value_parser = walship::netsim::parse_duration)]
-    status_every: std::time::Duration,
-    /// Serve Prometheus metrics on this address (http://ADDR/metrics), refreshed with the status.
-    #[arg(long, value_parser = common::parse_addr)]
-    metrics_addr: Option<std::net::SocketAddr>,
-    /// Per-space series (lag, positions) only while the node has at most this many spaces.
-    #[arg(long, default_value_t = 1000)]
-    metrics_max_spaces: usize,
+    #[command(flatten)]
+    report: common::ReportFlags,
 }
 
 #[tokio::main]
@@ -71,18 +61,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.listen = args.listen;
     config.transport.congestion = args.congestion;
     let replica = Replica::start(config, identity).await?;
-    if let Some(addr) = args.metrics_addr {
-        common::serve_metrics(addr)?;
-    }
+    args.report.serve_metrics()?;
     println!("replica {} replicating from {} (data {})", args.name, args.primary, args.data.display());
 
     let mut last_total = 0u64;
-    common::every_until_signal(args.status_every, |elapsed, new_second| {
+    common::every_until_signal(args.report.status_every, |elapsed, new_second| {
         let status = replica.status();
-        common::write_status(&args.status_file, &status);
-        if args.metrics_addr.is_some() {
-            walship::net::metrics::record_replica(&status, status.spaces.len() <= args.metrics_max_spaces);
-        }
+        args.report.publish(&status, status.spaces.len(), walship::net::metrics::record_replica);
         if !new_second {
             return;
         }
@@ -104,7 +89,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     .await;
     let status = replica.status();
     replica.shutdown().await;
-    common::write_status(&args.status_file, &status);
+    common::write_status(&args.report.status_file, &status);
     println!("replica stopped");
     Ok(())
 }

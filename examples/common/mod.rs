@@ -234,6 +234,42 @@ pub fn init_tracing_with(default: &str) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
 }
 
+/// What a node binary reports, and where: its status file and its Prometheus metrics.
+#[derive(clap::Args, Debug)]
+pub struct ReportFlags {
+    /// Rewrite this file with the status as JSON every `--status-every` and at shutdown.
+    #[arg(long)]
+    pub status_file: Option<PathBuf>,
+    /// How often the status file is rewritten (the console line stays once a second).
+    #[arg(long, default_value = "1s", value_parser = walship::netsim::parse_duration)]
+    pub status_every: std::time::Duration,
+    /// Serve Prometheus metrics on this address (http://ADDR/metrics), refreshed with the status.
+    #[arg(long, value_parser = parse_addr)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Per-space series (lag, positions) only while the node has at most this many spaces.
+    #[arg(long, default_value_t = 1000)]
+    pub metrics_max_spaces: usize,
+}
+
+impl ReportFlags {
+    /// Starts the metrics endpoint, if `--metrics-addr` asks for one.
+    pub fn serve_metrics(&self) -> Result<(), Box<dyn std::error::Error>> {
+        match self.metrics_addr {
+            Some(addr) => serve_metrics(addr),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes one status snapshot to the status file and, with a metrics endpoint, records it
+    /// with `record` (per-space series only up to `--metrics-max-spaces`).
+    pub fn publish<S: serde::Serialize>(&self, status: &S, spaces: usize, record: fn(&S, bool)) {
+        write_status(&self.status_file, status);
+        if self.metrics_addr.is_some() {
+            record(status, spaces <= self.metrics_max_spaces);
+        }
+    }
+}
+
 /// Serves the metrics the binaries record (`walship::net::metrics`) for Prometheus to scrape at
 /// `http://ADDR/metrics`.
 pub fn serve_metrics(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
