@@ -279,6 +279,35 @@ async fn a_primary_can_dial_a_replica_that_waits_for_it() {
     primary.shutdown().await;
 }
 
+/// Both sides dial each other (either may be the one that can reach the other): one connection
+/// stays, the two dials do not keep displacing each other, and the replica reports itself
+/// connected, not the error of whichever dial failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_both_sides_dial_one_connection_stays() {
+    let c = Cluster::new();
+    let primary_addr: std::net::SocketAddr = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut cfg = c.replica_config("replica-1", primary_addr);
+    cfg.listen = Some("127.0.0.1:0".parse().unwrap());
+    let replica = Replica::start(cfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
+    let mut pcfg = c.primary_config(primary_addr);
+    pcfg.dial_replicas =
+        vec![walship::config::ReplicaAddr { name: "replica-1".into(), addr: replica.local_addr().unwrap() }];
+    let primary = walship::Primary::start(pcfg, c.ca.issue("primary").unwrap()).await.unwrap();
+    let spaces = spaces(4);
+    write(&primary, &spaces, 200).await;
+    converge(&primary, &[&replica]).await;
+    // Long enough for several rounds of both dial loops (their delays reach 0.5 s and 5 s).
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    write(&primary, &spaces, 200).await;
+    converge(&primary, &[&replica]).await;
+    let view = primary.status().replicas.into_iter().find(|r| r.name == "replica-1").unwrap();
+    assert!(view.reconnects <= 1, "{} reconnects: the two dials displaced each other", view.reconnects);
+    let status = replica.status();
+    assert_eq!(status.connection, ConnectionState::Connected, "last error {:?}", status.last_error);
+    replica.shutdown().await;
+    primary.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_stream_mode_multiplexes_every_space_and_resumes() {
     let c = Cluster::new();

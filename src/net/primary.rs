@@ -494,6 +494,12 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
         conn.close(close::DUPLICATE_NAME, reason.as_bytes());
         return Err(NetError::Protocol(reason));
     }
+    if expected.is_some() && connected_to_the_same_process(&link, &session) {
+        // The replica dialed this primary too, and that connection is alive: keep it. Replacing it
+        // with the one dialed here would make the two dials displace each other for ever.
+        conn.close(close::REPLACED, b"already connected over the replica's own dial");
+        return Ok(());
+    }
     link.connections.fetch_add(1, Ordering::Relaxed);
     let replaced = {
         let mut earlier = lock(&link.earlier);
@@ -578,9 +584,7 @@ fn max_lag_entries(store: &WalStore, session: &Session) -> u64 {
 /// restarted replica gets in once its old connection has gone silent.
 fn taken_by_another_process(link: &ReplicaLink, new: &Session, heartbeat: &HeartbeatConfig) -> Option<String> {
     let current = lock(&link.current).clone()?;
-    let alive = current.conn.close_reason().is_none()
-        && !lock(&current.liveness).is_dead(tokio::time::Instant::now().into_std());
-    if !alive || current.instance == new.instance {
+    if !is_alive(&current) || current.instance == new.instance {
         return None;
     }
     Some(format!(
@@ -590,6 +594,16 @@ fn taken_by_another_process(link: &ReplicaLink, new: &Session, heartbeat: &Heart
         current.conn.remote_address(),
         heartbeat.timeout
     ))
+}
+
+/// Whether the replica's current connection is alive and comes from the same process as `new`.
+fn connected_to_the_same_process(link: &ReplicaLink, new: &Session) -> bool {
+    lock(&link.current).clone().is_some_and(|current| is_alive(&current) && current.instance == new.instance)
+}
+
+/// Open, and heard from within the heartbeat timeout.
+fn is_alive(session: &Session) -> bool {
+    session.conn.close_reason().is_none() && !lock(&session.liveness).is_dead(tokio::time::Instant::now().into_std())
 }
 
 fn error_msg(code: ErrorCode, space: Option<SpaceId>, reason: &str) -> ControlMessage {

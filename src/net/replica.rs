@@ -341,6 +341,11 @@ impl Shared {
 
     fn set_state(&self, state: ConnectionState, error: Option<String>) {
         let mut link = lock(&self.link);
+        // A replica that both dials and listens runs two loops: one whose attempt failed must not
+        // mark the session the other holds, still open, as disconnected.
+        if state == ConnectionState::Disconnected && link.conn.as_ref().is_some_and(|c| c.close_reason().is_none()) {
+            return;
+        }
         link.state = state;
         if error.is_some() || state == ConnectionState::Connected {
             link.last_error = error;
