@@ -49,8 +49,10 @@ pub(crate) fn lock_folder(dir: &Path, what: &'static str) -> Result<File, WalErr
                 break;
             }
             let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::WouldBlock {
-                return Err(WalError::io("lock folder", dir, e));
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {}
+                _ => return Err(WalError::io("lock folder", dir, e)),
             }
             if std::time::Instant::now() >= deadline {
                 return Err(WalError::InUse { what, path: dir.to_path_buf() });
