@@ -209,9 +209,9 @@ impl Primary {
 
     /// Logs, replicas, lag and health.
     ///
-    /// The lag in time of a (space, replica) pair reads the oldest entry the replica lacks: from
-    /// memory when the log's tail holds it, else from disk. With many spaces far behind, call this
-    /// from a blocking context (`spawn_blocking`), not from a latency-sensitive async task.
+    /// The lag in time of a (space, replica) pair is dated by its oldest frame in flight; only a
+    /// pair with nothing in flight yet behind (a stream about to restart) reads the oldest entry
+    /// the replica lacks, from the log's memory tail or, past it, from disk.
     pub fn status(&self) -> PrimaryStatus {
         let spaces: Vec<SpaceLog> = self.shared.store.spaces().iter().map(SpaceLog::of).collect();
         let links: Vec<(String, Arc<ReplicaLink>)> =
@@ -259,12 +259,19 @@ impl Primary {
             let ship = session.as_ref().and_then(|s| lock(&s.spaces).get(wal.space()).cloned());
             let (sent, durable, applied, lag, inflight, error) = match &ship {
                 Some(ship) => {
-                    let (sent, durable, applied, inflight) = {
+                    let (sent, durable, applied, inflight, pending_since) = {
                         let p = lock(&ship.progress);
-                        (p.sent(), p.durable(), p.applied(), p.inflight_bytes() as u64)
+                        let pending_since = p.oldest_pending_appended_us();
+                        (p.sent(), p.durable(), p.applied(), p.inflight_bytes() as u64, pending_since)
                     };
-                    // These may read the WAL's segments: not while the shipper's progress is locked.
-                    let (age, mean) = (oldest_age_ms(&wal, durable, now), mean_entry_bytes(&wal));
+                    // The oldest frame in flight dates the lag; with none in flight, the entry
+                    // after `durable` is read (from the tail, or the segments: not while the
+                    // shipper's progress is locked).
+                    let age = match pending_since {
+                        Some(appended) => now.saturating_sub(appended) / 1_000,
+                        None => oldest_age_ms(&wal, durable, now),
+                    };
+                    let mean = mean_entry_bytes(&wal);
                     let lag = lock(&ship.progress).lag(head, age, mean);
                     (sent, durable, applied, lag, inflight, lock(&ship.error).clone())
                 }
@@ -1017,6 +1024,7 @@ async fn ship_stream(
         let (Some(first), Some(last)) = (entries.first().map(|e| e.seq), entries.last().map(|e| e.seq)) else {
             continue;
         };
+        let first_appended_us = entries[0].timestamp_us;
         let mut frame = Vec::with_capacity(4);
         let len = encoder.encode_parts(wal.space(), &entries, &mut frame)?;
         drop(entries);
@@ -1028,7 +1036,7 @@ async fn ship_stream(
             },
             r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
         }
-        lock(&ship.progress).on_sent(first, last, len);
+        lock(&ship.progress).on_sent(first, last, len, first_appended_us);
         if let Some(permit) = credit {
             // An ack may have covered this frame already (the replica held its entries): then
             // nothing is in flight for it, and no later ack would give the credit back.

@@ -10,6 +10,8 @@ use crate::types::Seq;
 struct InFlight {
     last_seq: Seq,
     bytes: usize,
+    /// Append time of the frame's first entry, µs since the Unix epoch.
+    first_appended_us: u64,
 }
 
 /// Progress of one (space, replica) pair.
@@ -77,6 +79,13 @@ impl ReplicaProgress {
         (self.batches_sent, self.entries_sent, self.bytes_sent)
     }
 
+    /// When the oldest frame still in flight began: the append time of its first entry, at or
+    /// before that of entry `durable + 1` (the same unless the replica acked part of the frame).
+    /// `None` when nothing is in flight. Gives the lag in time without reading the log.
+    pub fn oldest_pending_appended_us(&self) -> Option<u64> {
+        self.inflight.front().map(|f| f.first_appended_us)
+    }
+
     /// The next sequence to send.
     pub fn next_to_send(&self) -> Seq {
         self.sent.next()
@@ -88,11 +97,12 @@ impl ReplicaProgress {
         self.inflight.is_empty() || self.inflight_bytes < max_unacked_bytes
     }
 
-    /// Records a frame of `bytes` carrying entries up to `last_seq`.
-    pub fn on_sent(&mut self, first_seq: Seq, last_seq: Seq, bytes: usize) {
+    /// Records a frame of `bytes` carrying entries `first_seq..=last_seq`, the first of them
+    /// appended at `first_appended_us` (µs since the Unix epoch).
+    pub fn on_sent(&mut self, first_seq: Seq, last_seq: Seq, bytes: usize, first_appended_us: u64) {
         debug_assert_eq!(first_seq, self.sent.next());
         self.sent = last_seq;
-        self.inflight.push_back(InFlight { last_seq, bytes });
+        self.inflight.push_back(InFlight { last_seq, bytes, first_appended_us });
         self.inflight_bytes += bytes;
         self.batches_sent += 1;
         self.entries_sent += last_seq.0 + 1 - first_seq.0;
@@ -157,7 +167,7 @@ mod tests {
     #[test]
     fn an_ack_at_the_top_of_the_sequence_space_does_not_wrap() {
         let mut p = ReplicaProgress::new(Seq(0));
-        p.on_sent(Seq(1), Seq(10), 100);
+        p.on_sent(Seq(1), Seq(10), 100, 1_000);
         p.on_ack(Seq(u64::MAX), Seq(u64::MAX));
         assert_eq!(p.next_to_send(), Seq(u64::MAX), "saturates instead of wrapping to 0");
     }
@@ -166,9 +176,9 @@ mod tests {
     fn window_opens_as_acks_arrive() {
         let mut p = ReplicaProgress::new(Seq(0));
         assert!(p.may_send(100));
-        p.on_sent(Seq(1), Seq(10), 60);
+        p.on_sent(Seq(1), Seq(10), 60, 1_000);
         assert!(p.may_send(100));
-        p.on_sent(Seq(11), Seq(20), 60);
+        p.on_sent(Seq(11), Seq(20), 60, 11_000);
         assert!(!p.may_send(100));
         assert_eq!(p.inflight_bytes(), 120);
         p.on_ack(Seq(10), Seq(5));
@@ -186,23 +196,39 @@ mod tests {
     fn oversized_batch_is_allowed_when_idle() {
         let mut p = ReplicaProgress::new(Seq(0));
         assert!(p.may_send(10));
-        p.on_sent(Seq(1), Seq(1), 1_000);
+        p.on_sent(Seq(1), Seq(1), 1_000, 1_000);
         assert!(!p.may_send(10));
     }
 
     #[test]
     fn restart_forgets_inflight() {
         let mut p = ReplicaProgress::new(Seq(5));
-        p.on_sent(Seq(6), Seq(9), 40);
+        p.on_sent(Seq(6), Seq(9), 40, 6_000);
         p.restart_from(Seq(7));
         assert_eq!((p.next_to_send(), p.inflight_bytes()), (Seq(7), 0));
+    }
+
+    #[test]
+    fn the_oldest_frame_in_flight_dates_the_lag() {
+        let mut p = ReplicaProgress::new(Seq(0));
+        assert_eq!(p.oldest_pending_appended_us(), None);
+        p.on_sent(Seq(1), Seq(4), 400, 1_000);
+        p.on_sent(Seq(5), Seq(9), 500, 5_000);
+        assert_eq!(p.oldest_pending_appended_us(), Some(1_000));
+        p.on_ack(Seq(4), Seq(4));
+        assert_eq!(p.oldest_pending_appended_us(), Some(5_000));
+        p.on_ack(Seq(9), Seq(9));
+        assert_eq!(p.oldest_pending_appended_us(), None);
+        p.on_sent(Seq(10), Seq(12), 300, 10_000);
+        p.restart_from(Seq(10));
+        assert_eq!(p.oldest_pending_appended_us(), None, "a restart forgets what was in flight");
     }
 
     #[test]
     fn lag_is_zero_when_caught_up_and_counts_unsent() {
         let mut p = ReplicaProgress::new(Seq(0));
         assert_eq!(p.lag(Seq(0), 999, 100), Lag::default());
-        p.on_sent(Seq(1), Seq(4), 400);
+        p.on_sent(Seq(1), Seq(4), 400, 1_000);
         let lag = p.lag(Seq(10), 7, 100);
         assert_eq!(lag, Lag { entries: 10, bytes: 400 + 6 * 100, ms: 7 });
         p.on_ack(Seq(10), Seq(10));
