@@ -7,11 +7,13 @@
 //! contiguous sequences, every entry checksum valid); announced sizes above the limits are refused.
 
 mod common;
+#[path = "../src/codec/control_samples.rs"]
+mod control_samples;
 
 use bytes::{Bytes, BytesMut};
 use common::Rng;
 use walship::codec::batch::{space_tag, BATCH_HEADER_LEN};
-use walship::codec::control::{Ack, CatchUp, ErrorMessage, Hello, SpaceAck, SpacePosition};
+use walship::codec::control::{Ack, CatchUp, ErrorMessage, Hello, SpaceAck, SpacePosition, SpaceRange, Welcome};
 use walship::codec::heartbeat::{Echo, SeqSummary};
 use walship::codec::stream::{check_mux_preamble, mux_preamble, STREAM_HEADER_LEN};
 use walship::codec::{
@@ -306,38 +308,11 @@ fn stream_header_every_length_byte_with_valid_checksum() {
     }
 }
 
-fn control_samples() -> Vec<ControlMessage> {
-    let s = space();
-    vec![
-        ControlMessage::Hello(Hello {
-            protocol_version: 1,
-            node_id: NodeId(5),
-            node_name: "replica-1".into(),
-            epoch: Epoch(2),
-            instance: 77,
-            max_batch_bytes: 1 << 20,
-            spaces: (0..5)
-                .map(|i| SpacePosition {
-                    space: s.clone(),
-                    last_seq: Seq(i),
-                    last_epoch: Epoch(2),
-                    digest: LogDigest(i),
-                    durable_seq: Seq(i / 2),
-                    applied_seq: Seq(i / 3),
-                })
-                .collect(),
-        }),
-        ControlMessage::Ack(Ack { spaces: vec![SpaceAck { space: s.clone(), durable: Seq(4), applied: Seq(3) }; 3] }),
-        ControlMessage::CatchUp(CatchUp { space: s.clone(), from_seq: Seq(8), reason: "gap".into() }),
-        ControlMessage::Error(ErrorMessage { code: ErrorCode::BadFrame, space: Some(s), reason: "x".repeat(40) }),
-    ]
-}
-
 #[test]
 fn control_messages_mutated_truncated_and_reframed() {
     let mut rng = Rng(0x5eed_0005);
     let max = 4096;
-    let wires: Vec<Vec<u8>> = control_samples().iter().map(|m| m.encode().unwrap().to_vec()).collect();
+    let wires: Vec<Vec<u8>> = control_samples::samples().iter().map(|m| m.encode().unwrap().to_vec()).collect();
     for round in 0..30_000 {
         let mut w = wires[round % wires.len()].clone();
         match rng.below(5) {

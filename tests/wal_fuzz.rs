@@ -7,12 +7,15 @@
 //! segment damaged after open returns correct entries or `Corruption`, never altered ones.
 
 mod common;
+#[path = "../src/wal/test_files.rs"]
+mod test_files;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use bytes::Bytes;
 use common::Rng;
+use test_files::{copy_dir, segment_files};
 use walship::wal::{SpaceWal, SyncPolicy, WalConfig, WalError, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 use walship::{Entry, Epoch, LogDigest, Seq, SpaceId};
 
@@ -22,24 +25,6 @@ fn space() -> SpaceId {
 
 fn config() -> WalConfig {
     WalConfig::default().sync(SyncPolicy::Never).segment_bytes(2048).max_entry_bytes(1 << 16)
-}
-
-fn segment_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
-        .collect();
-    v.sort();
-    v
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 /// Record start offsets of a segment file, walked from its length fields.

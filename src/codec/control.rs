@@ -203,50 +203,16 @@ impl ControlMessage {
 }
 
 #[cfg(test)]
+#[path = "control_samples.rs"]
+mod control_samples;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use bytes::BufMut;
     use proptest::prelude::*;
 
-    fn sid(s: &str) -> SpaceId {
-        SpaceId::new(s).unwrap()
-    }
-
-    fn samples() -> Vec<ControlMessage> {
-        vec![
-            ControlMessage::Hello(Hello {
-                protocol_version: 1,
-                node_id: NodeId(5),
-                node_name: "replica-1".into(),
-                epoch: Epoch(2),
-                instance: 77,
-                max_batch_bytes: 1 << 20,
-                spaces: vec![SpacePosition {
-                    space: sid("a"),
-                    last_seq: Seq(10),
-                    last_epoch: Epoch(2),
-                    digest: LogDigest(99),
-                    durable_seq: Seq(8),
-                    applied_seq: Seq(7),
-                }],
-            }),
-            ControlMessage::Welcome(Welcome {
-                protocol_version: 1,
-                primary_id: NodeId(1),
-                primary_name: "primary".into(),
-                epoch: Epoch(2),
-                spaces: vec![SpaceRange { space: sid("a"), first_seq: Seq(1), last_seq: Seq(20) }],
-                max_inflight_bytes: 64 << 20,
-            }),
-            ControlMessage::Ack(Ack { spaces: vec![SpaceAck { space: sid("b"), durable: Seq(4), applied: Seq(3) }] }),
-            ControlMessage::CatchUp(CatchUp { space: sid("c"), from_seq: Seq(8), reason: "gap".into() }),
-            ControlMessage::Error(ErrorMessage {
-                code: ErrorCode::Truncated,
-                space: Some(sid("c")),
-                reason: "gone".into(),
-            }),
-        ]
-    }
+    use super::control_samples::{samples, sid};
 
     #[test]
     fn round_trip_in_pieces() {

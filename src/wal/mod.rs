@@ -25,6 +25,8 @@ mod space;
 mod store;
 mod syncer;
 mod tail;
+#[cfg(test)]
+mod test_files;
 
 pub use config::{RecoveryMode, SyncPolicy, WalConfig};
 pub use error::WalError;

@@ -222,6 +222,7 @@ mod tests {
 
     use super::*;
     use crate::wal::segment::record_len;
+    use crate::wal::test_files::{copy_dir, segment_files};
     use crate::wal::{SpaceWal, SyncPolicy};
     use crate::SpaceId;
 
@@ -235,24 +236,6 @@ mod tests {
 
     fn payload(i: u64) -> Bytes {
         Bytes::from(format!("entry-{i}-{}", "x".repeat(i as usize % 7)))
-    }
-
-    fn segment_files(dir: &Path) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "wal"))
-            .collect();
-        v.sort();
-        v
-    }
-
-    fn copy_dir(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
     }
 
     /// A log of `n` entries in one segment; returns its folder and segment file.
