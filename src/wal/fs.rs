@@ -30,7 +30,7 @@ pub(crate) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Res
 }
 
 /// How long [`lock_folder`] waits for another holder to let go: a `Primary` or `Replica` just
-/// dropped closes its logs a moment later (its tasks are aborted asynchronously, 1.7 ms here).
+/// dropped closes its logs a moment later (its tasks are aborted asynchronously).
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Takes an exclusive advisory lock (`flock`) on a folder (a store's root, or a space's) for as
