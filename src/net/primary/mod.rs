@@ -1,0 +1,307 @@
+//! The primary: serves its spaces' WALs to every replica over one QUIC connection per replica.
+//!
+//! Per connection: the replica opens the control stream and says hello; the primary answers with a
+//! welcome and starts one shipper task per space, each writing batch frames to its own uni stream,
+//! so a space blocked by flow control or loss never holds up another. Shippers read the WAL (its
+//! memory tail for live data, its segments for catch-up) and never touch the write path: writers
+//! append to the WAL and return, whatever the replicas do.
+//!
+//! - this module: the [`Primary`] handle (start, append, status, `wait_durable`, shutdown);
+//! - [`session`]: one replica connection: handshake, control stream, starting the shippers;
+//! - [`shipper`]: one (space, replica) stream: batching, flow control, credit, catch-up restarts.
+
+mod session;
+mod shipper;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::codec::batch::ENTRY_HEADER_LEN;
+use crate::config::PrimaryConfig;
+use crate::entry::now_us;
+use crate::net::error::NetError;
+use crate::net::status::{PathStats, PrimaryStatus, ReplicaView, SpaceLog, SpaceReplication, TrafficTotals};
+use crate::net::tls::NodeIdentity;
+use crate::net::{close, endpoint, lock, open_store};
+use crate::protocol::health::Health;
+use crate::protocol::progress::Lag;
+use crate::types::{EntryKind, NodeId, Seq, SpaceId};
+use crate::wal::{SpaceWal, WalError, WalStore};
+use session::{accept_loop, dial_loop, Session};
+
+/// A running primary. Dropping it without [`Primary::shutdown`] aborts its tasks.
+pub struct Primary {
+    shared: Arc<Shared>,
+    tasks: JoinSet<()>,
+    /// The address of the UDP socket `start` bound, to be free again when `shutdown` returns
+    /// (`None` on an endpoint the caller built, which may not even be a real socket).
+    bound: Option<SocketAddr>,
+}
+
+struct Shared {
+    config: PrimaryConfig,
+    node_id: NodeId,
+    store: WalStore,
+    endpoint: quinn::Endpoint,
+    replicas: Mutex<BTreeMap<String, Arc<ReplicaLink>>>,
+    sessions: AtomicU64,
+    /// Woken after every ack a replica sends ([`Primary::wait_durable`]).
+    acked: Notify,
+}
+
+/// Everything known of one replica, across its connections.
+struct ReplicaLink {
+    current: Mutex<Option<Arc<Session>>>,
+    connections: AtomicU64,
+    /// Traffic of the connections before `current`. Lock order: `earlier`, then `current`.
+    earlier: Mutex<TrafficTotals>,
+}
+
+impl Primary {
+    /// Opens the WAL under `config.data_dir`, binds `config.listen` and starts serving replicas.
+    pub async fn start(config: PrimaryConfig, identity: NodeIdentity) -> Result<Primary, NetError> {
+        config.validate()?;
+        identity.check_configured_name("PrimaryConfig::name", &config.name)?;
+        let endpoint = endpoint::server_endpoint(config.listen, &identity, &config.transport)?;
+        let bound = endpoint.local_addr().ok();
+        match Self::with_endpoint(config, endpoint).await {
+            Ok(primary) => Ok(Primary { bound, ..primary }),
+            Err(e) => {
+                // The endpoint was dropped: free the port for a corrected start, as shutdown() does.
+                super::wait_released(bound).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts on an endpoint built by the caller (a simulated link, a shared socket). The endpoint must
+    /// have a server config requiring client certificates and a default client config, as
+    /// [`endpoint::server_endpoint`] makes them.
+    pub async fn with_endpoint(config: PrimaryConfig, endpoint: quinn::Endpoint) -> Result<Primary, NetError> {
+        config.validate()?;
+        let store = open_store(&config.data_dir, &config.wal).await?;
+        // Appending below the newest epoch of the logs would make epochs go backwards, and every
+        // replica would refuse (or loop on) what it is sent.
+        if let Some(newest) = store.spaces().iter().map(|w| w.last_epoch()).max().filter(|e| *e > config.epoch) {
+            return Err(crate::config::ConfigError(format!(
+                "epoch {} is below epoch {newest} of entries already in {}: start the primary with an epoch of at least {newest} (persist the epoch across restarts)",
+                config.epoch,
+                config.data_dir.display()
+            ))
+            .into());
+        }
+        let shared = Arc::new(Shared {
+            node_id: NodeId::from_name(&config.name),
+            config,
+            store,
+            endpoint,
+            replicas: Mutex::new(BTreeMap::new()),
+            sessions: AtomicU64::new(0),
+            acked: Notify::new(),
+        });
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept_loop(shared.clone()));
+        for replica in shared.config.dial_replicas.clone() {
+            tasks.spawn(dial_loop(shared.clone(), replica.name, replica.addr));
+        }
+        tracing::info!(name = %shared.config.name, addr = ?shared.endpoint.local_addr().ok(), "primary started");
+        Ok(Primary { shared, tasks, bound: None })
+    }
+
+    /// The address the primary listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.endpoint.local_addr().unwrap_or(self.shared.config.listen)
+    }
+
+    /// The WAL of a space, created if new. Appending to it is the write path: it never waits for replicas.
+    pub fn space(&self, id: &SpaceId) -> Result<SpaceWal, WalError> {
+        self.shared.store.space(id)
+    }
+
+    /// Appends one entry to a space in the current epoch and returns its sequence.
+    pub fn append(&self, space: &SpaceId, kind: EntryKind, payload: Bytes) -> Result<Seq, WalError> {
+        self.shared.store.space(space)?.append(self.shared.config.epoch, kind, payload)
+    }
+
+    /// The WAL store holding every space.
+    pub fn store(&self) -> &WalStore {
+        &self.shared.store
+    }
+
+    /// Logs, replicas, lag and health.
+    ///
+    /// The lag in time of a (space, replica) pair is dated by its oldest frame in flight; only a
+    /// pair with nothing in flight yet behind (a stream about to restart) reads the oldest entry
+    /// the replica lacks, from the log's memory tail or, past it, from disk.
+    pub fn status(&self) -> PrimaryStatus {
+        let spaces: Vec<SpaceLog> = self.shared.store.spaces().iter().map(SpaceLog::of).collect();
+        let links: Vec<(String, Arc<ReplicaLink>)> =
+            lock(&self.shared.replicas).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let replicas = links.into_iter().map(|(name, link)| self.replica_view(name, &link)).collect();
+        PrimaryStatus {
+            role: "primary",
+            name: self.shared.config.name.clone(),
+            epoch: self.shared.config.epoch,
+            listen: self.local_addr().to_string(),
+            spaces,
+            replicas,
+        }
+    }
+
+    fn replica_view(&self, name: String, link: &ReplicaLink) -> ReplicaView {
+        // Read together, in the order a new connection updates them (`earlier`, then `current`):
+        // no connection is counted in both, or in neither.
+        let (earlier, session) = {
+            let earlier = lock(&link.earlier);
+            (*earlier, lock(&link.current).clone())
+        };
+        let connected = session.as_ref().is_some_and(|s| s.conn.close_reason().is_none());
+        let mut view = ReplicaView {
+            name,
+            state: Health::Disconnected,
+            addr: session.as_ref().map(|s| s.conn.remote_address().to_string()),
+            rtt_ms: session.as_ref().and_then(|s| lock(&s.liveness).rtt()).map(|d| d.as_secs_f64() * 1e3),
+            reconnects: link.connections.load(Ordering::Relaxed).saturating_sub(1),
+            max_lag: Lag::default(),
+            bytes_sent: 0,
+            entries_sent: 0,
+            path: session.as_ref().filter(|_| connected).map(|s| PathStats::of(&s.conn)),
+            totals: earlier,
+            spaces: Vec::new(),
+        };
+        if let Some(s) = &session {
+            let now = s.traffic();
+            (view.bytes_sent, view.entries_sent) = (now.bytes_sent, now.entries_sent);
+            view.totals += now;
+        }
+        let now = now_us();
+        for wal in self.shared.store.spaces() {
+            let head = wal.last_seq();
+            let ship = session.as_ref().and_then(|s| lock(&s.spaces).get(wal.space()).cloned());
+            let (sent, durable, applied, lag, inflight, error) = match &ship {
+                Some(ship) => {
+                    let (sent, durable, applied, inflight, pending_since) = {
+                        let p = lock(&ship.progress);
+                        let pending_since = p.oldest_pending_appended_us();
+                        (p.sent(), p.durable(), p.applied(), p.inflight_bytes() as u64, pending_since)
+                    };
+                    // The oldest frame in flight dates the lag; with none in flight, the entry
+                    // after `durable` is read (from the tail, or the segments: not while the
+                    // shipper's progress is locked).
+                    let age = match pending_since {
+                        Some(appended) => now.saturating_sub(appended) / 1_000,
+                        None => oldest_age_ms(&wal, durable, now),
+                    };
+                    let mean = mean_entry_bytes(&wal);
+                    let lag = lock(&ship.progress).lag(head, age, mean);
+                    (sent, durable, applied, lag, inflight, lock(&ship.error).clone())
+                }
+                None => (Seq::ZERO, Seq::ZERO, Seq::ZERO, Lag::default(), 0, None),
+            };
+            view.max_lag.entries = view.max_lag.entries.max(lag.entries);
+            view.max_lag.bytes = view.max_lag.bytes.max(lag.bytes);
+            view.max_lag.ms = view.max_lag.ms.max(lag.ms);
+            view.spaces.push(SpaceReplication {
+                space: wal.space().clone(),
+                head,
+                sent,
+                durable,
+                applied,
+                lag,
+                inflight_bytes: inflight,
+                error,
+            });
+        }
+        view.state = Health::classify(
+            connected,
+            view.max_lag.entries,
+            view.max_lag.ms,
+            self.shared.config.lag_threshold.as_millis() as u64,
+        );
+        view
+    }
+
+    /// Waits until entry `seq` of `space` is durable on at least `replicas` replicas, or until
+    /// `timeout` passes, and returns the names of the replicas that hold it durable: at least
+    /// `replicas` of them, or fewer if the time ran out. Replication stays asynchronous (appends
+    /// never wait for it); this is for the writers that choose to, such as a planned failover
+    /// that stops writes and waits for a replica to hold everything, or a commit that wants a
+    /// second copy before it answers.
+    pub async fn wait_durable(&self, space: &SpaceId, seq: Seq, replicas: usize, timeout: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Register before looking, so an ack between the look and the wait is not missed.
+            let acked = self.shared.acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
+            let holding = self.replicas_holding(space, seq);
+            if holding.len() >= replicas {
+                return holding;
+            }
+            if tokio::time::timeout_at(deadline, acked).await.is_err() {
+                return self.replicas_holding(space, seq);
+            }
+        }
+    }
+
+    /// Names of the replicas whose latest connection's acks say `seq` of `space` is durable there.
+    fn replicas_holding(&self, space: &SpaceId, seq: Seq) -> Vec<String> {
+        let links: Vec<(String, Arc<ReplicaLink>)> =
+            lock(&self.shared.replicas).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        links
+            .into_iter()
+            .filter(|(_, link)| {
+                let session = lock(&link.current).clone();
+                let ship = session.and_then(|s| lock(&s.spaces).get(space).cloned());
+                ship.is_some_and(|ship| lock(&ship.progress).durable() >= seq)
+            })
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// Closes the connection of replica `name`, if connected; the replica will reconnect and resume.
+    pub fn disconnect_replica(&self, name: &str) -> bool {
+        let link = lock(&self.shared.replicas).get(name).cloned();
+        let session = link.and_then(|l| lock(&l.current).clone());
+        match session {
+            Some(s) if s.conn.close_reason().is_none() => {
+                s.conn.close(close::SHUTDOWN, b"disconnected by the primary");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Closes every connection, stops the tasks and syncs the WAL.
+    pub async fn shutdown(self) {
+        let Primary { shared, mut tasks, bound } = self;
+        super::close_and_sync(&shared.endpoint, &mut tasks, &shared.store, b"primary shutting down").await;
+        drop((shared, tasks));
+        super::wait_released(bound).await;
+    }
+}
+
+/// Age in ms of the first entry after `durable`, 0 if there is none.
+fn oldest_age_ms(wal: &SpaceWal, durable: Seq, now_us: u64) -> u64 {
+    if wal.last_seq() <= durable {
+        return 0;
+    }
+    match wal.read_from(durable.next(), 1, 0) {
+        Ok(v) => v.first().map(|e| now_us.saturating_sub(e.timestamp_us) / 1_000).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+fn mean_entry_bytes(wal: &SpaceWal) -> u64 {
+    match wal.read_from(wal.last_seq(), 1, 0) {
+        Ok(v) => v.first().map(|e| (e.payload.len() + ENTRY_HEADER_LEN) as u64).unwrap_or(0),
+        Err(_) => 0,
+    }
+}

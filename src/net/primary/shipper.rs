@@ -1,0 +1,399 @@
+//! One (space, replica) shipper: reads the space's log, writes batch frames to the space's own
+//! stream (or the shared one in single-stream mode), bounds what is unacknowledged, and restarts
+//! from a sequence when the replica asks for catch-up.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{Connection, SendStream};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
+
+use super::session::{error_msg, Session};
+use super::Shared;
+use crate::codec::batch::{BATCH_HEADER_LEN, ENTRY_HEADER_LEN};
+use crate::codec::control::ErrorCode;
+use crate::codec::stream::{mux_preamble, StreamHeader};
+use crate::codec::BatchEncoder;
+use crate::config::{PrimaryConfig, SMALL_FRAME_BYTES};
+use crate::entry::Entry;
+use crate::net::error::NetError;
+use crate::net::{close, lock, read_entries, stream_code};
+use crate::protocol::progress::ReplicaProgress;
+use crate::types::{Seq, SpaceId};
+use crate::wal::{SpaceWal, WalError};
+
+/// Shared state of one (space, replica) shipper.
+pub(super) struct SpaceShip {
+    /// The space's log, held here so that acks need no store lookup.
+    pub(super) wal: SpaceWal,
+    pub(super) progress: Mutex<ReplicaProgress>,
+    pub(super) acked: Notify,
+    /// Catch-up requests: each send restarts the stream from the sequence given.
+    pub(super) restart: watch::Sender<Seq>,
+    pub(super) error: Mutex<Option<String>>,
+    /// The replica reported this space diverged: retrying cannot help, only a catch-up request
+    /// (after the operator repaired the replica) resumes it.
+    pub(super) halted: std::sync::atomic::AtomicBool,
+    /// Suffix truncations of the space's log when the handshake compared it with the replica's.
+    pub(super) truncations: u64,
+    /// The session credit held by this space's large frames in flight, by last sequence: given
+    /// back as the replica acks them durable, or all at once when the stream restarts.
+    pub(super) credits: Mutex<VecDeque<(Seq, OwnedSemaphorePermit)>>,
+}
+
+impl SpaceShip {
+    /// Gives back the credit of frames the replica acked durable up to `durable`.
+    pub(super) fn release_credit(&self, durable: Seq) {
+        let mut credits = lock(&self.credits);
+        while credits.front().is_some_and(|(last, _)| *last <= durable) {
+            credits.pop_front();
+        }
+    }
+}
+
+/// Frames queued for the multiplexed stream in single-stream mode: enough to keep it busy.
+pub(super) const MUX_QUEUE_FRAMES: usize = 64;
+
+/// Writes every space's frames to one stream (single-stream mode): what per-space streams avoid.
+pub(super) async fn mux_writer(conn: Connection, mut rx: mpsc::Receiver<Vec<Bytes>>) {
+    let result = async {
+        let mut send = conn.open_uni().await?;
+        send.write_all(&mux_preamble()).await?;
+        while let Some(mut parts) = rx.recv().await {
+            send.write_all_chunks(&mut parts).await?;
+        }
+        Ok::<(), NetError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "multiplexed stream ended");
+    }
+}
+
+/// Where a shipper's frames go: its space's own stream, or the shared multiplexed stream.
+enum FrameSink {
+    Stream(SendStream),
+    Mux(mpsc::Sender<Vec<Bytes>>),
+}
+
+impl FrameSink {
+    async fn open(session: &Session, space: &SpaceId, from: Seq) -> Result<FrameSink, NetError> {
+        if let Some(tx) = &session.mux {
+            return Ok(FrameSink::Mux(tx.clone()));
+        }
+        let mut send = session.conn.open_uni().await?;
+        send.write_chunk(StreamHeader { space: space.clone(), start_seq: from }.encode()).await?;
+        Ok(FrameSink::Stream(send))
+    }
+
+    /// Sends one frame, given as the pieces [`BatchEncoder::encode_parts`] made of it.
+    async fn send(&mut self, space: &SpaceId, first: Seq, mut frame: Vec<Bytes>) -> Result<(), quinn::WriteError> {
+        match self {
+            FrameSink::Stream(send) => send.write_all_chunks(&mut frame).await,
+            FrameSink::Mux(tx) => {
+                frame.insert(0, StreamHeader { space: space.clone(), start_seq: first }.encode());
+                tx.send(frame).await.map_err(|_| quinn::WriteError::ClosedStream)
+            }
+        }
+    }
+
+    /// Resolves when the replica stops this space's stream, with the code it gave (`None` if the
+    /// connection went away). Never for the multiplexed stream: trouble there closes the connection.
+    fn stopped(&self) -> impl std::future::Future<Output = Option<quinn::VarInt>> + 'static {
+        let stopped = match self {
+            FrameSink::Stream(send) => Some(send.stopped()),
+            FrameSink::Mux(_) => None,
+        };
+        async move {
+            match stopped {
+                Some(f) => f.await.ok().flatten(),
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// Abandons what was sent on a space's own stream (a catch-up restarts it elsewhere).
+    fn reset(&mut self) {
+        if let FrameSink::Stream(send) = self {
+            let _ = send.reset(stream_code::CATCH_UP);
+        }
+    }
+}
+
+/// Pause before a shipper resumes a stream the replica stopped without asking for catch-up, or after
+/// a local error: long enough not to spin, short enough to recover quickly.
+const STOPPED_RETRY: Duration = Duration::from_secs(1);
+
+enum Interrupt {
+    Restart(Seq),
+    Closed,
+}
+
+/// Ships one space to one replica: opens its stream when there is something to send, writes batch
+/// frames as fast as the stream takes them (a batch is whatever accumulated meanwhile, up to the
+/// configured bounds), pauses when too much is unacknowledged, and restarts from a sequence when the
+/// replica asks for catch-up.
+pub(super) async fn ship_space(shared: Arc<Shared>, session: Arc<Session>, ship: Arc<SpaceShip>, start: Seq) {
+    let cfg = &shared.config;
+    let wal = ship.wal.clone();
+    let space = wal.space().clone();
+    let mut encoder = BatchEncoder::new(shared.node_id, cfg.compression)
+        .with_min_compress_bytes(cfg.min_compress_bytes)
+        .with_limits(session.frame_limits);
+    let mut restart = ship.restart.subscribe();
+    let mut from = start;
+    loop {
+        lock(&ship.progress).restart_from(from);
+        // What was in flight went down a stream that is gone.
+        lock(&ship.credits).clear();
+        match ship_stream(&session, &wal, &ship, &mut encoder, &mut restart, from, cfg).await {
+            Ok(Interrupt::Restart(seq)) => from = seq,
+            Ok(Interrupt::Closed) => return,
+            Err(e) => {
+                if session.conn.close_reason().is_some() {
+                    return;
+                }
+                let (code, retry) = match &e {
+                    // Retrying cannot help: the replica needs a snapshot (or the operator a fix).
+                    NetError::Wal(WalError::Truncated { .. }) => (ErrorCode::Truncated, false),
+                    NetError::Encode(_) => (ErrorCode::Internal, false),
+                    // A local I/O error may clear (disk space freed): try again after a pause.
+                    _ => (ErrorCode::Internal, true),
+                };
+                let reason = match code {
+                    ErrorCode::Truncated => format!("{e}; rebuild the replica's copy of this space from a snapshot"),
+                    _ => format!("{e}"),
+                };
+                tracing::warn!(%space, error = %reason, retry, "shipping stopped");
+                *lock(&ship.error) = Some(reason.clone());
+                let _ = session.control.send(error_msg(code, Some(space.clone()), &reason));
+                match pause(&ship, &mut restart, || retry).await {
+                    Interrupt::Restart(seq) => from = seq,
+                    Interrupt::Closed => return,
+                }
+                *lock(&ship.error) = None;
+            }
+        }
+    }
+}
+
+async fn ship_stream(
+    session: &Session,
+    wal: &SpaceWal,
+    ship: &SpaceShip,
+    encoder: &mut BatchEncoder,
+    restart: &mut watch::Receiver<Seq>,
+    from: Seq,
+    cfg: &PrimaryConfig,
+) -> Result<Interrupt, NetError> {
+    let mut shippable = Shippable::new(wal, cfg.wal.fsyncs());
+    // Open the stream only once there is something to ship.
+    while shippable.upto() < from {
+        tokio::select! {
+            _ = shippable.wait_for(from) => {}
+            r = restart.changed() => return Ok(restart_or_closed(r, restart)),
+        }
+    }
+    // Opening waits while the connection is at its stream limit: a catch-up must still get through.
+    let mut sink = tokio::select! {
+        sink = FrameSink::open(session, wal.space(), from) => sink?,
+        r = restart.changed() => return Ok(restart_or_closed(r, restart)),
+    };
+    *lock(&ship.error) = None;
+    loop {
+        // Flow control of our own: bounded unacknowledged bytes per (space, replica).
+        loop {
+            let acked = ship.acked.notified();
+            if lock(&ship.progress).may_send(cfg.max_unacked_bytes) {
+                break;
+            }
+            tokio::select! {
+                _ = acked => {}
+                r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
+                // Stopped while waiting: no ack will come for what is in flight.
+                code = sink.stopped() => return Ok(stopped_by_replica(ship, restart, code).await),
+            }
+        }
+        let next = lock(&ship.progress).next_to_send();
+        let upto = shippable.upto();
+        if upto < next {
+            tokio::select! {
+                _ = shippable.wait_for(next) => {}
+                r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
+                code = sink.stopped() => return Ok(stopped_by_replica(ship, restart, code).await),
+            }
+            if let Some(linger) = cfg.linger {
+                tokio::time::sleep(linger).await;
+            }
+            continue;
+        }
+        let count = usize::try_from(upto.0 - next.0 + 1).unwrap_or(usize::MAX).min(cfg.max_batch_entries);
+        // Payload bytes per batch: this primary's setting, within the session's frame limit
+        // (which also holds each entry's header).
+        let frame_room = session.frame_limits.max_batch_bytes.saturating_sub(count.saturating_mul(ENTRY_HEADER_LEN));
+        let batch_bytes = cfg.max_batch_bytes.min(frame_room);
+        let mut entries = read_entries(wal, next, count, batch_bytes).await?;
+        // Cut back since the handshake (an operator's `truncate_suffix`): what the replica holds
+        // past the cut may not be what this log holds there now. Shipping on would splice two logs;
+        // a new handshake compares them instead.
+        if wal.truncations() != ship.truncations {
+            tracing::warn!(space = %wal.space(), "log cut back on the primary during the session; closing so the replica re-handshakes");
+            session.conn.close(close::LOG_CUT, b"a space's log was cut back on the primary");
+            return Ok(Interrupt::Closed);
+        }
+        if let Some(cut) = entries.iter().position(|e| e.epoch != entries[0].epoch) {
+            entries.truncate(cut);
+        }
+        // A large frame takes the replica's session credit: at once if there is enough; if not, a
+        // small frame goes without it (so a live space never queues behind catch-up), and only an
+        // entry too large for a small frame alone waits for credit.
+        let charge = frame_charge(&entries);
+        let mut credit = None;
+        if charge > SMALL_FRAME_BYTES {
+            let units = credit_units(charge);
+            match session.credit.clone().try_acquire_many_owned(units) {
+                Ok(permit) => credit = Some(permit),
+                Err(_) => match small_frame_prefix(&entries) {
+                    0 => tokio::select! {
+                        permit = session.credit.clone().acquire_many_owned(units) => match permit {
+                            Ok(p) => credit = Some(p),
+                            Err(_) => return Ok(Interrupt::Closed),
+                        },
+                        r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
+                        code = sink.stopped() => return Ok(stopped_by_replica(ship, restart, code).await),
+                    },
+                    fits => entries.truncate(fits),
+                },
+            }
+        }
+        let (Some(first), Some(last)) = (entries.first().map(|e| e.seq), entries.last().map(|e| e.seq)) else {
+            continue;
+        };
+        let first_appended_us = entries[0].timestamp_us;
+        let mut frame = Vec::with_capacity(4);
+        let len = encoder.encode_parts(wal.space(), &entries, &mut frame)?;
+        drop(entries);
+        tokio::select! {
+            r = sink.send(wal.space(), first, frame) => match r {
+                Ok(()) => {}
+                Err(quinn::WriteError::Stopped(code)) => return Ok(stopped_by_replica(ship, restart, Some(code)).await),
+                Err(e) => return Err(e.into()),
+            },
+            r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
+        }
+        lock(&ship.progress).on_sent(first, last, len, first_appended_us);
+        if let Some(permit) = credit {
+            // An ack may have covered this frame already (the replica held its entries): then
+            // nothing is in flight for it, and no later ack would give the credit back.
+            let mut credits = lock(&ship.credits);
+            if last > lock(&ship.progress).durable() {
+                credits.push_back((last, permit));
+            }
+        }
+    }
+}
+
+/// What a frame of `entries` costs against the replica's in-flight credit: its size once
+/// decompressed (header and entries), which is what the replica holds while it applies it.
+fn frame_charge(entries: &[Entry]) -> usize {
+    BATCH_HEADER_LEN + BatchEncoder::payload_len(entries)
+}
+
+/// Semaphore units for `bytes` (a frame is far below `u32::MAX`; saturate rather than wrap).
+fn credit_units(bytes: usize) -> u32 {
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
+/// How many of `entries` fit in a frame that needs no credit (0 if the first alone does not).
+fn small_frame_prefix(entries: &[Entry]) -> usize {
+    let mut size = BATCH_HEADER_LEN;
+    entries
+        .iter()
+        .take_while(|e| {
+            size += ENTRY_HEADER_LEN + e.payload.len();
+            size <= SMALL_FRAME_BYTES
+        })
+        .count()
+}
+
+/// How far a shipper may go: only entries durable on this node, so that a primary that loses power
+/// never leaves a replica holding entries it lost itself (which would refuse the space as diverged
+/// once the primary writes again). PostgreSQL's walsender ships only flushed WAL for the same
+/// reason. Under `SyncPolicy::Never` nothing is ever fsynced: the bound is the last entry written.
+struct Shippable<'a> {
+    wal: &'a SpaceWal,
+    /// The durable position, watched only under an fsyncing policy (a watch costs every sync a wake).
+    durable: Option<watch::Receiver<Seq>>,
+}
+
+impl<'a> Shippable<'a> {
+    fn new(wal: &'a SpaceWal, fsyncs: bool) -> Shippable<'a> {
+        Shippable { wal, durable: fsyncs.then(|| wal.subscribe_durable()) }
+    }
+
+    /// The last entry that may be shipped now.
+    fn upto(&self) -> Seq {
+        match &self.durable {
+            Some(rx) => (*rx.borrow()).min(self.wal.last_seq()),
+            None => self.wal.last_seq(),
+        }
+    }
+
+    /// Returns once `seq` may be shipped.
+    async fn wait_for(&mut self, seq: Seq) {
+        match &mut self.durable {
+            Some(rx) => {
+                if rx.wait_for(|d| *d >= seq).await.is_err() {
+                    // The log is gone (its last handle dropped): nothing more will become durable.
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => self.wal.wait_for(seq).await,
+        }
+    }
+}
+
+/// The replica stopped the space's stream (`code`; `None` if the connection went): for a catch-up,
+/// the request is on its way; for anything else (it could not store the space, say) nothing will
+/// come, so shipping resumes from its durable position after a pause.
+async fn stopped_by_replica(
+    ship: &SpaceShip,
+    restart: &mut watch::Receiver<Seq>,
+    code: Option<quinn::VarInt>,
+) -> Interrupt {
+    if let Some(code) = code.filter(|c| *c != stream_code::CATCH_UP) {
+        if !ship.halted.load(Ordering::Acquire) {
+            *lock(&ship.error) = Some(format!("replica stopped the stream (code {code}); retrying"));
+        }
+    }
+    pause(ship, restart, || !ship.halted.load(Ordering::Acquire)).await
+}
+
+/// Waits for a catch-up request (a restart from the sequence it names), or for [`STOPPED_RETRY`]
+/// after which, if `may_retry` still says so, shipping resumes from the replica's durable position;
+/// `Closed` when the session ends.
+async fn pause(ship: &SpaceShip, restart: &mut watch::Receiver<Seq>, may_retry: impl Fn() -> bool) -> Interrupt {
+    // The space's stream is stopped or abandoned: no frame of it is being received any more, and
+    // a halted space may wait here for long. Its credit must not stall the other spaces meanwhile.
+    lock(&ship.credits).clear();
+    let retry = async {
+        tokio::time::sleep(STOPPED_RETRY).await;
+        if !may_retry() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = restart.changed() => restart_or_closed(r, restart),
+        _ = retry => Interrupt::Restart(lock(&ship.progress).durable().next()),
+    }
+}
+
+fn restart_or_closed(r: Result<(), watch::error::RecvError>, restart: &mut watch::Receiver<Seq>) -> Interrupt {
+    match r {
+        Ok(()) => Interrupt::Restart(*restart.borrow_and_update()),
+        Err(_) => Interrupt::Closed,
+    }
+}
