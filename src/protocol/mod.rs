@@ -5,9 +5,11 @@
 //!   bytes in flight) and the lag it derives.
 //! - [`health`]: a replica's state from its lag: healthy, lagging, degraded, disconnected.
 //! - [`handshake`]: whether a replica's position can resume against the primary's log, and where.
+//! - [`admission`]: whether a replica takes a batch that arrived for a space, or asks for catch-up.
 //! - [`liveness`]: heartbeat bookkeeping: RTT and dead-peer detection.
 //! - [`backoff`]: reconnect delays, exponential with jitter and a cap.
 
+pub mod admission;
 pub mod backoff;
 pub mod handshake;
 pub mod health;

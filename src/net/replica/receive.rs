@@ -17,6 +17,7 @@ use crate::net::framed::{
     read_batch, read_mux_header, read_mux_preamble_rest, read_stream_header_rest, read_stream_kind,
 };
 use crate::net::{close, lock, stream_code};
+use crate::protocol::admission::{admit, admit_stream, Admission, Expected};
 use crate::types::Seq;
 use crate::wal::{SyncPolicy, WalError};
 
@@ -101,8 +102,8 @@ async fn receive_batches(
     recv: &mut RecvStream,
 ) -> StreamEnd {
     let wal = &state.wal;
-    if start > wal.last_seq().next() {
-        return StreamEnd::CatchUp(format!("stream starts at {start} but the log ends at {}", wal.last_seq()));
+    if let Err(reason) = admit_stream(start, wal.last_seq()) {
+        return StreamEnd::CatchUp(reason);
     }
     let mut decoder = BatchDecoder::new(shared.config.limits);
     loop {
@@ -207,18 +208,10 @@ async fn apply_batch(
 ) -> Result<(), Reject> {
     let wal = &state.wal;
     let h = &batch.header;
-    if h.primary != session.primary_id || h.space_tag != space_tag(wal.space()) || h.epoch > session.epoch {
-        return Err(Reject::CatchUp(format!(
-            "batch from primary {:?} for space tag {:#x} in epoch {} does not belong here",
-            h.primary, h.space_tag, h.epoch
-        )));
-    }
-    let last_before = wal.last_seq();
-    if h.start_seq > last_before.next() {
-        return Err(Reject::CatchUp(format!("gap: batch starts at {} but the log ends at {last_before}", h.start_seq)));
-    }
-    if h.last_seq() <= last_before {
-        return Ok(()); // Already held (a resent batch after a catch-up race).
+    let expected = Expected { primary: session.primary_id, space_tag: space_tag(wal.space()), epoch: session.epoch };
+    match admit(h, &expected, wal.last_seq()).map_err(Reject::CatchUp)? {
+        Admission::Append => {}
+        Admission::AlreadyHeld => return Ok(()),
     }
     // An fsync, the write of a large batch or a new segment file blocks: keep it off the runtime's
     // threads, which must keep draining the UDP socket (a stalled endpoint drops packets at the socket).
