@@ -140,14 +140,14 @@ impl ReplicaProgress {
     /// Lag against a primary whose log ends at `head`.
     ///
     /// `oldest_pending_age_ms` is the age of entry `durable + 1` (the caller reads its append time);
-    /// `mean_entry_bytes` estimates the size of entries not sent yet.
-    pub fn lag(&self, head: Seq, oldest_pending_age_ms: u64, mean_entry_bytes: u64) -> Lag {
+    /// `entry_bytes_estimate` stands for the size of each entry not sent yet.
+    pub fn lag(&self, head: Seq, oldest_pending_age_ms: u64, entry_bytes_estimate: u64) -> Lag {
         let entries = head.0.saturating_sub(self.durable.0);
         if entries == 0 {
             return Lag::default();
         }
         let unsent = head.0.saturating_sub(self.sent.0);
-        Lag { entries, bytes: self.inflight_bytes as u64 + unsent * mean_entry_bytes, ms: oldest_pending_age_ms }
+        Lag { entries, bytes: self.inflight_bytes as u64 + unsent * entry_bytes_estimate, ms: oldest_pending_age_ms }
     }
 }
 

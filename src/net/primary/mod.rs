@@ -199,8 +199,8 @@ impl Primary {
                         Some(appended) => now.saturating_sub(appended) / 1_000,
                         None => oldest_age_ms(&wal, durable, now),
                     };
-                    let mean = mean_entry_bytes(&wal);
-                    let lag = lock(&ship.progress).lag(head, age, mean);
+                    let per_entry = newest_entry_bytes(&wal);
+                    let lag = lock(&ship.progress).lag(head, age, per_entry);
                     (sent, durable, applied, lag, inflight, lock(&ship.error).clone())
                 }
                 None => (Seq::ZERO, Seq::ZERO, Seq::ZERO, Lag::default(), 0, None),
@@ -299,7 +299,9 @@ fn oldest_age_ms(wal: &SpaceWal, durable: Seq, now_us: u64) -> u64 {
     }
 }
 
-fn mean_entry_bytes(wal: &SpaceWal) -> u64 {
+/// Size of the space's newest entry on the wire (its header included): the estimate a lag in bytes
+/// uses for each entry not sent yet.
+fn newest_entry_bytes(wal: &SpaceWal) -> u64 {
     match wal.read_from(wal.last_seq(), 1, 0) {
         Ok(v) => v.first().map(|e| (e.payload.len() + ENTRY_HEADER_LEN) as u64).unwrap_or(0),
         Err(_) => 0,
