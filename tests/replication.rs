@@ -379,6 +379,46 @@ async fn a_replica_behind_retention_gets_a_typed_error_for_that_space_only() {
     primary.shutdown().await;
 }
 
+/// Retention driven by `durable_everywhere` keeps what a replica that is away still needs: it
+/// comes back and catches up with no `Truncated` error, while the log did shrink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_up_to_durable_everywhere_keeps_what_an_absent_replica_needs() {
+    let c = Cluster::new();
+    let mut cfg = c.primary_config("127.0.0.1:0".parse().unwrap());
+    cfg.wal.segment_bytes = 4096;
+    cfg.wal.tail_max_entries = 16;
+    let primary = walship::Primary::start(cfg, c.ca.issue("primary").unwrap()).await.unwrap();
+    let s = SpaceId::new("trimmed").unwrap();
+    assert_eq!(primary.durable_everywhere(&s), None, "no replica served yet");
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    let r2 = c.replica("replica-2", primary.local_addr()).await;
+    write(&primary, std::slice::from_ref(&s), 300).await;
+    converge(&primary, &[&r1, &r2]).await;
+    wait_for("both replicas' acks of entry 300", || primary.durable_everywhere(&s) == Some(walship::Seq(300))).await;
+
+    // replica-2 goes away; replica-1 keeps up with 1,000 more entries.
+    r2.shutdown().await;
+    write(&primary, std::slice::from_ref(&s), 1_000).await;
+    let holding = primary.wait_durable(&s, walship::Seq(1_300), 1, DEADLINE).await;
+    assert_eq!(holding, ["replica-1"]);
+    let floor = primary.durable_everywhere(&s).expect("replicas were served");
+    assert_eq!(floor, walship::Seq(300), "the absent replica counts with its last ack");
+    let wal = primary.space(&s).unwrap();
+    let first = wal.truncate_prefix(floor).unwrap();
+    assert!(first.0 > 1 && first <= floor.next(), "segments wholly below the floor are gone: first {first}");
+
+    // replica-2 resumes from 301, which the primary kept.
+    let r2 = c.replica("replica-2", primary.local_addr()).await;
+    wait_for("replica-2 to catch up", || identical(&primary, &r2)).await;
+    let entries = r2.space(&s).unwrap().read_from(walship::Seq(1), usize::MAX, usize::MAX).unwrap();
+    assert_eq!(entries.len(), 1_300);
+    assert!(entries.iter().enumerate().all(|(i, e)| e.seq.0 == i as u64 + 1 && e.payload == payload(&s, e.seq.0)));
+    assert!(r2.status().spaces.iter().all(|sp| sp.error.is_none()), "{:?}", r2.status().spaces);
+    r1.shutdown().await;
+    r2.shutdown().await;
+    primary.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_log_diverged_is_refused_for_that_space() {
     let c = Cluster::new();

@@ -266,6 +266,25 @@ impl Primary {
             .collect()
     }
 
+    /// The last entry of `space` durable on every replica this primary has served since it
+    /// started (`None` before the first one connected), for retention: trimming the log up to it
+    /// (`primary.space(id)?.truncate_prefix(seq)`) never removes an entry one of them still
+    /// needs, which would leave that replica to be rebuilt from a snapshot (`Truncated`). A
+    /// disconnected replica counts with what it acked last; a replica not heard from since this
+    /// primary started is not known here: keep a floor of your own for it.
+    pub fn durable_everywhere(&self, space: &SpaceId) -> Option<Seq> {
+        let links: Vec<Arc<ReplicaLink>> = lock(&self.shared.replicas).values().cloned().collect();
+        links
+            .iter()
+            .map(|link| {
+                let session = lock(&link.current).clone();
+                let ship = session.and_then(|s| lock(&s.spaces).get(space).cloned());
+                // Not (yet) shipped to it, or refused there: it may need the whole log.
+                ship.map_or(Seq::ZERO, |ship| lock(&ship.progress).durable())
+            })
+            .min()
+    }
+
     /// Closes the connection of replica `name`, if connected; the replica will reconnect and resume.
     pub fn disconnect_replica(&self, name: &str) -> bool {
         let link = lock(&self.shared.replicas).get(name).cloned();
