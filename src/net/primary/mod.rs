@@ -260,7 +260,7 @@ impl Primary {
             .filter(|(_, link)| {
                 let session = lock(&link.current).clone();
                 let ship = session.and_then(|s| lock(&s.spaces).get(space).cloned());
-                ship.is_some_and(|ship| lock(&ship.progress).durable() >= seq)
+                ship.is_some_and(|ship| ship.durable_in_log() >= seq)
             })
             .map(|(name, _)| name)
             .collect()
@@ -280,7 +280,7 @@ impl Primary {
                 let session = lock(&link.current).clone();
                 let ship = session.and_then(|s| lock(&s.spaces).get(space).cloned());
                 // Not (yet) shipped to it, or refused there: it may need the whole log.
-                ship.map_or(Seq::ZERO, |ship| lock(&ship.progress).durable())
+                ship.map_or(Seq::ZERO, |ship| ship.durable_in_log())
             })
             .min()
     }

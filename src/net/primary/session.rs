@@ -48,6 +48,11 @@ pub(super) struct Session {
     pub(super) frame_limits: FrameLimits,
     /// The replica process's [`Hello::instance`](crate::codec::control::Hello::instance).
     pub(super) instance: u64,
+    /// Acks of spaces whose shipper is not registered yet (the handshake compares the spaces in
+    /// chunks after the welcome, while the replica already acks): the newest (durable, applied)
+    /// per space, taken in when the shipper is. Only spaces this primary has. Lock order:
+    /// `spaces`, then this.
+    pub(super) early_acks: Mutex<HashMap<SpaceId, (Seq, Seq)>>,
 }
 
 impl Session {
@@ -179,6 +184,7 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
                 .min(usize::try_from(hello.max_batch_bytes).unwrap_or(usize::MAX)),
         },
         instance: hello.instance,
+        early_acks: Mutex::new(HashMap::new()),
     });
     let link = lock(&shared.replicas)
         .entry(name.clone())
@@ -335,18 +341,18 @@ async fn control_reader(shared: Arc<Shared>, session: Arc<Session>, mut control:
             ControlMessage::Ack(ack) => {
                 let spaces = lock(&session.spaces);
                 for a in ack.spaces {
-                    let Some(ship) = spaces.get(&a.space) else { continue };
-                    // Past this primary's log: a space refused as diverged (the replica holds
-                    // entries this primary lost) or a broken peer. Such an ack must not move the
-                    // shipper past entries that exist here.
-                    let head = ship.wal.last_seq();
-                    if a.durable > head || a.applied > head {
-                        tracing::debug!(space = %a.space, durable = %a.durable, %head, "ignoring an ack past this primary's log");
-                        continue;
+                    match spaces.get(&a.space) {
+                        Some(ship) => {
+                            ship.on_ack(a.durable, a.applied);
+                        }
+                        // The replica does not repeat an ack: keep it for the shipper to come.
+                        None if shared.store.get(&a.space).is_some() => {
+                            let mut early = lock(&session.early_acks);
+                            let newest = early.entry(a.space).or_insert((a.durable, a.applied));
+                            *newest = (newest.0.max(a.durable), newest.1.max(a.applied));
+                        }
+                        None => {}
                     }
-                    lock(&ship.progress).on_ack(a.durable, a.applied);
-                    ship.release_credit(a.durable);
-                    ship.acked.notify_one();
                 }
                 drop(spaces);
                 shared.acked.notify_waiters();
@@ -448,10 +454,17 @@ fn start_shippers(
             restart,
             error: Mutex::new(None),
             halted: std::sync::atomic::AtomicBool::new(false),
+            refused: start.is_err(),
             truncations,
             credits: Mutex::new(VecDeque::new()),
         });
-        lock(&session.spaces).insert(wal.space().clone(), ship.clone());
+        {
+            let mut spaces = lock(&session.spaces);
+            spaces.insert(wal.space().clone(), ship.clone());
+            if let Some((durable, applied)) = lock(&session.early_acks).remove(wal.space()) {
+                ship.on_ack(durable, applied);
+            }
+        }
         match start {
             Ok(from) => {
                 shippers.spawn(ship_space(shared.clone(), session.clone(), ship, from));

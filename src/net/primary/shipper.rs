@@ -37,6 +37,9 @@ pub(super) struct SpaceShip {
     /// The replica reported this space diverged: retrying cannot help, only a catch-up request
     /// (after the operator repaired the replica) resumes it.
     pub(super) halted: std::sync::atomic::AtomicBool,
+    /// The handshake refused the space (the replica's copy is another log, or needs entries
+    /// retention removed): nothing is shipped, and the replica's acks are about its own entries.
+    pub(super) refused: bool,
     /// Suffix truncations of the space's log when the handshake compared it with the replica's.
     pub(super) truncations: u64,
     /// The session credit held by this space's large frames in flight, by last sequence: given
@@ -45,6 +48,44 @@ pub(super) struct SpaceShip {
 }
 
 impl SpaceShip {
+    /// Takes the replica's ack of this space, unless it cannot be about this log: for a space
+    /// refused at the handshake or reported diverged, after the log was cut back since the
+    /// handshake (the replica's entries past the cut are not this log's; the session is being
+    /// closed), or past the log's end. True if taken.
+    pub(super) fn on_ack(&self, durable: Seq, applied: Seq) -> bool {
+        if self.refused || self.halted.load(Ordering::Acquire) || self.cut_since_handshake() {
+            return false;
+        }
+        let head = self.wal.last_seq();
+        if durable > head || applied > head {
+            tracing::debug!(space = %self.wal.space(), %durable, %head, "ignoring an ack past this primary's log");
+            return false;
+        }
+        lock(&self.progress).on_ack(durable, applied);
+        self.release_credit(durable);
+        self.acked.notify_one();
+        true
+    }
+
+    /// The last entry of this log as it is now that the replica holds durable, for `wait_durable`
+    /// and retention: none of a space refused at the handshake, and none past a cut made since.
+    pub(super) fn durable_in_log(&self) -> Seq {
+        if self.refused {
+            return Seq::ZERO;
+        }
+        let durable = lock(&self.progress).durable();
+        if !self.cut_since_handshake() {
+            return durable;
+        }
+        self.wal.cut_since(self.truncations).map_or(durable, |cut| durable.min(cut))
+    }
+
+    /// Whether the log was cut back (`truncate_suffix`) since the handshake compared it with the
+    /// replica's: what the replica holds past the cut may not be what the log holds there now.
+    pub(super) fn cut_since_handshake(&self) -> bool {
+        self.wal.truncations() != self.truncations
+    }
+
     /// Gives back the credit of frames the replica acked durable up to `durable`.
     pub(super) fn release_credit(&self, durable: Seq) {
         let mut credits = lock(&self.credits);
@@ -189,9 +230,12 @@ async fn ship_stream(
     from: Seq,
     cfg: &PrimaryConfig,
 ) -> Result<Interrupt, NetError> {
-    let mut shippable = Shippable::new(wal, cfg.wal.fsyncs());
+    let mut shippable = Shippable::new(wal, cfg.wal.fsyncs(), ship.truncations);
     // Open the stream only once there is something to ship.
     while shippable.upto() < from {
+        if close_if_cut(session, ship) {
+            return Ok(Interrupt::Closed);
+        }
         tokio::select! {
             _ = shippable.wait_for(from) => {}
             r = restart.changed() => return Ok(restart_or_closed(r, restart)),
@@ -204,6 +248,11 @@ async fn ship_stream(
     };
     *lock(&ship.error) = None;
     loop {
+        // A caught-up shipper wakes here on a cut too: the replica may hold entries past it that
+        // are no longer this log's, even if the log never grows past them again.
+        if close_if_cut(session, ship) {
+            return Ok(Interrupt::Closed);
+        }
         // Flow control of our own: bounded unacknowledged bytes per (space, replica).
         loop {
             let acked = ship.acked.notified();
@@ -236,12 +285,8 @@ async fn ship_stream(
         let frame_room = session.frame_limits.max_batch_bytes.saturating_sub(count.saturating_mul(ENTRY_HEADER_LEN));
         let batch_bytes = cfg.max_batch_bytes.min(frame_room);
         let mut entries = read_entries(wal, next, count, batch_bytes).await?;
-        // Cut back since the handshake (an operator's `truncate_suffix`): what the replica holds
-        // past the cut may not be what this log holds there now. Shipping on would splice two logs;
-        // a new handshake compares them instead.
-        if wal.truncations() != ship.truncations {
-            tracing::warn!(space = %wal.space(), "log cut back on the primary during the session; closing so the replica re-handshakes");
-            session.conn.close(close::LOG_CUT, b"a space's log was cut back on the primary");
+        // A cut during the read may have mixed the old log's entries with the new one's.
+        if close_if_cut(session, ship) {
             return Ok(Interrupt::Closed);
         }
         if let Some(cut) = entries.iter().position(|e| e.epoch != entries[0].epoch) {
@@ -296,6 +341,18 @@ async fn ship_stream(
     }
 }
 
+/// Closes the session if the space's log was cut back since the handshake (an operator's
+/// `truncate_suffix`): what the replica holds past the cut may not be what this log holds there
+/// now. Shipping on would splice two logs; a new handshake compares them instead.
+fn close_if_cut(session: &Session, ship: &SpaceShip) -> bool {
+    if !ship.cut_since_handshake() {
+        return false;
+    }
+    tracing::warn!(space = %ship.wal.space(), "log cut back on the primary during the session; closing so the replica re-handshakes");
+    session.conn.close(close::LOG_CUT, b"a space's log was cut back on the primary");
+    true
+}
+
 /// What a frame of `entries` costs against the replica's in-flight credit: its size once
 /// decompressed (header and entries), which is what the replica holds while it applies it.
 fn frame_charge(entries: &[Entry]) -> usize {
@@ -327,11 +384,13 @@ struct Shippable<'a> {
     wal: &'a SpaceWal,
     /// The durable position, watched only under an fsyncing policy (a watch costs every sync a wake).
     durable: Option<watch::Receiver<Seq>>,
+    /// The log's truncation count at the handshake: a wait also ends on a later cut.
+    truncations: u64,
 }
 
 impl<'a> Shippable<'a> {
-    fn new(wal: &'a SpaceWal, fsyncs: bool) -> Shippable<'a> {
-        Shippable { wal, durable: fsyncs.then(|| wal.subscribe_durable()) }
+    fn new(wal: &'a SpaceWal, fsyncs: bool, truncations: u64) -> Shippable<'a> {
+        Shippable { wal, durable: fsyncs.then(|| wal.subscribe_durable()), truncations }
     }
 
     /// The last entry that may be shipped now.
@@ -342,16 +401,19 @@ impl<'a> Shippable<'a> {
         }
     }
 
-    /// Returns once `seq` may be shipped.
+    /// Returns once `seq` may be shipped, or once the log was cut back since the handshake. A cut
+    /// sets the durable position to the cut, which wakes the watch, unless it was there already:
+    /// then nothing past the cut was shipped.
     async fn wait_for(&mut self, seq: Seq) {
+        let (wal, truncations) = (self.wal, self.truncations);
         match &mut self.durable {
             Some(rx) => {
-                if rx.wait_for(|d| *d >= seq).await.is_err() {
+                if rx.wait_for(|d| *d >= seq || wal.truncations() != truncations).await.is_err() {
                     // The log is gone (its last handle dropped): nothing more will become durable.
                     std::future::pending::<()>().await;
                 }
             }
-            None => self.wal.wait_for(seq).await,
+            None => wal.wait_for_or_cut(seq, Some(truncations)).await,
         }
     }
 }
