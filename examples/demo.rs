@@ -76,7 +76,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         let lags: Vec<String> = status
             .replicas
             .iter()
-            .map(|r| format!("{} {:?} lag {} entries / {} ms", r.name, r.state, r.max_lag.entries, r.max_lag.ms))
+            .map(|r| format!("{} {} lag {} entries / {} ms", r.name, r.state, r.max_lag.entries, r.max_lag.ms))
             .collect();
         println!("[{:>4.1}s] written {written:>8} | {}", started.elapsed().as_secs_f64(), lags.join(" | "));
         let done = stats.done.load(Ordering::Relaxed);
@@ -107,7 +107,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     }
     match (identical, converged_at) {
         (true, Some(t)) => println!(
-            "\nOK: {} entries in {} spaces replicated to 2 replicas; every log identical (converged after {:.2}s)",
+            "\nOK: {} entries in {} spaces replicated to 2 replicas; every log identical ({:.2}s from the first write until the replicas held everything)",
             stats.written.load(Ordering::Relaxed),
             p.spaces.len(),
             t.as_secs_f64()

@@ -1,7 +1,7 @@
 //! Generates a development cluster CA and one certificate + key per node.
 //!
 //! ```text
-//! cargo run --example gen_certs -- --out certs/dev --names primary,replica-1,replica-2
+//! cargo run --release --example gen_certs -- --out certs/dev --names primary,replica-1,replica-2
 //! ```
 //!
 //! Writes `OUT/ca.pem`, and `OUT/NAME.pem` + `OUT/NAME.key` (mode 0600) for each name: the layout

@@ -33,7 +33,8 @@ struct Args {
     upstream: SocketAddr,
     #[command(flatten)]
     impair: common::ImpairmentFlags,
-    /// Bandwidth cap per direction: 100mbit, 1gbit, 500kbit, 12.5MB/s (default unlimited).
+    /// Bandwidth cap per direction: 100mbit, 1gbit, 500kbit, 12.5MB/s; a bare number is bytes/s
+    /// (default unlimited).
     #[arg(long, value_parser = parse_rate)]
     rate: Option<u64>,
     /// Rate queue size in bytes (drop-tail; default one second at --rate).
@@ -45,9 +46,9 @@ struct Args {
     /// Start a partition (everything dropped, both directions) this often.
     #[arg(long, value_parser = parse_duration)]
     partition_every: Option<Duration>,
-    /// How long each partition lasts.
-    #[arg(long, value_parser = parse_duration, default_value = "2s")]
-    partition_for: Duration,
+    /// How long each partition lasts (default 2s; needs --partition-every).
+    #[arg(long, value_parser = parse_duration)]
+    partition_for: Option<Duration>,
     /// Print counters this often (0 disables).
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     report_every: Duration,
@@ -55,6 +56,9 @@ struct Args {
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
 }
+
+/// Length of each scheduled partition unless --partition-for says otherwise.
+const DEFAULT_PARTITION: Duration = Duration::from_secs(2);
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -79,11 +83,22 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let imp = args.impair.impairment(args.rate, args.queue_bytes);
     imp.validate().map_err(|e| format!("bad impairment: {e}"))?;
+    let loops_back = args.listen.port() == args.upstream.port()
+        && (args.listen.ip() == args.upstream.ip() || args.listen.ip().is_unspecified());
+    if loops_back {
+        return Err(format!(
+            "--upstream {} is this forwarder's own --listen {}: every datagram would come back to it",
+            args.upstream, args.listen
+        ));
+    }
+    if args.partition_for.is_some() && args.partition_every.is_none() {
+        return Err("--partition-for sets the length of the partitions --partition-every schedules: give both".into());
+    }
+    let partition_for = args.partition_for.unwrap_or(DEFAULT_PARTITION);
     if let Some(every) = args.partition_every {
-        if every.is_zero() || args.partition_for >= every {
+        if every.is_zero() || partition_for >= every {
             return Err(format!(
-                "--partition-for ({:?}) must be shorter than --partition-every ({every:?})",
-                args.partition_for
+                "--partition-for ({partition_for:?}) must be shorter than --partition-every ({every:?})"
             ));
         }
     }
@@ -91,7 +106,7 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot start on {}: {e}", args.listen))?;
     println!("lossy_link: {} -> {} (seed {}), each direction: {imp}", fwd.local_addr(), fwd.upstream(), args.seed);
     if let Some(every) = args.partition_every {
-        println!("  partition for {:?} every {every:?}", args.partition_for);
+        println!("  partition for {partition_for:?} every {every:?}");
     }
     let control = fwd.control();
     let mut helpers = Vec::new();
@@ -99,7 +114,7 @@ async fn run(args: Args) -> Result<(), String> {
         helpers.push(tokio::spawn(report(control.clone(), args.report_every)));
     }
     if let Some(every) = args.partition_every {
-        helpers.push(tokio::spawn(partitions(control.clone(), every, args.partition_for)));
+        helpers.push(tokio::spawn(partitions(control.clone(), every, partition_for)));
     }
     let duration = args.duration;
     let shutdown = async move {

@@ -87,6 +87,7 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    args.report.check_status_file()?;
     let identity = NodeIdentity::load(&args.certs, &args.name)?;
     let mut config = PrimaryConfig::new(&args.name, args.listen, &args.data);
     config.epoch = Epoch(args.epoch);
@@ -129,7 +130,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let replicas: Vec<String> = status
             .replicas
             .iter()
-            .map(|r| format!("{}={:?} lag {} entries/{} ms", r.name, r.state, r.max_lag.entries, r.max_lag.ms))
+            .map(|r| format!("{}={} lag {} entries/{} ms", r.name, r.state, r.max_lag.entries, r.max_lag.ms))
             .collect();
         println!(
             "[{:>5.0}s] spaces {} written {} (+{}/s) | {}",

@@ -55,6 +55,7 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    args.report.check_status_file()?;
     let identity = NodeIdentity::load(&args.certs, &args.name)?;
     let mut config = ReplicaConfig::new(&args.name, args.primary, &args.primary_name, &args.data);
     config.wal.sync = args.sync;
@@ -74,7 +75,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let total: u64 = status.spaces.iter().map(|s| s.log.last_seq.0).sum();
         let state = match status.connection {
             ConnectionState::Connected => format!("connected to {}", status.primary.clone().unwrap_or_default()),
-            other => format!("{other:?} ({})", status.last_error.clone().unwrap_or_default()),
+            other => match &status.last_error {
+                Some(e) => format!("{other} ({e})"),
+                None => other.to_string(),
+            },
         };
         println!(
             "[{:>5.0}s] {state} | spaces {} entries {} (+{}/s) rtt {}",

@@ -288,14 +288,18 @@ async fn identities_load_from_a_written_folder() {
         other => panic!("unexpected error {other:?}"),
     }
     let msg = err.to_string();
-    assert!(msg.contains("replica-7.pem") && msg.contains("gen_certs"), "{msg}");
+    // The folder has a CA its nodes trust: the hint is not a gen_certs run that would refuse to
+    // overwrite it.
+    assert!(msg.contains("replica-7.pem") && msg.contains("holds a cluster CA already"), "{msg}");
 
     // A folder without ca.pem.
     let empty = tempfile::tempdir().unwrap();
-    match NodeIdentity::load(empty.path(), "primary").unwrap_err() {
-        TlsError::MissingFile { path, .. } => assert_eq!(path, empty.path().join("ca.pem")),
+    let err = NodeIdentity::load(empty.path(), "primary").unwrap_err();
+    match &err {
+        TlsError::MissingFile { path, .. } => assert_eq!(path, &empty.path().join("ca.pem")),
         other => panic!("unexpected error {other:?}"),
     }
+    assert!(err.to_string().contains("gen_certs -- --out") && err.to_string().contains("--names primary`"), "{err}");
 
     // A certificate that does not name the node is refused at load time.
     std::fs::copy(dir.path().join("primary.pem"), dir.path().join("impostor.pem")).unwrap();

@@ -19,7 +19,9 @@ pub fn parse_sync(s: &str) -> Result<SyncPolicy, String> {
         "always" => Ok(SyncPolicy::Always),
         other => {
             let d = other.strip_prefix("interval:").unwrap_or(other);
-            walship::netsim::parse_duration(d).map(SyncPolicy::Interval)
+            walship::netsim::parse_duration(d).map(SyncPolicy::Interval).map_err(|_| {
+                format!("bad sync policy {s:?}: use never, always, or interval:DURATION (e.g. interval:10ms)")
+            })
         }
     }
 }
@@ -231,7 +233,14 @@ pub fn init_tracing() {
 pub fn init_tracing_with(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    // Colours only on a terminal: a log redirected to a file is pasted into bug reports.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// What a node binary reports, and where: its status file and its Prometheus metrics.
@@ -252,6 +261,18 @@ pub struct ReportFlags {
 }
 
 impl ReportFlags {
+    /// Refuses a `--status-file` that cannot be written, before the node starts (it would only
+    /// be warned about once a second while the node ran).
+    pub fn check_status_file(&self) -> Result<(), String> {
+        let Some(path) = &self.status_file else { return Ok(()) };
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(drop)
+            .map_err(|e| format!("cannot write --status-file {}: {e}", path.display()))
+    }
+
     /// Starts the metrics endpoint, if `--metrics-addr` asks for one.
     pub fn serve_metrics(&self) -> Result<(), Box<dyn std::error::Error>> {
         match self.metrics_addr {

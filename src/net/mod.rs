@@ -44,7 +44,8 @@ async fn redial<S, F>(
     S: FnMut(quinn::Connection) -> F,
     F: Future<Output = Result<(), NetError>>,
 {
-    let connect_error = |reason: String| NetError::Connect { addr, name: name.to_string(), reason };
+    let connect_error =
+        |reason: String| NetError::Connect { addr, name: name.to_string(), reason: with_certificate_hint(reason) };
     loop {
         let result = async {
             let connecting = endpoint.connect(addr, name).map_err(|e| connect_error(e.to_string()))?;
@@ -70,6 +71,34 @@ async fn redial<S, F>(
         ended(reason, delay, backoff.attempts());
         tokio::time::sleep(delay).await;
     }
+}
+
+/// Whether a connection failed on a certificate: a configuration error that retrying does not
+/// fix, worth a warning rather than the info line of an ordinary reconnect.
+pub(crate) fn is_certificate_error(reason: &str) -> bool {
+    reason.contains("certificate")
+}
+
+/// Logs an incoming connection that failed its handshake: a warning with the hint if it was
+/// on a certificate (a node of another cluster, or misnamed), else an info line.
+pub(crate) fn log_refused_handshake(remote: SocketAddr, e: &quinn::ConnectionError) {
+    let reason = e.to_string();
+    if is_certificate_error(&reason) {
+        tracing::warn!(%remote, error = %with_certificate_hint(reason), "refused a connection: certificate check failed");
+    } else {
+        tracing::info!(%remote, error = %reason, "refused a connection during the handshake");
+    }
+}
+
+/// `reason` with what a rejected certificate usually means here, if it was one.
+fn with_certificate_hint(reason: String) -> String {
+    if !is_certificate_error(&reason) {
+        return reason;
+    }
+    format!(
+        "{reason} (the two nodes must trust the same cluster CA, e.g. certificates from one gen_certs run, and \
+         the peer's certificate must name the node this one expects: primary_name, or the replica's name)"
+    )
 }
 
 /// Entries of `wal` from `from` on ([`crate::wal::SpaceWal::read_from`]): from the memory tail

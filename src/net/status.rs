@@ -184,6 +184,18 @@ pub enum ConnectionState {
     Stopped,
 }
 
+impl std::fmt::Display for ConnectionState {
+    /// As in the status JSON: `connecting`, `connected`, `disconnected`, `stopped`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConnectionState::Connecting => "connecting",
+            ConnectionState::Connected => "connected",
+            ConnectionState::Disconnected => "disconnected",
+            ConnectionState::Stopped => "stopped",
+        })
+    }
+}
+
 /// One space on a replica.
 #[derive(Clone, Debug, Serialize)]
 pub struct ReplicaSpace {

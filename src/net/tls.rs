@@ -16,7 +16,7 @@
 //! ```
 //!
 //! [`ClusterCa`] makes such certificates with rcgen, in memory for tests or into a folder for
-//! development (`cargo run --example gen_certs`).
+//! development (`cargo run --release --example gen_certs`).
 //!
 //! Every rustls configuration here uses the *ring* provider explicitly
 //! (`rustls::crypto::ring::default_provider()`); nothing depends on a process-wide default
@@ -43,6 +43,27 @@ pub const ALPN: &[u8] = b"walship/1";
 /// File name of the cluster CA certificate(s) inside a certificate folder.
 pub const CA_CERT_FILE: &str = "ca.pem";
 
+/// How to make the missing files of node `name` in `dir`. A folder that has a CA already must
+/// keep it (its nodes trust it): gen_certs would refuse to overwrite it, and `--force` would make
+/// every node's files anew.
+fn missing_file_hint(dir: &Path, name: &str) -> String {
+    if dir.join(CA_CERT_FILE).exists() {
+        format!(
+            "{} holds a cluster CA already: sign a certificate for {name:?} with its key (certs/README.md, \
+             \"To add a node\"), or make a new set for every node with `cargo run --release --example gen_certs -- --out {} \
+             --names <every node, {name} included> --force`",
+            dir.display(),
+            dir.display()
+        )
+    } else {
+        format!(
+            "run `cargo run --release --example gen_certs -- --out {} --names {name}` to create development certificates, or \
+             see certs/README.md to use your own CA",
+            dir.display()
+        )
+    }
+}
+
 /// File name of the cluster CA private key, written only on explicit request
 /// ([`ClusterCa::write_ca_key`]).
 pub const CA_KEY_FILE: &str = "ca.key";
@@ -51,20 +72,13 @@ pub const CA_KEY_FILE: &str = "ca.key";
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file of a certificate folder does not exist.
-    #[error(
-        "{what} not found at {}: run `cargo run --example gen_certs -- --out {} --names {}` to \
-         create development certificates, or see certs/README.md to use your own CA",
-        path.display(),
-        dir.display(),
-        name
-    )]
+    #[error("{what} not found at {}: {hint}", path.display())]
     MissingFile {
         /// What the file should hold, e.g. "CA certificate".
         what: &'static str,
         path: PathBuf,
-        /// The certificate folder and node name that were asked for (for the hint).
-        dir: PathBuf,
-        name: String,
+        /// How to make it, for the folder and node name asked for.
+        hint: String,
     },
     /// A file exists but could not be read.
     #[error("cannot read {what} {}: {source}", path.display())]
@@ -225,8 +239,7 @@ impl NodeIdentity {
         let missing = |what, path: &Path| TlsError::MissingFile {
             what,
             path: path.to_owned(),
-            dir: certs_dir.to_owned(),
-            name: name.to_owned(),
+            hint: missing_file_hint(certs_dir, name),
         };
 
         let ca_path = certs_dir.join(CA_CERT_FILE);

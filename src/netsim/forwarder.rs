@@ -369,8 +369,8 @@ async fn upstream_receive(shared: Arc<Shared>, socket: Arc<UdpSocket>, client: S
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 shared.model(Direction::Up).record_undeliverable();
                 if !std::mem::replace(&mut warned, true) {
-                    let upstream = socket.peer_addr().ok();
-                    tracing::warn!(%client, ?upstream, "the upstream refuses datagrams: is anything listening there?");
+                    let upstream = socket.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
+                    tracing::warn!(%client, %upstream, "the upstream refuses datagrams: is anything listening there?");
                 }
             }
             Err(e) if is_transient(&e) => {}

@@ -16,6 +16,18 @@ pub enum Health {
     Disconnected,
 }
 
+impl std::fmt::Display for Health {
+    /// As in the status JSON: `healthy`, `lagging`, `degraded`, `disconnected`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Health::Healthy => "healthy",
+            Health::Lagging => "lagging",
+            Health::Degraded => "degraded",
+            Health::Disconnected => "disconnected",
+        })
+    }
+}
+
 impl Health {
     /// Classifies a replica from its largest lag over all spaces.
     pub fn classify(connected: bool, max_lag_entries: u64, max_lag_ms: u64, threshold_ms: u64) -> Health {
@@ -38,5 +50,12 @@ mod tests {
         assert_eq!(Health::classify(true, 0, 0, 1000), Health::Healthy);
         assert_eq!(Health::classify(true, 5, 999, 1000), Health::Lagging);
         assert_eq!(Health::classify(true, 5, 1001, 1000), Health::Degraded);
+    }
+
+    #[test]
+    fn displays_as_in_the_status_json() {
+        for h in [Health::Healthy, Health::Lagging, Health::Degraded, Health::Disconnected] {
+            assert_eq!(serde_json::to_value(h).unwrap(), serde_json::Value::String(h.to_string()));
+        }
     }
 }

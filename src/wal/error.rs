@@ -18,6 +18,12 @@ pub enum WalError {
         #[source]
         source: std::io::Error,
     },
+    /// The WAL folder given is a file (or something else that is not a folder).
+    #[error("WAL folder {} is not a folder: give the path of a folder (it is created if missing)", path.display())]
+    NotAFolder {
+        /// The path given.
+        path: PathBuf,
+    },
     /// Bytes on disk are not a valid log, in a place where they cannot be a torn write.
     #[error("corrupt WAL segment {} at byte {offset}: {reason}; the log cannot be trusted from here: resync this space from a healthy node (or move the space folder away) and reopen", file.display())]
     Corruption {

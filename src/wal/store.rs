@@ -62,6 +62,9 @@ impl WalStore {
     /// Opens the store at `root` (created if missing) and every space folder in it, recovering each.
     /// Entries of `root` that are not valid space ids are ignored.
     pub fn open(root: &Path, config: WalConfig) -> Result<WalStore, WalError> {
+        if root.exists() && !root.is_dir() {
+            return Err(WalError::NotAFolder { path: root.to_path_buf() });
+        }
         std::fs::create_dir_all(root).ctx("create WAL root folder", root)?;
         let root_lock = super::fs::lock_folder(root, "WAL folder")?;
         let syncer = match config.sync {
@@ -304,5 +307,15 @@ mod tests {
             assert_eq!(w.last_epoch(), Epoch(2));
         }
         assert_eq!(*store.subscribe_spaces().borrow(), 3);
+    }
+
+    #[test]
+    fn a_file_given_as_the_folder_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-folder");
+        std::fs::write(&file, b"x").unwrap();
+        let err = WalStore::open(&file, WalConfig::default()).err().expect("a file is not a WAL folder");
+        assert!(matches!(err, WalError::NotAFolder { .. }), "{err}");
+        assert!(err.to_string().contains("give the path of a folder"), "{err}");
     }
 }

@@ -111,7 +111,8 @@ impl Primary {
         for replica in shared.config.dial_replicas.clone() {
             tasks.spawn(dial_loop(shared.clone(), replica.name, replica.addr));
         }
-        tracing::info!(name = %shared.config.name, addr = ?shared.endpoint.local_addr().ok(), "primary started");
+        let addr = shared.endpoint.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
+        tracing::info!(name = %shared.config.name, %addr, "primary started");
         Ok(Primary { shared, tasks, bound: None })
     }
 

@@ -90,7 +90,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
                         tracing::info!(%remote, error = %e, "replica connection ended");
                     }
                 }
-                Err(e) => tracing::info!(%remote, error = %e, "refused a connection during the handshake"),
+                Err(e) => crate::net::log_refused_handshake(remote, &e),
             }
         });
         while conns.try_join_next().is_some() {}
@@ -102,7 +102,11 @@ pub(super) async fn dial_loop(shared: Arc<Shared>, name: String, addr: SocketAdd
     let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5), NodeId::from_name(&name).0);
     let session = |conn| serve(shared.clone(), conn, Some(&name));
     let ended = |reason: String, retry_in: Duration, attempt: u32| {
-        tracing::info!(replica = %name, %addr, error = %reason, ?retry_in, attempt, "replica connection ended; redialing");
+        if crate::net::is_certificate_error(&reason) {
+            tracing::warn!(replica = %name, %addr, error = %reason, ?retry_in, attempt, "certificate check failed; redialing");
+        } else {
+            tracing::info!(replica = %name, %addr, error = %reason, ?retry_in, attempt, "replica connection ended; redialing");
+        }
     };
     let dial_timeout = shared.config.transport.dial_timeout;
     crate::net::redial(&shared.endpoint, addr, &name, dial_timeout, backoff, session, ended).await

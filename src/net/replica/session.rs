@@ -44,7 +44,11 @@ pub(super) async fn dial_loop(shared: Arc<Shared>, addr: SocketAddr) {
     let name = shared.config.primary_name.clone();
     let session = |conn| run_session(&shared, conn);
     let ended = |reason: String, retry_in: Duration, attempt: u32| {
-        tracing::info!(primary = %addr, error = %reason, ?retry_in, attempt, "not connected to the primary; retrying");
+        if crate::net::is_certificate_error(&reason) {
+            tracing::warn!(primary = %addr, error = %reason, ?retry_in, attempt, "certificate check failed; retrying");
+        } else {
+            tracing::info!(primary = %addr, error = %reason, ?retry_in, attempt, "not connected to the primary; retrying");
+        }
         shared.set_state(ConnectionState::Disconnected, Some(reason));
     };
     let dial_timeout = shared.config.transport.dial_timeout;
@@ -54,6 +58,7 @@ pub(super) async fn dial_loop(shared: Arc<Shared>, addr: SocketAddr) {
 /// Waits for the primary to dial (when the primary knows its replicas).
 pub(super) async fn accept_loop(shared: Arc<Shared>) {
     while let Some(incoming) = shared.endpoint.accept().await {
+        let remote = incoming.remote_address();
         match incoming.await {
             Ok(conn) => {
                 let shared = shared.clone();
@@ -64,7 +69,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>) {
                 let reason = result.err().map(|e| e.to_string()).unwrap_or_else(|| "connection closed".into());
                 shared.set_state(ConnectionState::Disconnected, Some(reason));
             }
-            Err(e) => tracing::info!(error = %e, "refused a connection during the handshake"),
+            Err(e) => crate::net::log_refused_handshake(remote, &e),
         }
     }
 }
