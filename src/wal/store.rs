@@ -314,7 +314,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("not-a-folder");
         std::fs::write(&file, b"x").unwrap();
-        let err = WalStore::open(&file, WalConfig::default()).err().expect("a file is not a WAL folder");
+        let Err(err) = WalStore::open(&file, WalConfig::default()) else { panic!("a file is not a WAL folder") };
         assert!(matches!(err, WalError::NotAFolder { .. }), "{err}");
         assert!(err.to_string().contains("give the path of a folder"), "{err}");
     }
