@@ -344,6 +344,86 @@ async fn a_panicking_apply_hook_is_reported_and_its_entries_come_again() {
     p.shutdown().await;
 }
 
+/// A state machine over the log: `apply` takes entries in (the call that panics has taken some in
+/// first: a partial effect), `truncated` rebuilds the state from the log up to the cut.
+struct PartialThenPanics {
+    /// The replica's log of the space, to rebuild from (set once the replica has opened it).
+    log: std::sync::OnceLock<walship::wal::SpaceWal>,
+    state: Mutex<Vec<u64>>,
+    /// Calls from this sequence on take in half their entries and panic (once).
+    panic_from: u64,
+    panicked: AtomicBool,
+    truncations: Mutex<Vec<u64>>,
+    /// Calls after the panic wait here, so the test decides what happens before them.
+    gate: tokio::sync::Semaphore,
+}
+
+impl ApplyHook for PartialThenPanics {
+    fn apply<'a>(&'a self, _space: &'a SpaceId, entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let seqs = entries.iter().map(|e| e.seq.0);
+            if self.panicked.load(Ordering::SeqCst) {
+                let _pass = self.gate.acquire().await.unwrap();
+            } else if entries[0].seq.0 >= self.panic_from {
+                self.panicked.store(true, Ordering::SeqCst);
+                self.state.lock().unwrap().extend(seqs.take(entries.len().div_ceil(2)));
+                panic!("the node server failed halfway through a batch");
+            }
+            self.state.lock().unwrap().extend(entries.iter().map(|e| e.seq.0));
+        })
+    }
+
+    fn truncated<'a>(&'a self, _space: &'a SpaceId, after: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        self.truncations.lock().unwrap().push(after.0);
+        let rebuilt = self.log.get().expect("set before any cut").read_from(Seq(1), usize::MAX, usize::MAX).unwrap();
+        *self.state.lock().unwrap() = rebuilt.iter().map(|e| e.seq.0).filter(|s| *s <= after.0).collect();
+        Box::pin(async {})
+    }
+}
+
+/// The log is cut back under entries a call that panicked had partly applied (and above what was
+/// applied): the hook hears of the cut before the entries come again, so its state ends as the
+/// log, each entry once. It used to get the entries again with no `truncated` call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_under_a_call_that_panicked_partway_is_told_to_the_hook() {
+    let c = Cluster::new();
+    let p = c.primary().await;
+    let s = spaces(1);
+    write(&p, &s, 10).await;
+    let hook = Arc::new(PartialThenPanics {
+        log: std::sync::OnceLock::new(),
+        state: Mutex::new(Vec::new()),
+        panic_from: 1,
+        panicked: AtomicBool::new(false),
+        truncations: Mutex::new(Vec::new()),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    let r = Replica::start_with_hook(
+        c.replica_config("replica-1", p.local_addr()),
+        c.ca.issue("replica-1").unwrap(),
+        Some(hook.clone()),
+    )
+    .await
+    .unwrap();
+    wait_for("the panic in the space's status", || {
+        r.status().spaces.iter().any(|x| x.error.as_deref().is_some_and(|e| e.contains("apply hook panicked")))
+    })
+    .await;
+    assert_eq!(r.status().spaces[0].applied_seq, Seq(0));
+    let log = r.space(&s[0]).unwrap();
+    let _ = hook.log.set(log.clone());
+    // Within the second before the entries come again: cut under the partly applied call.
+    log.truncate_suffix(Seq(3)).unwrap();
+    r.disconnect(); // The primary ships 4.. again to the shortened log.
+    hook.gate.add_permits(1 << 20);
+    converge(&p, &[&r]).await;
+    wait_for("every entry applied", || r.status().spaces.iter().all(|x| x.applied_seq == Seq(10))).await;
+    assert_eq!(*hook.truncations.lock().unwrap(), vec![3], "the hook is told of the cut under its partial call");
+    assert_eq!(*hook.state.lock().unwrap(), (1..=10).collect::<Vec<u64>>(), "the state is the log, each entry once");
+    r.shutdown().await;
+    p.shutdown().await;
+}
+
 /// The status a node server exports as metrics: the values behind the names match the status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_snapshots_become_metrics() {

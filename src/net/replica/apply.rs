@@ -30,18 +30,19 @@ use crate::wal::SyncPolicy;
 /// A hook that panics does not stop its space for good: the space's status shows the panic
 /// ([`ReplicaSpace::error`](crate::net::status::ReplicaSpace::error)) and, a second later, the
 /// same entries (from `applied + 1`) come again. A hook that can panic partway through a call must
-/// tolerate that repeat, and should leave no partial effect behind: if the log is cut back
-/// meanwhile, the entries that come again may differ from the ones it saw.
+/// tolerate that repeat. If the log is cut back under entries of the call that panicked, the hook
+/// hears of it through [`ApplyHook::truncated`] first, as for entries it applied.
 pub trait ApplyHook: Send + Sync + 'static {
     /// Applies `entries` (contiguous, in order) of `space`.
     fn apply<'a>(&'a self, space: &'a SpaceId, entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
     /// The replica's log of `space` was cut back to `after` (`SpaceWal::truncate_suffix`, the
-    /// repair of a diverged space) while entries past it had been applied: roll the state back to
-    /// `after` (rebuild it from a checkpoint, replaying the log up to `after`). The entries that
-    /// the log holds past `after` from then on come to [`ApplyHook::apply`] again, the new ones
-    /// at the old sequences included. The default does nothing, which is right only for a server
-    /// that never truncates a running replica's spaces.
+    /// repair of a diverged space) while entries past it had been handed to the hook (applied, or
+    /// in a call that panicked): roll the state back to `after` (rebuild it from a checkpoint,
+    /// replaying the log up to `after`). The entries that the log holds past `after` from then on
+    /// come to [`ApplyHook::apply`] again, the new ones at the old sequences included. The default
+    /// does nothing, which is right only for a server that never truncates a running replica's
+    /// spaces.
     fn truncated<'a>(&'a self, space: &'a SpaceId, after: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         let _ = (space, after);
         Box::pin(async {})
@@ -49,8 +50,9 @@ pub trait ApplyHook: Send + Sync + 'static {
 }
 
 /// After a suffix truncation of the space's log (the `truncations` count moved), rolls what was
-/// applied back to the cut if it went past it, telling the hook ([`ApplyHook::truncated`]): the
-/// log holds other entries there now. True if there was a truncation to take in.
+/// applied back to the cut if the hook was handed entries past it (applied, or in a call that
+/// panicked partway), telling the hook ([`ApplyHook::truncated`]): the log holds other entries
+/// there now. True if there was a truncation to take in.
 async fn roll_back_if_cut(
     shared: &Shared,
     hook: &dyn ApplyHook,
@@ -62,10 +64,12 @@ async fn roll_back_if_cut(
         return false;
     }
     if let Some(cut) = state.wal.cut_since(*truncations) {
-        if Seq(state.applied.load(Ordering::Acquire)) > cut {
-            tracing::warn!(space = %state.wal.space(), %cut, "log cut back under applied entries; the hook rolls back");
+        if Seq(state.handed.load(Ordering::Acquire)) > cut {
+            tracing::warn!(space = %state.wal.space(), %cut, "log cut back under entries the hook was handed; the hook rolls back");
             hook.truncated(state.wal.space(), cut).await;
+            // The hook's state is now the log up to the cut (`ApplyHook::truncated`).
             state.applied.store(cut.0, Ordering::Release);
+            state.handed.store(cut.0, Ordering::Release);
             shared.ack_later(state);
         }
     }
@@ -167,6 +171,7 @@ async fn apply_space(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, state: Arc<S
         // A read returns at least one entry, which may be past `durable` if that lags the wake-up.
         entries.retain(|e| e.seq <= durable);
         let Some(last) = entries.last().map(|e| e.seq) else { continue };
+        state.handed.fetch_max(last.0, Ordering::AcqRel);
         hook.apply(wal.space(), &entries).await;
         state.applied.store(last.0, Ordering::Release);
         if after_panic {

@@ -63,6 +63,9 @@ struct Shared {
 struct SpaceState {
     wal: SpaceWal,
     applied: AtomicU64,
+    /// The last entry handed to the hook, applied or not: above `applied` only after a call that
+    /// panicked, whose entries the hook may have partly applied (a cut under them must be told).
+    handed: AtomicU64,
     /// Bumped by every new stream for the space: an older stream's task sees it and stops.
     generation: AtomicU64,
     catch_ups: AtomicU64,
@@ -258,6 +261,7 @@ impl SpaceState {
         SpaceState {
             wal,
             applied: AtomicU64::new(last.0),
+            handed: AtomicU64::new(last.0),
             generation: AtomicU64::new(0),
             catch_ups: AtomicU64::new(0),
             error: Mutex::new(None),
