@@ -9,12 +9,17 @@
 //! `--link sim` (default) runs everything in one process on the in-memory link simulator; `--link udp`
 //! puts a `lossy_link` forwarder on real 127.0.0.1 sockets between the primary and each replica.
 //! `--single-stream` multiplexes every space onto one stream, to measure head-of-line blocking.
+//! `--processes` runs the `primary` and `replica` example binaries instead; both modes build their
+//! report from one [`Outcome`], so the JSON has the same keys wherever the data exists.
+//!
+//! Ctrl-C (or SIGTERM) in process stops the writer, then converges, verifies and reports as usual,
+//! marked interrupted; a second one quits at once, removing the temporary folder.
 
 mod common;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,14 +28,15 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
+use serde_json::{json, Value};
+use walship::codec::batch::ENTRY_HEADER_LEN;
 use walship::codec::Compression;
 use walship::config::{PrimaryConfig, ReplicaConfig};
 use walship::entry::{now_us, Entry};
 use walship::net::endpoint::{client_config, server_config, TransportSettings};
 use walship::net::tls::ClusterCa;
 use walship::netsim::{self, Impairment, SimNetwork};
-use walship::wal::SpaceWal;
+use walship::wal::{SpaceWal, SyncPolicy};
 use walship::{ApplyHook, Epoch, Primary, Replica, SpaceId};
 
 #[derive(Parser, Debug, Clone)]
@@ -42,7 +48,8 @@ struct Args {
     /// Number of memory spaces.
     #[arg(long, default_value_t = 64)]
     spaces: usize,
-    /// Entries per second written, or `max` for as fast as possible.
+    /// Entries per second written, or `max` for as fast as possible (a bandwidth cap of the link
+    /// is --link-rate).
     #[arg(long, default_value = "20000", value_parser = parse_write_rate)]
     rate: u64,
     /// Payload bytes per entry.
@@ -62,7 +69,7 @@ struct Args {
     compression: Compression,
     /// WAL durability on every node: never, always, interval:10ms.
     #[arg(long, default_value = "never", value_parser = common::parse_sync)]
-    sync: walship::wal::SyncPolicy,
+    sync: SyncPolicy,
     #[command(flatten)]
     impair: common::ImpairmentFlags,
     /// Bandwidth cap of the link, each direction (e.g. 100mbit).
@@ -74,9 +81,10 @@ struct Args {
     /// ... for this long.
     #[arg(long, default_value = "2s", value_parser = netsim::parse_duration)]
     partition_for: Duration,
-    /// Where the link is simulated: `sim` (in process) or `udp` (forwarders on real sockets).
-    #[arg(long, default_value = "sim")]
-    link: String,
+    /// Where the link is simulated: `sim` (in process, the default) or `udp` (forwarders on real
+    /// sockets; always so with --processes).
+    #[arg(long)]
+    link: Option<String>,
     /// Congestion controller: cubic, newreno or bbr.
     #[arg(long, default_value = "bbr")]
     congestion: walship::net::endpoint::CongestionControl,
@@ -84,7 +92,9 @@ struct Args {
     /// high --rate and a long --delay, the default shows up as a lag spike while the window grows.
     #[arg(long, value_parser = common::parse_bytes)]
     initial_window: Option<u64>,
-    /// Wait this long for more entries before a batch closes (default: none).
+    /// Wait this long for more entries before a batch closes (default: none). Batches under 4 KiB
+    /// of payload go uncompressed, so at low rates per space this is what lets compression work.
+    /// In process only.
     #[arg(long, value_parser = netsim::parse_duration)]
     linger: Option<Duration>,
     /// Multiplex every space onto one stream (head-of-line comparison).
@@ -95,7 +105,7 @@ struct Args {
     /// verification reads their `--status-file`s. Lag is then sampled from the primary's status.
     #[arg(long)]
     processes: bool,
-    /// Where the `primary` and `replica` binaries are (default: next to this one).
+    /// Where the `primary` and `replica` binaries are (default: next to this one). With --processes.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// Seed of the link simulator and the payloads.
@@ -112,6 +122,21 @@ struct Args {
     quiet: bool,
 }
 
+impl Args {
+    /// The link mode as the report names it: `sim` or `udp`.
+    fn link_mode(&self) -> &str {
+        match (self.processes, self.link.as_deref()) {
+            (true, _) => "udp",
+            (false, link) => link.unwrap_or("sim"),
+        }
+    }
+}
+
+/// Longest wait, once the logs are identical, for the primary's view to show every replica
+/// caught up: the replicas' last acknowledgements are still on their way when the logs match, and
+/// a report of a verified run should not call its replicas "lagging".
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// CPU seconds this process has used (user + system), from /proc/self/stat; `None` off Linux.
 fn cpu_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
@@ -125,8 +150,8 @@ fn cpu_seconds() -> Option<f64> {
 }
 
 /// Flag combinations that could not give a meaningful run, refused before anything starts: nothing
-/// to replicate, a partition after the end, a report that could not be written, or a warm-up as
-/// long as the run (nothing would be timed, and every percentile would read 0).
+/// to replicate, a partition after the end, or a warm-up as long as the run (nothing would be
+/// timed, and every percentile would read 0).
 fn check_args(args: &Args) -> Result<(), String> {
     if args.duration.is_zero() {
         return Err("--duration must be > 0".into());
@@ -142,21 +167,130 @@ fn check_args(args: &Args) -> Result<(), String> {
             ));
         }
     }
-    if let Some(path) = &args.report_json {
-        // Fail now, not after the whole run.
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| format!("cannot write --report-json {}: {e}", path.display()))?;
-    }
     if args.warmup >= args.duration {
         return Err(format!(
             "--warmup {:?} must be shorter than --duration {:?}: nothing would be timed",
             args.warmup, args.duration
         ));
     }
+    check_mode_flags(args)
+}
+
+/// Flags that only one mode reads are refused in the other, rather than silently ignored: the
+/// `primary` binary has no linger and its writer is paced, and the nodes of `--processes` always
+/// talk through UDP forwarders.
+fn check_mode_flags(args: &Args) -> Result<(), String> {
+    if !args.processes {
+        return match (args.link.as_deref(), &args.bin_dir) {
+            (_, Some(_)) => Err("--bin-dir only applies with --processes".into()),
+            (None | Some("sim" | "udp"), None) => Ok(()),
+            (Some(other), None) => Err(format!("unknown --link {other:?}: use sim or udp")),
+        };
+    }
+    if args.linger.is_some() {
+        return Err("--linger is not available with --processes (the primary binary has no such flag); drop it or run in process".into());
+    }
+    if let Some(link) = args.link.as_deref().filter(|l| *l != "udp") {
+        return Err(format!(
+            "--link {link} does not apply with --processes: its nodes always talk through lossy_link forwarders on UDP (--link udp)"
+        ));
+    }
+    if args.rate == 0 {
+        return Err("--processes needs a finite --rate (the primary binary's writer is paced)".into());
+    }
     Ok(())
+}
+
+/// Makes sure the report can be written, now rather than after the whole run. Returns the path if
+/// this run created the (empty) file, so that a run that ends without a report can remove it.
+fn claim_report_file(args: &Args) -> Result<Option<PathBuf>, String> {
+    let Some(path) = &args.report_json else { return Ok(None) };
+    let existed = path.exists();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("cannot write --report-json {}: {e}", path.display()))?;
+    Ok((!existed).then(|| path.clone()))
+}
+
+/// What a run that ends without a report leaves behind, and removes: its temporary folder and the
+/// report file it created (if still empty).
+#[derive(Clone, Default)]
+struct Leftovers {
+    dir: Option<PathBuf>,
+    report: Option<PathBuf>,
+}
+
+impl Leftovers {
+    fn remove(&self) {
+        if let Some(dir) = &self.dir {
+            // The nodes may still be creating files in it: retry a few times.
+            for _ in 0..5 {
+                if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Some(report) = &self.report {
+            if std::fs::metadata(report).is_ok_and(|m| m.len() == 0) {
+                let _ = std::fs::remove_file(report);
+            }
+        }
+    }
+}
+
+/// Resolves at the next SIGINT or SIGTERM. Holds its handlers for the whole run, so a second
+/// signal is seen even if it arrives while the first is being handled.
+struct Signals {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Sets the returned flag at the first SIGINT/SIGTERM (printing `first`). With `quit`, a second
+/// signal exits at once with status 130; `process::exit` runs no destructors, so the leftovers are
+/// removed by hand first.
+fn watch_signals(console: &Console, first: &'static str, quit: Option<Leftovers>) -> std::io::Result<Arc<AtomicBool>> {
+    let mut signals = Signals::new()?;
+    let flag = Arc::new(AtomicBool::new(false));
+    let (set, console) = (flag.clone(), console.clone());
+    tokio::spawn(async move {
+        signals.next().await;
+        set.store(true, Ordering::SeqCst);
+        console.line(first);
+        let Some(leftovers) = quit else { return };
+        signals.next().await;
+        leftovers.remove();
+        console.bar.finish_and_clear();
+        eprintln!("loadtest: interrupted again: quit without a report (temporary folder removed)");
+        std::process::exit(130);
+    });
+    Ok(flag)
 }
 
 /// What a report needs to be compared with another machine's: versions, OS, CPUs.
@@ -184,7 +318,7 @@ fn system() -> System {
     }
 }
 
-fn system_json() -> serde_json::Value {
+fn system_json() -> Value {
     let s = system();
     json!({ "walship": s.walship, "os": s.os, "cpus": s.cpus, "cpu_model": s.cpu_model })
 }
@@ -200,7 +334,29 @@ fn parse_write_rate(s: &str) -> Result<u64, String> {
         // 0 stands for `max` inside; said out loud, it is more likely a slip (and `max` with
         // large entries writes gigabytes).
         "0" => Err("--rate 0: write `max` for as fast as possible".into()),
-        _ => s.parse().map_err(|_| format!("bad rate {s:?}: entries per second, or `max`")),
+        // A bandwidth (100mbit, 12.5MB/s) is a cap of the link, which has its own flag.
+        _ if s.parse::<u64>().is_err() && s.contains(|c: char| c.is_ascii_alphabetic()) && netsim::parse_rate(s).is_ok() => {
+            Err(format!("bad rate {s:?}: --rate is entries per second, or `max`; to cap the link's bandwidth use --link-rate {s}"))
+        }
+        _ => s.parse().map_err(|_| format!("bad rate {s:?}: entries per second, or `max` (a bandwidth cap of the link is --link-rate, e.g. 100mbit)")),
+    }
+}
+
+/// The codec as people write it: `none`, `lz4`, `zstd level 1`.
+fn codec_name(c: Compression) -> String {
+    match c {
+        Compression::Zstd { level } => format!("zstd level {level}"),
+        other => other.codec().name().to_string(),
+    }
+}
+
+/// The `--sync` value that gives `policy`: `never`, `always`, `interval:10ms`.
+fn sync_name(policy: SyncPolicy) -> String {
+    match policy {
+        SyncPolicy::Never => "never".into(),
+        SyncPolicy::Always => "always".into(),
+        SyncPolicy::Interval(d) if d.subsec_nanos() % 1_000_000 == 0 => format!("interval:{}ms", d.as_millis()),
+        SyncPolicy::Interval(d) => format!("interval:{}us", d.as_micros()),
     }
 }
 
@@ -308,6 +464,548 @@ impl Link {
     }
 }
 
+/// The live output of a run: a progress bar with throughput and lag (hidden with `--quiet`), and
+/// event lines printed above it, or straight to stdout when the bar is hidden (a hidden bar would
+/// swallow them, and the events belong in the log).
+#[derive(Clone)]
+struct Console {
+    bar: ProgressBar,
+    /// Written entries and when, at the last update: the rate shown is since then.
+    last: Arc<Mutex<(Instant, u64)>>,
+}
+
+impl Console {
+    fn new(quiet: bool, duration: Duration) -> Result<Console, indicatif::style::TemplateError> {
+        let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(duration.as_millis() as u64) };
+        bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {msg}")?);
+        Ok(Console { bar, last: Arc::new(Mutex::new((Instant::now(), 0))) })
+    }
+
+    fn line(&self, s: impl AsRef<str>) {
+        // Hidden by --quiet, or because stderr is not a terminal.
+        match self.bar.is_hidden() {
+            true => println!("{}", s.as_ref()),
+            false => self.bar.println(s.as_ref()),
+        }
+    }
+
+    /// Shows `written` entries at `elapsed`, the write rate since the last update, and each
+    /// replica's state and lag as the primary sees it.
+    fn progress(&self, elapsed: Duration, written: u64, views: &[View]) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let rate = written.saturating_sub(last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-3);
+        *last = (Instant::now(), written);
+        let lag: Vec<String> =
+            views.iter().map(|r| format!("{} {}, lag {}e/{}ms", r.name, r.state, r.lag_entries, r.lag_ms)).collect();
+        self.bar.set_position(elapsed.as_millis() as u64);
+        self.bar.set_message(format!("written {written} ({rate:.0}/s) | {}", lag.join(" | ")));
+    }
+}
+
+/// The primary's view of one replica, read from its status as JSON: in process from
+/// `Primary::status()`, with `--processes` from the primary's status file. One reader for both
+/// modes keeps their reports alike.
+#[derive(Clone, Debug, Default)]
+struct View {
+    name: String,
+    /// healthy, lagging, degraded or disconnected.
+    state: String,
+    lag_entries: u64,
+    lag_ms: u64,
+    reconnects: u64,
+    /// QUIC path statistics of the current connection (`null` before the first).
+    path: Value,
+    /// Traffic over every connection of the run.
+    totals: Value,
+}
+
+impl View {
+    fn all(status: &Value) -> Vec<View> {
+        let Some(replicas) = status["replicas"].as_array() else { return Vec::new() };
+        replicas
+            .iter()
+            .map(|r| View {
+                name: r["name"].as_str().unwrap_or_default().to_string(),
+                state: r["state"].as_str().unwrap_or("unknown").to_string(),
+                lag_entries: r["max_lag"]["entries"].as_u64().unwrap_or(0),
+                lag_ms: r["max_lag"]["ms"].as_u64().unwrap_or(0),
+                reconnects: r["reconnects"].as_u64().unwrap_or(0),
+                path: r["path"].clone(),
+                totals: r["totals"].clone(),
+            })
+            .collect()
+    }
+
+    fn of(status: &Value, name: &str) -> Option<View> {
+        View::all(status).into_iter().find(|v| v.name == name)
+    }
+
+    /// Connected and holding everything the primary wrote.
+    fn caught_up(&self) -> bool {
+        self.state == "healthy" && self.lag_entries == 0
+    }
+
+    fn total(&self, key: &str) -> u64 {
+        self.totals[key].as_u64().unwrap_or(0)
+    }
+
+    /// The current connection's path statistics (RTT, window), with the counters (lost packets,
+    /// congestion events, UDP bytes) summed over every connection of the run, since a partition
+    /// or a reconnect restarts the per-connection ones.
+    fn path_json(&self) -> Value {
+        let mut path = self.path.clone();
+        if let Some(p) = path.as_object_mut() {
+            for key in ["lost_packets", "congestion_events", "udp_tx_bytes", "udp_rx_bytes"] {
+                p.insert(key.into(), self.totals[key].clone());
+            }
+        }
+        path
+    }
+}
+
+/// Waits up to [`SETTLE_TIMEOUT`], polling `status` every `every`, until the primary's view shows
+/// every replica in `names` caught up; returns the last status read, how long that took, and, if
+/// it never did, what it showed. `give_up` ends the wait early (an aborted run).
+async fn settle_view(
+    names: &[String],
+    every: Duration,
+    mut status: impl FnMut() -> Value,
+    give_up: impl Fn() -> bool,
+) -> Settled {
+    let start = Instant::now();
+    loop {
+        let p = status();
+        let behind: Vec<String> = names
+            .iter()
+            .map(|n| (n, View::of(&p, n)))
+            .filter(|(_, v)| !v.as_ref().is_some_and(View::caught_up))
+            .map(|(n, v)| match v {
+                Some(v) => format!("{n} {} ({} entries, {} ms behind)", v.state, v.lag_entries, v.lag_ms),
+                None => format!("{n} unknown to the primary"),
+            })
+            .collect();
+        if behind.is_empty() || start.elapsed() >= SETTLE_TIMEOUT || give_up() {
+            return Settled { status: p, waited: start.elapsed(), behind };
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// The primary's view once settled (or not, after [`SETTLE_TIMEOUT`]).
+struct Settled {
+    status: Value,
+    waited: Duration,
+    /// Replicas it still showed behind, as lines for the report.
+    behind: Vec<String>,
+}
+
+impl Settled {
+    /// The view of a run that did not converge: read at once, no wait, since the logs differ.
+    fn now(status: Value) -> Settled {
+        Settled { status, waited: Duration::ZERO, behind: Vec::new() }
+    }
+}
+
+/// p50, p99, p999 and max of a histogram, divided by `unit` (e.g. µs recorded, ms reported: 1e3).
+#[derive(Clone, Copy, Debug, Default)]
+struct Percentiles {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>, unit: f64) -> Percentiles {
+        let q = |q: f64| h.value_at_quantile(q) as f64 / unit;
+        Percentiles { p50: q(0.5), p99: q(0.99), p999: q(0.999), max: h.max() as f64 / unit }
+    }
+
+    fn json(&self) -> Value {
+        json!({ "p50": self.p50, "p99": self.p99, "p999": self.p999, "max": self.max })
+    }
+}
+
+/// How one replica did.
+struct ReplicaOutcome {
+    name: String,
+    /// Entries it holds (in process: applied through its hook).
+    entries: u64,
+    payload_bytes: u64,
+    /// From append to durable on the replica, in ms.
+    lag_ms: Percentiles,
+    /// How `lag_ms` was measured.
+    lag_source: String,
+    /// The primary's view of it at the end.
+    view: Option<View>,
+}
+
+/// When the logs became identical after the writes stopped, and how finely that was measured.
+#[derive(Clone, Copy)]
+struct Convergence {
+    after: Option<Duration>,
+    resolution: Duration,
+    /// How `after` was measured, for the human summary.
+    how: &'static str,
+}
+
+/// Everything a run measured, in either mode: the JSON report and the human summary are built
+/// from this alone, so both modes report the same keys wherever the data exists.
+struct Outcome {
+    /// `in-process` or `processes`.
+    mode: &'static str,
+    /// Stopped early by SIGINT/SIGTERM (then converged, verified and reported as usual).
+    interrupted: bool,
+    differences: Vec<String>,
+    convergence: Convergence,
+    entries_written: u64,
+    write_time: Duration,
+    elapsed: Duration,
+    /// Append latency on the primary, in µs (in process only).
+    append_us: Option<Percentiles>,
+    /// CPU seconds of this process (in process only: it runs every node).
+    cpu_seconds: Option<f64>,
+    replicas: Vec<ReplicaOutcome>,
+    /// How long the primary's view took to show every replica caught up once the logs matched.
+    view_waited: Duration,
+    /// Replicas the primary still showed behind after [`SETTLE_TIMEOUT`], if any.
+    view_behind: Vec<String>,
+    link_stats: netsim::LinkStats,
+    imp: Impairment,
+    /// Batches with less payload than this go uncompressed.
+    min_compress_bytes: usize,
+}
+
+impl Outcome {
+    fn verified(&self) -> bool {
+        self.differences.is_empty() && self.convergence.after.is_some()
+    }
+
+    fn secs(&self) -> f64 {
+        self.elapsed.as_secs_f64()
+    }
+
+    /// The slowest replica's entries and payload bytes.
+    fn delivered(&self) -> (u64, u64) {
+        let entries = self.replicas.iter().map(|r| r.entries).min().unwrap_or(0);
+        let bytes = self.replicas.iter().map(|r| r.payload_bytes).min().unwrap_or(0);
+        (entries, bytes)
+    }
+
+    /// A traffic counter over every connection of the run, all replicas together.
+    fn total(&self, key: &str) -> u64 {
+        self.replicas.iter().filter_map(|r| r.view.as_ref()).map(|v| v.total(key)).sum()
+    }
+}
+
+/// What the codec could work on. The primary compresses a batch only if its payload (entries with
+/// their 17-byte headers) reaches `min_compress_bytes`; its status counts batches and frame bytes,
+/// not which batches were compressed, so the share sent uncompressed as too small is bounded from
+/// those totals: with E entries in B batches of at least one entry each, at most (E - B) / (k - 1)
+/// batches can hold the k entries a compressible batch needs.
+struct CompressionUse {
+    /// Mean payload bytes per batch, before the codec.
+    mean_batch_bytes: f64,
+    /// Entries a batch needs to reach `min_compress_bytes`.
+    entries_needed: u64,
+    /// At least this share of the batches went uncompressed as too small (0..=1).
+    small_batches: f64,
+    /// At least this share of the entries was in such batches (0..=1).
+    small_entries: f64,
+}
+
+impl CompressionUse {
+    fn of(outcome: &Outcome, entry_bytes: usize) -> Option<CompressionUse> {
+        let (entries, batches) = (outcome.total("entries_sent"), outcome.total("batches_sent"));
+        if batches == 0 {
+            return None;
+        }
+        let entry = (entry_bytes + ENTRY_HEADER_LEN) as u64;
+        let entries_needed = (outcome.min_compress_bytes as u64).div_ceil(entry).max(1);
+        let big_at_most = match entries_needed {
+            1 => batches,
+            k => ((entries - batches) / (k - 1)).min(batches),
+        };
+        let small = batches - big_at_most;
+        Some(CompressionUse {
+            mean_batch_bytes: (entries * entry) as f64 / batches as f64,
+            entries_needed,
+            small_batches: small as f64 / batches as f64,
+            small_entries: small as f64 / entries.max(1) as f64,
+        })
+    }
+
+    /// What would make batches big enough to compress, for the human summary.
+    fn hint(&self, args: &Args) -> String {
+        let per_space = args.rate as f64 / args.spaces as f64;
+        let linger = match (args.rate, args.processes) {
+            (0, _) | (_, true) => String::new(),
+            _ => format!(
+                "--linger {:.0}ms (about {} entries per space at {:.0} entries/s each; adds as much lag), ",
+                (self.entries_needed as f64 / per_space * 1e3).ceil(),
+                self.entries_needed,
+                per_space
+            ),
+        };
+        format!("for bigger batches try {linger}larger --entry-bytes, or a higher --rate per space (fewer --spaces)")
+    }
+}
+
+fn compression_json(args: &Args, outcome: &Outcome) -> Value {
+    let ratio = |num: u64, den: u64| if den > 0 { num as f64 / den as f64 } else { 0.0 };
+    let (entries_sent, batches) = (outcome.total("entries_sent"), outcome.total("batches_sent"));
+    let frame_bytes = outcome.total("bytes_sent");
+    // Batch payloads before compression (each entry with its header) and as sent.
+    let raw_frame_bytes = entries_sent * (args.entry_bytes + ENTRY_HEADER_LEN) as u64;
+    let sent_payload = frame_bytes.saturating_sub(batches * walship::codec::batch::BATCH_HEADER_LEN as u64);
+    let usage = CompressionUse::of(outcome, args.entry_bytes).filter(|_| args.compression != Compression::None);
+    json!({
+        "codec": args.compression.codec().name(),
+        "level": match args.compression { Compression::Zstd { level } => Some(level), _ => None },
+        // Entries' bytes (with their headers) over frame bytes: batch headers count, so small
+        // batches read below 1 even when compressed.
+        "ratio": ratio(raw_frame_bytes, frame_bytes),
+        // Batch payloads before and after compression: what the codec itself achieved.
+        "payload_ratio": ratio(raw_frame_bytes, sent_payload),
+        "entries_per_batch": ratio(entries_sent, batches),
+        "min_compress_bytes": outcome.min_compress_bytes,
+        "mean_batch_payload_bytes": usage.as_ref().map(|u| u.mean_batch_bytes),
+        "uncompressed_small_batches_at_least": usage.as_ref().map(|u| u.small_batches),
+        "uncompressed_small_entries_at_least": usage.as_ref().map(|u| u.small_entries),
+        "uncompressed_note": "lower bounds from the primary's totals (batches, entries): batches with less payload than min_compress_bytes are sent uncompressed, and the status does not count them",
+    })
+}
+
+fn report_json(args: &Args, o: &Outcome) -> Value {
+    let secs = o.secs();
+    let (entries, bytes) = o.delivered();
+    let udp_tx = o.total("udp_tx_bytes") as f64;
+    let replicas: Vec<Value> = o
+        .replicas
+        .iter()
+        .map(|r| {
+            let mut v = json!({
+                "name": r.name,
+                "entries": r.entries,
+                "lag_ms": r.lag_ms.json(),
+                "lag_source": r.lag_source,
+                "state": r.view.as_ref().map(|v| v.state.clone()),
+                "reconnects": r.view.as_ref().map(|v| v.reconnects),
+                "path": r.view.as_ref().map(View::path_json),
+                "totals": r.view.as_ref().map(|v| v.totals.clone()),
+            });
+            if o.mode == "processes" {
+                // The key this mode used before `entries`, kept for scripts that read it.
+                v["delivered_entries"] = json!(r.entries);
+            }
+            v
+        })
+        .collect();
+    let s = &o.link_stats;
+    json!({
+        "verified": o.verified(),
+        "mode": o.mode,
+        "interrupted": o.interrupted,
+        "differences": o.differences,
+        "entries_written": o.entries_written,
+        "delivered": { "entries": entries, "payload_bytes": bytes },
+        "throughput": {
+            "entries_per_s": entries as f64 / secs,
+            "payload_mb_per_s": bytes as f64 / secs / 1e6,
+            "wire_mb_per_s": udp_tx / secs / 1e6,
+            "wire_mb_per_s_per_replica": udp_tx / secs / 1e6 / o.replicas.len().max(1) as f64,
+            "bases": "entries_per_s and payload_mb_per_s: delivered to each replica (the slowest one); wire_mb_per_s: UDP bytes the primary sent to all replicas together",
+        },
+        "compression": compression_json(args, o),
+        "append_latency_us": match &o.append_us {
+            Some(a) => a.json(),
+            None => json!({ "p50": null, "p99": null, "p999": null, "max": null, "note": "measured inside the primary process only in in-process mode" }),
+        },
+        "converge_ms": o.convergence.after.map(|d| d.as_secs_f64() * 1e3),
+        "converge_resolution_ms": o.convergence.resolution.as_secs_f64() * 1e3,
+        "lag_includes_startup": args.warmup.is_zero(),
+        "primary_view": {
+            "settled": o.view_behind.is_empty(),
+            "behind": o.view_behind,
+            "waited_ms": o.view_waited.as_secs_f64() * 1e3,
+            "note": format!("the primary's view of the replicas (state, totals) is read once it shows every replica caught up, waiting up to {} s", SETTLE_TIMEOUT.as_secs()),
+        },
+        "cpu": o.cpu_seconds.map(|c| json!({
+            "seconds": c,
+            "cores": c / secs,
+            "us_per_entry": c * 1e6 / o.entries_written.max(1) as f64,
+            "note": "whole process: primary, replicas and link simulator together",
+        })),
+        "replicas": replicas,
+        "link": {
+            "mode": args.link_mode(), "impairment": o.imp.to_string(), "packets": s.packets, "dropped": s.dropped(),
+            "duplicated": s.duplicated, "reordered": s.reordered, "overtaking": s.overtaking,
+        },
+        "config": {
+            "replicas": args.replicas, "spaces": args.spaces, "rate": args.rate, "entry_bytes": args.entry_bytes,
+            "duration_s": args.duration.as_secs_f64(), "warmup_s": args.warmup.as_secs_f64(), "single_stream": args.single_stream,
+            "seed": args.seed, "congestion": args.congestion, "initial_window": args.initial_window,
+            "sync": sync_name(args.sync), "compression": args.compression.to_string(),
+            "linger_ms": args.linger.map(|d| d.as_secs_f64() * 1e3), "processes": args.processes,
+        },
+        "elapsed_s": secs,
+        "system": system_json(),
+    })
+}
+
+/// The first line of a run: what it does, in the flags' own words.
+fn banner(args: &Args, imp: &Impairment) -> String {
+    format!(
+        "loadtest: {} replicas, {} spaces, {} entries/s of {} bytes for {:?}, compression {}, sync {}, {}, link {} [{}], seed {}",
+        args.replicas,
+        args.spaces,
+        if args.rate == 0 { "max".to_string() } else { args.rate.to_string() },
+        args.entry_bytes,
+        args.duration,
+        codec_name(args.compression),
+        sync_name(args.sync),
+        if args.single_stream { "all spaces on one multiplexed stream" } else { "one stream per space" },
+        args.link_mode(),
+        imp,
+        args.seed
+    )
+}
+
+fn print_summary(args: &Args, o: &Outcome, report: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let (entries, bytes) = o.delivered();
+    let title = match o.mode {
+        "processes" => "walship load test report (separate processes)",
+        _ => "walship load test report",
+    };
+    println!("\n== {title}{} ==", if o.interrupted { ", INTERRUPTED" } else { "" });
+    println!("system:            {}", system_line());
+    if o.interrupted {
+        println!(
+            "interrupted:       writes stopped early by a signal after {:.1}s of {:?}; what was written is verified below",
+            o.write_time.as_secs_f64(),
+            args.duration
+        );
+    }
+    println!(
+        "verified:          {}",
+        match (o.verified(), o.mode) {
+            (true, "processes") =>
+                "true (every replica's logs identical to the primary's: last sequence and digest)".to_string(),
+            (true, _) => "true (every replica's logs identical to the primary's, each entry applied once)".to_string(),
+            (false, _) => format!("FALSE: {} differences", o.differences.len()),
+        }
+    );
+    for d in o.differences.iter().take(10) {
+        println!("  {d}");
+    }
+    println!(
+        "entries written:   {} in {:.1}s; delivered per replica: {entries} ({:.1} MB payload)",
+        o.entries_written,
+        o.write_time.as_secs_f64(),
+        bytes as f64 / 1e6
+    );
+    println!(
+        "throughput:        {:.0} entries/s, {:.2} MB/s payload per replica; {:.2} MB/s on the wire to {} replica(s)",
+        f(&report["throughput"]["entries_per_s"]),
+        f(&report["throughput"]["payload_mb_per_s"]),
+        f(&report["throughput"]["wire_mb_per_s"]),
+        o.replicas.len()
+    );
+    print_compression(args, o, &report["compression"]);
+    match &o.append_us {
+        Some(a) => println!("append latency:    p50 {:.2} us, p99 {:.2} us, p999 {:.2} us", a.p50, a.p99, a.p999),
+        None => println!("append latency:    not measured (the primary is another process)"),
+    }
+    for r in &o.replicas {
+        print_replica(r);
+    }
+    if let Some(source) = o.replicas.first().map(|r| &r.lag_source).filter(|_| o.mode == "processes") {
+        println!("                   (lag {source})");
+    }
+    if args.warmup.is_zero() {
+        println!("                   note: the lag includes connection start-up (slow start over the link's delay); add --warmup 2s to leave it out");
+    }
+    if !o.view_behind.is_empty() {
+        println!(
+            "primary's view:    still shows replicas behind {} s after their logs matched: {}",
+            SETTLE_TIMEOUT.as_secs(),
+            o.view_behind.join("; ")
+        );
+    }
+    let c = &o.convergence;
+    println!(
+        "converged after:   {}",
+        match c.after {
+            None => "did not converge".to_string(),
+            Some(d) if d < c.resolution =>
+                format!("within {} ms of writes stopping ({})", c.resolution.as_millis(), c.how),
+            Some(d) => format!("{:.0} ms after writes stopped ({})", d.as_secs_f64() * 1e3, c.how),
+        }
+    );
+    println!("link:              {} [{}]: {}", args.link_mode(), o.imp, o.link_stats);
+}
+
+fn print_compression(args: &Args, o: &Outcome, c: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    println!(
+        "compression:       {}, entry bytes / frame bytes {:.2}, payload before / after the codec {:.2}, {:.1} entries per batch",
+        codec_name(args.compression),
+        f(&c["ratio"]),
+        f(&c["payload_ratio"]),
+        f(&c["entries_per_batch"])
+    );
+    let Some(usage) = CompressionUse::of(o, args.entry_bytes).filter(|_| args.compression != Compression::None) else {
+        return;
+    };
+    if usage.small_batches < 0.01 {
+        return;
+    }
+    println!(
+        "                   at least {:.0}% of batches ({:.0}% of entries) went uncompressed as too small: a batch is compressed from {} B of payload ({} entries of {} B), and these averaged {:.0} B",
+        // Lower bounds: rounded down, never up to a "100%" that is not.
+        (usage.small_batches * 100.0).floor(),
+        (usage.small_entries * 100.0).floor(),
+        o.min_compress_bytes,
+        usage.entries_needed,
+        args.entry_bytes,
+        usage.mean_batch_bytes
+    );
+    if usage.small_batches >= 0.5 {
+        println!("                   {}", usage.hint(args));
+    }
+}
+
+fn print_replica(r: &ReplicaOutcome) {
+    let l = &r.lag_ms;
+    let v = r.view.clone().unwrap_or_default();
+    let path = v.path_json();
+    println!(
+        "{:<18} lag p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms; {}; reconnects {}; lost packets {}, congestion events {}, rtt {:.2} ms",
+        format!("{}:", r.name),
+        l.p50,
+        l.p99,
+        l.p999,
+        l.max,
+        if v.state.is_empty() { "unknown" } else { &v.state },
+        v.reconnects,
+        path["lost_packets"].as_u64().unwrap_or(0),
+        path["congestion_events"].as_u64().unwrap_or(0),
+        path["rtt_ms"].as_f64().unwrap_or(0.0),
+    );
+}
+
+/// Writes the JSON report if asked, and prints the human summary.
+fn report(args: &Args, outcome: &Outcome) -> Result<bool, Box<dyn std::error::Error>> {
+    let report = report_json(args, outcome);
+    print_summary(args, outcome, &report);
+    if let Some(path) = &args.report_json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        println!("report written to {}", path.display());
+    }
+    Ok(outcome.verified())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     common::init_tracing_with("error");
@@ -320,29 +1018,38 @@ async fn main() {
     }
 }
 
-async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
-    check_args(&args)?;
-    let imp = args.impair.impairment(args.link_rate, None);
-    imp.validate()?;
-    let dir = tempfile::tempdir()?;
+/// The nodes of an in-process run and what observes them.
+struct Cluster {
+    primary: Primary,
+    replicas: Vec<Replica>,
+    link: Link,
+    names: Vec<String>,
+    /// One per replica, in the order of `names`.
+    lags: Vec<Arc<LagRecorder>>,
+    min_compress_bytes: usize,
+}
+
+/// Starts the primary and the replicas in this process, on the link `--link` names.
+async fn start_cluster(args: &Args, imp: Impairment, dir: &Path) -> Result<Cluster, Box<dyn std::error::Error>> {
     let ca = ClusterCa::generate("loadtest CA")?;
     let settings = TransportSettings {
         congestion: args.congestion,
         initial_window: args.initial_window,
         ..TransportSettings::default()
     };
-    let mut pcfg = PrimaryConfig::new("primary", "127.0.0.1:0".parse()?, dir.path().join("primary"));
+    let mut pcfg = PrimaryConfig::new("primary", "127.0.0.1:0".parse()?, dir.join("primary"));
     pcfg.compression = args.compression;
     pcfg.wal.sync = args.sync;
     pcfg.single_stream = args.single_stream;
     pcfg.transport = settings.clone();
     pcfg.linger = args.linger;
+    let min_compress_bytes = pcfg.min_compress_bytes;
     let primary_id = ca.issue("primary")?;
 
     let names: Vec<String> = (1..=args.replicas).map(|i| format!("replica-{i}")).collect();
     let lags: Vec<Arc<LagRecorder>> = names.iter().map(|_| LagRecorder::new()).collect();
     let mut replicas = Vec::new();
-    let (primary, link) = match args.link.as_str() {
+    let (primary, link) = match args.link_mode() {
         "sim" => {
             let net = SimNetwork::new(args.seed);
             net.set_default(imp);
@@ -362,50 +1069,56 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
                     None,
                     Some(client_config(&id, &settings)?),
                 )?;
-                let mut rcfg = ReplicaConfig::new(name, paddr, "primary", dir.path().join(name));
+                let mut rcfg = ReplicaConfig::new(name, paddr, "primary", dir.join(name));
                 rcfg.wal.sync = args.sync;
                 replicas.push(Replica::with_endpoint(rcfg, ep, Some(lags[i].clone())).await?);
             }
             (primary, Link::Sim(net))
         }
-        "udp" => {
+        _ => {
             let primary = Primary::start(pcfg, primary_id).await?;
             let mut ctls = Vec::new();
             for (i, name) in names.iter().enumerate() {
                 let addr = start_forwarder(primary.local_addr(), imp, args.seed, name, &mut ctls)?;
-                let mut rcfg = ReplicaConfig::new(name, addr, "primary", dir.path().join(name));
+                let mut rcfg = ReplicaConfig::new(name, addr, "primary", dir.join(name));
                 rcfg.wal.sync = args.sync;
                 rcfg.transport = settings.clone();
                 replicas.push(Replica::start_with_hook(rcfg, ca.issue(name)?, Some(lags[i].clone())).await?);
             }
             (primary, Link::Udp(ctls))
         }
-        other => return Err(format!("unknown --link {other:?}: use sim or udp").into()),
     };
+    Ok(Cluster { primary, replicas, link, names, lags, min_compress_bytes })
+}
 
+/// The primary's status as JSON, the form [`View`] reads in both modes.
+fn primary_status(primary: &Primary) -> Value {
+    serde_json::to_value(primary.status()).unwrap_or(Value::Null)
+}
+
+/// What the write phase did.
+struct Written {
+    entries: u64,
+    /// From the start of the writes to their stop.
+    time: Duration,
+    started: Instant,
+    append_ns: Histogram<u64>,
+}
+
+/// Writes at `--rate` across the spaces for `--duration`, or until a signal sets `interrupted`,
+/// showing progress and following `--partition-at`.
+async fn write_phase(
+    args: &Args,
+    c: &Cluster,
+    console: &Console,
+    interrupted: &AtomicBool,
+) -> Result<Written, Box<dyn std::error::Error>> {
     let spaces: Vec<SpaceWal> =
-        common::space_names(args.spaces).iter().map(|s| primary.space(s)).collect::<Result<_, _>>()?;
-    println!(
-        "loadtest: {} replicas, {} spaces, {} entries/s of {} bytes for {:?}, {:?}, {} streams, link {} [{}], seed {}",
-        args.replicas,
-        args.spaces,
-        if args.rate == 0 { "max".to_string() } else { args.rate.to_string() },
-        args.entry_bytes,
-        args.duration,
-        args.compression,
-        if args.single_stream { "one multiplexed" } else { "per-space" },
-        args.link,
-        imp,
-        args.seed
-    );
-    if !args.warmup.is_zero() {
-        println!("warm-up: entries appended in the first {:?} are verified but not timed", args.warmup);
-    }
-
+        common::space_names(args.spaces).iter().map(|s| c.primary.space(s)).collect::<Result<_, _>>()?;
     // Writer thread: paced appends, each timed once the warm-up is over.
     let stop = Arc::new(AtomicBool::new(false));
     let timed_from_us = now_us() + args.warmup.as_micros() as u64;
-    for lag in &lags {
+    for lag in &c.lags {
         lag.timed_from_us.store(timed_from_us, Ordering::Relaxed);
     }
     let plan = common::WriterPlan {
@@ -418,53 +1131,35 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         time_appends_after: Some(args.warmup),
     };
     let (writer_stats, writer) = common::spawn_writer(plan, stop.clone());
-    let written = &writer_stats.written;
-
-    let cpu_start = cpu_seconds();
-    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(args.duration.as_millis() as u64) };
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {msg}")?);
     let started = Instant::now();
     let mut partitioned = false;
-    let mut last = (Instant::now(), 0u64);
-    while started.elapsed() < args.duration {
+    while started.elapsed() < args.duration && !interrupted.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        if let Some(line) = link.follow_partition(&args, started.elapsed(), &mut partitioned) {
-            // A hidden bar (`--quiet`) prints nothing; the events still belong in the log.
-            match args.quiet {
-                true => println!("{line}"),
-                false => bar.println(line),
-            }
+        if let Some(line) = c.link.follow_partition(args, started.elapsed(), &mut partitioned) {
+            console.line(line);
         }
-        let n = written.load(Ordering::Relaxed);
-        let rate = (n - last.1) as f64 / last.0.elapsed().as_secs_f64();
-        last = (Instant::now(), n);
-        let status = primary.status();
-        let lag: Vec<String> = status
-            .replicas
-            .iter()
-            .map(|r| format!("{} {:?} lag {}e/{}ms", r.name, r.state, r.max_lag.entries, r.max_lag.ms))
-            .collect();
-        bar.set_position(started.elapsed().as_millis() as u64);
-        bar.set_message(format!("written {n} ({rate:.0}/s) | {}", lag.join(" | ")));
+        let views = View::all(&primary_status(&c.primary));
+        console.progress(started.elapsed(), writer_stats.written.load(Ordering::Relaxed), &views);
     }
     if partitioned {
-        link.partition(false);
+        c.link.partition(false);
     }
     stop.store(true, Ordering::Relaxed);
-    let append_hist = writer.join().map_err(|_| "writer panicked")??.unwrap_or_else(common::append_histogram);
-    let write_time = started.elapsed();
-    let entries_written = written.load(Ordering::Relaxed);
-    bar.finish_and_clear();
-    println!(
-        "writes stopped after {:.1}s: {entries_written} entries; waiting for convergence ...",
-        write_time.as_secs_f64()
-    );
+    let append_ns = writer.join().map_err(|_| "writer panicked")??.unwrap_or_else(common::append_histogram);
+    let time = started.elapsed();
+    console.bar.finish_and_clear();
+    Ok(Written { entries: writer_stats.written.load(Ordering::Relaxed), time, started, append_ns })
+}
 
-    // Converge: every replica holds every space with the primary's last sequence and digest.
+/// Waits until every replica holds every space with the primary's last sequence and digest, and
+/// has applied every entry written (identical logs can still trail in what is durable and applied:
+/// under a sync interval, by up to one interval), or `--converge-timeout`.
+async fn converge(args: &Args, c: &Cluster, written: u64) -> Convergence {
     let stop_at = Instant::now();
-    let converged = loop {
-        let p = primary.status();
-        let all = replicas.iter().all(|r| {
+    let every = Duration::from_millis(10);
+    let after = loop {
+        let p = c.primary.status();
+        let all = c.replicas.iter().all(|r| {
             let rs = r.status();
             p.spaces.iter().all(|ps| rs.log(&ps.space).is_some_and(|x| x.same_log(ps)))
         });
@@ -474,208 +1169,130 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         if stop_at.elapsed() > args.converge_timeout {
             break None;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(every).await;
     };
-    // Identical logs can still trail in what is durable and applied (under a sync interval, by up
-    // to one interval): the delivered counts and lags are read once every entry has arrived.
-    while converged.is_some()
-        && lags.iter().any(|l| l.entries.load(Ordering::Relaxed) < entries_written)
+    while after.is_some()
+        && c.lags.iter().any(|l| l.entries.load(Ordering::Relaxed) < written)
         && stop_at.elapsed() <= args.converge_timeout
     {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(every).await;
     }
-    let total_time = started.elapsed();
-    let cpu = cpu_start.zip(cpu_seconds()).map(|(a, b)| b - a);
+    Convergence { after, resolution: every, how: "logs compared every 10 ms" }
+}
 
-    // Verify and report.
-    let p = primary.status();
-    let mut differences = Vec::new();
-    for r in &replicas {
+/// Every way a replica's logs differ from the primary's, or its hook missed or repeated entries.
+fn differences(c: &Cluster, written: u64) -> Vec<String> {
+    let p = c.primary.status();
+    let mut out = Vec::new();
+    for r in &c.replicas {
         let rs = r.status();
         for ps in &p.spaces {
             match rs.log(&ps.space) {
                 Some(x) if x.same_log(ps) => {}
-                Some(x) => differences.push(format!(
+                Some(x) => out.push(format!(
                     "{} {}: last_seq {} digest {} (primary {} {})",
                     rs.name, ps.space, x.last_seq, x.digest, ps.last_seq, ps.digest
                 )),
-                None => differences.push(format!("{} {}: missing", rs.name, ps.space)),
+                None => out.push(format!("{} {}: missing", rs.name, ps.space)),
             }
         }
     }
-    for (name, lag) in names.iter().zip(&lags) {
+    for (name, lag) in c.names.iter().zip(&c.lags) {
         let applied = lag.entries.load(Ordering::Relaxed);
-        if applied != entries_written {
-            differences.push(format!("{name}: {applied} entries applied of {entries_written} written"));
+        if applied != written {
+            out.push(format!("{name}: {applied} entries applied of {written} written"));
         }
     }
-    let verified = differences.is_empty() && converged.is_some();
-    let secs = total_time.as_secs_f64();
-    let delivered_entries = lags.iter().map(|l| l.entries.load(Ordering::Relaxed)).min().unwrap_or(0);
-    let delivered_bytes = lags.iter().map(|l| l.bytes.load(Ordering::Relaxed)).min().unwrap_or(0);
-    // Over every connection of the run (a partition makes new ones), all replicas together.
-    let frame_bytes: u64 = p.replicas.iter().map(|r| r.totals.bytes_sent).sum();
-    let udp_tx: u64 = p.replicas.iter().map(|r| r.totals.udp_tx_bytes).sum();
-    let entries_sent: u64 = p.replicas.iter().map(|r| r.totals.entries_sent).sum();
-    let batches_sent: u64 = p.replicas.iter().map(|r| r.totals.batches_sent).sum();
-    // Batch payloads before compression (each entry with its 17-byte header) and as sent.
-    let raw_frame_bytes = entries_sent * (args.entry_bytes as u64 + 17);
-    let sent_payload = frame_bytes.saturating_sub(batches_sent * walship::codec::batch::BATCH_HEADER_LEN as u64);
-    let ratio = |num: u64, den: u64| if den > 0 { num as f64 / den as f64 } else { 0.0 };
-    let q = |h: &Histogram<u64>, q: f64, div: f64| h.value_at_quantile(q) as f64 / div;
-    let replicas_json: Vec<_> = names
+    out
+}
+
+async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
+    check_args(&args)?;
+    let imp = args.impair.impairment(args.link_rate, None);
+    imp.validate()?;
+    let report_file = claim_report_file(&args)?;
+    let dir = tempfile::tempdir()?;
+    let console = Console::new(args.quiet, args.duration)?;
+    let leftovers = Leftovers { dir: Some(dir.path().to_path_buf()), report: report_file };
+    let interrupted = watch_signals(
+        &console,
+        "interrupted: stopping the writer, then converging, verifying and reporting (Ctrl-C again to quit at once)",
+        Some(leftovers),
+    )?;
+    let c = start_cluster(&args, imp, dir.path()).await?;
+    println!("{}", banner(&args, &imp));
+    if !args.warmup.is_zero() {
+        println!("warm-up: entries appended in the first {:?} are verified but not timed", args.warmup);
+    }
+
+    let cpu_start = cpu_seconds();
+    let w = write_phase(&args, &c, &console, &interrupted).await?;
+    println!("writes stopped after {:.1}s: {} entries; waiting for convergence ...", w.time.as_secs_f64(), w.entries);
+    let convergence = converge(&args, &c, w.entries).await;
+    let elapsed = w.started.elapsed();
+    let cpu = cpu_start.zip(cpu_seconds()).map(|(a, b)| b - a);
+    let differences = differences(&c, w.entries);
+    // The logs match; the primary may not have heard every replica's last ack yet.
+    let settled = match convergence.after {
+        Some(_) => settle_view(&c.names, Duration::from_millis(10), || primary_status(&c.primary), || false).await,
+        None => Settled::now(primary_status(&c.primary)),
+    };
+    let replicas = c
+        .names
         .iter()
-        .zip(&lags)
-        .map(|(name, lag)| {
-            let h = lag.hist.lock().unwrap_or_else(|e| e.into_inner());
-            let view = p.replicas.iter().find(|r| &r.name == name);
-            json!({
-                "name": name,
-                "entries": lag.entries.load(Ordering::Relaxed),
-                "lag_ms": { "p50": q(&h, 0.5, 1e3), "p99": q(&h, 0.99, 1e3), "p999": q(&h, 0.999, 1e3), "max": h.max() as f64 / 1e3 },
-                "reconnects": view.map(|v| v.reconnects),
-                "state": view.map(|v| v.state),
-                "path": view.and_then(|v| v.path.clone()).map(|mut path| {
-                    // Lost packets, congestion events and bytes of every connection of the run.
-                    let t = view.map(|v| v.totals).unwrap_or_default();
-                    (path.lost_packets, path.congestion_events) = (t.lost_packets, t.congestion_events);
-                    (path.udp_tx_bytes, path.udp_rx_bytes) = (t.udp_tx_bytes, t.udp_rx_bytes);
-                    path
-                }),
-            })
+        .zip(&c.lags)
+        .map(|(name, lag)| ReplicaOutcome {
+            name: name.clone(),
+            entries: lag.entries.load(Ordering::Relaxed),
+            payload_bytes: lag.bytes.load(Ordering::Relaxed),
+            lag_ms: Percentiles::of(&lag.hist.lock().unwrap_or_else(|e| e.into_inner()), 1e3),
+            lag_source: "every entry, from its append to its apply on the replica".into(),
+            view: View::of(&settled.status, name),
         })
         .collect();
-    let link_stats = link.stats();
-    let report = json!({
-        "verified": verified,
-        "differences": differences,
-        "entries_written": entries_written,
-        "delivered": { "entries": delivered_entries, "payload_bytes": delivered_bytes },
-        "throughput": {
-            "entries_per_s": delivered_entries as f64 / secs,
-            "payload_mb_per_s": delivered_bytes as f64 / secs / 1e6,
-            "wire_mb_per_s": udp_tx as f64 / secs / 1e6,
-            "wire_mb_per_s_per_replica": udp_tx as f64 / secs / 1e6 / names.len().max(1) as f64,
-            "bases": "entries_per_s and payload_mb_per_s: delivered to each replica (the slowest one); wire_mb_per_s: UDP bytes the primary sent to all replicas together",
-        },
-        "compression": {
-            "codec": args.compression,
-            // Entries' bytes (with their headers) over frame bytes: batch headers count, so small
-            // batches read below 1 even when compressed.
-            "ratio": ratio(raw_frame_bytes, frame_bytes),
-            // Batch payloads before and after compression: what the codec itself achieved.
-            "payload_ratio": ratio(raw_frame_bytes, sent_payload),
-            "entries_per_batch": ratio(entries_sent, batches_sent),
-        },
-        "append_latency_us": {
-            "p50": q(&append_hist, 0.5, 1e3), "p99": q(&append_hist, 0.99, 1e3), "p999": q(&append_hist, 0.999, 1e3), "max": append_hist.max() as f64 / 1e3,
-        },
-        "converge_ms": converged.map(|d| d.as_secs_f64() * 1e3),
-        "cpu": {
-            "seconds": cpu,
-            "cores": cpu.map(|c| c / secs),
-            "us_per_entry": cpu.map(|c| c * 1e6 / entries_written.max(1) as f64),
-            "note": "whole process: primary, replicas and link simulator together",
-        },
-        "replicas": replicas_json,
-        "link": {
-            "mode": args.link, "impairment": imp.to_string(), "packets": link_stats.packets, "dropped": link_stats.dropped(),
-            "duplicated": link_stats.duplicated, "reordered": link_stats.reordered,
-            "overtaking": link_stats.overtaking,
-        },
-        "config": {
-            "replicas": args.replicas, "spaces": args.spaces, "rate": args.rate, "entry_bytes": args.entry_bytes,
-            "duration_s": args.duration.as_secs_f64(), "warmup_s": args.warmup.as_secs_f64(), "single_stream": args.single_stream,
-            "seed": args.seed, "congestion": args.congestion, "initial_window": args.initial_window,
-            "sync": format!("{:?}", args.sync),
-        },
-        "elapsed_s": secs,
-        "system": system_json(),
-    });
-
-    println!("\n== walship load test report ==");
-    println!("system:            {}", system_line());
-    println!(
-        "verified:          {}",
-        if verified {
-            "true (every replica's logs identical to the primary's, each entry applied once)".to_string()
-        } else {
-            format!("FALSE: {} differences", differences.len())
-        }
-    );
-    for d in differences.iter().take(10) {
-        println!("  {d}");
-    }
-    println!(
-        "entries written:   {entries_written} in {:.1}s; delivered per replica: {delivered_entries} ({:.1} MB payload)",
-        write_time.as_secs_f64(),
-        delivered_bytes as f64 / 1e6
-    );
-    println!(
-        "throughput:        {:.0} entries/s, {:.2} MB/s payload per replica; {:.2} MB/s on the wire to {} replica(s)",
-        report["throughput"]["entries_per_s"].as_f64().unwrap_or(0.0),
-        report["throughput"]["payload_mb_per_s"].as_f64().unwrap_or(0.0),
-        report["throughput"]["wire_mb_per_s"].as_f64().unwrap_or(0.0),
-        names.len()
-    );
-    println!(
-        "compression:       {:?}, entry bytes / frame bytes {:.2}, payload before / after the codec {:.2}, {:.1} entries per batch",
-        args.compression,
-        report["compression"]["ratio"].as_f64().unwrap_or(0.0),
-        report["compression"]["payload_ratio"].as_f64().unwrap_or(0.0),
-        report["compression"]["entries_per_batch"].as_f64().unwrap_or(0.0)
-    );
-    println!(
-        "append latency:    p50 {:.2} us, p99 {:.2} us, p999 {:.2} us",
-        q(&append_hist, 0.5, 1e3),
-        q(&append_hist, 0.99, 1e3),
-        q(&append_hist, 0.999, 1e3)
-    );
-    for r in &replicas_json {
-        println!(
-            "{}:         lag p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms; reconnects {}; lost packets {}, congestion events {}, rtt {:.2} ms",
-            r["name"].as_str().unwrap_or(""),
-            r["lag_ms"]["p50"].as_f64().unwrap_or(0.0),
-            r["lag_ms"]["p99"].as_f64().unwrap_or(0.0),
-            r["lag_ms"]["p999"].as_f64().unwrap_or(0.0),
-            r["lag_ms"]["max"].as_f64().unwrap_or(0.0),
-            r["reconnects"],
-            r["path"]["lost_packets"],
-            r["path"]["congestion_events"],
-            r["path"]["rtt_ms"].as_f64().unwrap_or(0.0),
-        );
-    }
-    println!(
-        "converged after:   {}",
-        converged
-            .map_or("did not converge".into(), |d| format!("{:.0} ms after writes stopped", d.as_secs_f64() * 1e3))
-    );
-    println!("link:              {} [{}]: {link_stats}", args.link, imp);
-    if let Some(path) = &args.report_json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
-        println!("report written to {}", path.display());
-    }
-    for r in replicas {
+    let outcome = Outcome {
+        mode: "in-process",
+        interrupted: interrupted.load(Ordering::SeqCst),
+        differences,
+        convergence,
+        entries_written: w.entries,
+        write_time: w.time,
+        elapsed,
+        append_us: Some(Percentiles::of(&w.append_ns, 1e3)),
+        cpu_seconds: cpu,
+        replicas,
+        view_waited: settled.waited,
+        view_behind: settled.behind,
+        link_stats: c.link.stats(),
+        imp,
+        min_compress_bytes: c.min_compress_bytes,
+    };
+    let verified = report(&args, &outcome)?;
+    for r in c.replicas {
         r.shutdown().await;
     }
-    primary.shutdown().await;
+    c.primary.shutdown().await;
     Ok(verified)
 }
 
 /// `--processes`: the same load test against the example binaries running as separate processes.
 mod processes {
-    /// How often the nodes rewrite their status files, and this tool reads them.
-    const STATUS_EVERY: Duration = Duration::from_millis(100);
+    use std::fmt::Display;
     use std::process::{Child, Command, Stdio};
-
-    use serde_json::Value;
+    use std::time::SystemTime;
 
     use super::*;
+
+    /// How often the nodes rewrite their status files, and this tool reads them.
+    const STATUS_EVERY: Duration = Duration::from_millis(100);
+    /// Lines of a failed node's log printed with the error.
+    const LOG_TAIL_LINES: usize = 20;
 
     struct Node {
         name: String,
         child: Child,
         status: PathBuf,
+        log: PathBuf,
     }
 
     impl Drop for Node {
@@ -697,27 +1314,57 @@ mod processes {
     }
 
     impl Node {
-        /// An error if the process has exited: nothing will change any more.
-        fn check_running(&mut self) -> Result<(), String> {
-            match self.child.try_wait() {
-                Ok(None) => Ok(()),
-                Ok(Some(status)) => Err(format!("{} exited early ({status})", self.name)),
-                Err(e) => Err(format!("{}: {e}", self.name)),
-            }
+        /// An error naming this node if its process has exited: nothing will change any more.
+        fn check_running(&mut self) -> Result<(), Failure> {
+            let message = match self.child.try_wait() {
+                Ok(None) => return Ok(()),
+                Ok(Some(status)) => format!("{} exited early ({status})", self.name),
+                Err(e) => format!("{}: {e}", self.name),
+            };
+            Err(Failure { message, log: Some(self.log.clone()), interrupted: false })
+        }
+
+        /// Its status file and when that version was written, or `None` before the first.
+        fn status(&self) -> Option<(Value, SystemTime)> {
+            read(&self.status)
         }
     }
 
-    /// Sleeps `d`, or fails on SIGINT/SIGTERM (the caller's `Node`s are then dropped, which stops
+    /// Why a run of the nodes ended without a report: the log of the node that explains it, if
+    /// one does, or an interruption.
+    struct Failure {
+        message: String,
+        log: Option<PathBuf>,
+        interrupted: bool,
+    }
+
+    /// Any other error (spawning, I/O) names no node. (`Failure` is not `Display`, so this does
+    /// not clash with `From<T> for T`.)
+    impl<E: Display> From<E> for Failure {
+        fn from(e: E) -> Failure {
+            Failure { message: e.to_string(), log: None, interrupted: false }
+        }
+    }
+
+    /// Sleeps `d`; fails if a signal arrived (the caller's `Node`s are then dropped, which stops
     /// the child processes, instead of leaving them running).
-    async fn nap(d: Duration, signal: &mut Pin<Box<impl Future<Output = ()>>>) -> Result<(), String> {
-        tokio::select! {
-            _ = tokio::time::sleep(d) => Ok(()),
-            _ = signal.as_mut() => Err("interrupted; stopping the nodes".into()),
+    async fn nap(d: Duration, interrupted: &AtomicBool) -> Result<(), Failure> {
+        tokio::time::sleep(d).await;
+        match interrupted.load(Ordering::SeqCst) {
+            true => Err(Failure { message: "interrupted".into(), log: None, interrupted: true }),
+            false => Ok(()),
         }
     }
 
-    fn read(path: &PathBuf) -> Option<Value> {
-        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    /// A status file and its modification time, both of the version read: the nodes replace the
+    /// file by a rename, so an open handle holds one version.
+    fn read(path: &Path) -> Option<(Value, SystemTime)> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).ok()?;
+        let mtime = f.metadata().ok()?.modified().ok()?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).ok()?;
+        Some((serde_json::from_slice(&bytes).ok()?, mtime))
     }
 
     /// (space, last_seq, digest) of every space in a status file.
@@ -740,11 +1387,24 @@ mod processes {
         out
     }
 
+    /// Entries in a status file's logs (every sequence starts at 1).
+    fn entries(v: &Value) -> u64 {
+        logs(v).iter().map(|l| l.1).sum()
+    }
+
     fn free_port() -> std::io::Result<u16> {
         Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
     }
 
+    /// The last `n` lines of a file.
+    fn tail(path: &Path, n: usize) -> Vec<String> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].iter().map(|l| l.to_string()).collect()
+    }
+
     pub async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
+        check_args(&args)?;
         let imp = args.impair.impairment(args.link_rate, None);
         imp.validate()?;
         let bin_dir = match &args.bin_dir {
@@ -760,26 +1420,76 @@ mod processes {
                 .into());
             }
         }
-        check_args(&args)?;
-        if args.rate == 0 {
-            return Err("--processes needs a finite --rate (the primary binary's writer is paced)".into());
-        }
+        let report_file = claim_report_file(&args)?;
         let dir = tempfile::tempdir()?;
+        let console = Console::new(args.quiet, args.duration)?;
+        // The first signal ends the run: the primary binary writes until its --total.
+        let interrupted = watch_signals(
+            &console,
+            "interrupted: stopping the nodes (no report: the primary process writes until its total)",
+            None,
+        )?;
+        let result = run_nodes(&args, imp, &bin_dir, dir.path(), &console, &interrupted).await;
+        console.bar.finish_and_clear();
+        let unclaimed = Leftovers { dir: None, report: report_file };
+        match result {
+            Ok(outcome) => {
+                let verified = report(&args, &outcome)?;
+                if !verified {
+                    println!("node logs kept in {}", dir.keep().display());
+                }
+                Ok(verified)
+            }
+            Err(f) if f.interrupted => {
+                unclaimed.remove();
+                Err("interrupted; the nodes are stopped and their folder removed".into())
+            }
+            Err(f) => {
+                unclaimed.remove();
+                let kept = dir.keep();
+                if let Some(log) = &f.log {
+                    eprintln!("--- last {LOG_TAIL_LINES} lines of {} ---", log.display());
+                    tail(log, LOG_TAIL_LINES).iter().for_each(|l| eprintln!("{l}"));
+                    eprintln!("---");
+                }
+                Err(format!("{}; node logs and data kept in {}", f.message, kept.display()).into())
+            }
+        }
+    }
+
+    /// The running nodes and the forwarders between them.
+    struct Nodes {
+        primary: Node,
+        replicas: Vec<Node>,
+        link: Link,
+        /// Entries the primary's writer writes.
+        total: u64,
+    }
+
+    impl Nodes {
+        fn check_running(&mut self) -> Result<(), Failure> {
+            self.primary.check_running()?;
+            self.replicas.iter_mut().try_for_each(Node::check_running)
+        }
+    }
+
+    /// Starts the primary process, and each replica process behind its own forwarder.
+    fn spawn_nodes(args: &Args, imp: Impairment, bin_dir: &Path, dir: &Path) -> Result<Nodes, Failure> {
         let names: Vec<String> = (1..=args.replicas).map(|i| format!("replica-{i}")).collect();
         let mut all: Vec<&str> = vec!["primary"];
         all.extend(names.iter().map(String::as_str));
-        ClusterCa::generate("loadtest CA")?.write_dir(&dir.path().join("certs"), &all)?;
-        let certs = dir.path().join("certs");
+        let certs = dir.join("certs");
+        ClusterCa::generate("loadtest CA")?.write_dir(&certs, &all)?;
         let total = (args.rate as f64 * args.duration.as_secs_f64()) as u64;
         let paddr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let congestion = format!("{:?}", args.congestion).to_lowercase();
+        let congestion = serde_json::to_value(args.congestion)?.as_str().unwrap_or("bbr").to_string();
         let sync = common::sync_flag(args.sync);
-        let compression = args.compression.to_string();
         let spawn = |name: &str, bin: &str, extra: Vec<String>| -> std::io::Result<Node> {
-            let status = dir.path().join(format!("{name}.json"));
-            let log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
+            let status = dir.join(format!("{name}.json"));
+            let log_path = dir.join(format!("{name}.log"));
+            let log = std::fs::File::create(&log_path)?;
             let mut cmd = Command::new(bin_dir.join(bin));
-            cmd.args(["--data", &dir.path().join(name).to_string_lossy(), "--certs", &certs.to_string_lossy()])
+            cmd.args(["--data", &dir.join(name).to_string_lossy(), "--certs", &certs.to_string_lossy()])
                 .args(["--name", name, "--status-file", &status.to_string_lossy(), "--sync", &sync])
                 .args(["--status-every", &format!("{}ms", STATUS_EVERY.as_millis())])
                 .args(["--congestion", &congestion])
@@ -787,204 +1497,185 @@ mod processes {
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log);
-            Ok(Node { name: name.to_string(), child: cmd.spawn()?, status })
+            Ok(Node { name: name.to_string(), child: cmd.spawn()?, status, log: log_path })
         };
-        let mut pextra = vec![
-            "--listen".to_string(),
-            paddr.to_string(),
-            "--spaces".into(),
-            args.spaces.to_string(),
-            "--rate".into(),
-            args.rate.to_string(),
-            "--entry-bytes".into(),
-            args.entry_bytes.to_string(),
-            "--total".into(),
-            total.to_string(),
-            "--compression".into(),
-            compression,
-            "--seed".into(),
-            args.seed.to_string(),
-        ];
+        let mut pextra: Vec<String> = [
+            ("--listen", paddr.to_string()),
+            ("--spaces", args.spaces.to_string()),
+            ("--rate", args.rate.to_string()),
+            ("--entry-bytes", args.entry_bytes.to_string()),
+            ("--total", total.to_string()),
+            ("--compression", args.compression.to_string()),
+            ("--seed", args.seed.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect();
         if args.single_stream {
             pextra.push("--single-stream".into());
         }
         if let Some(w) = args.initial_window {
             pextra.extend(["--initial-window".into(), w.to_string()]);
         }
-        let mut signal = Box::pin(common::shutdown_signal());
-        let mut primary = spawn("primary", "primary", pextra)?;
+        let primary = spawn("primary", "primary", pextra)?;
         let mut controls = Vec::new();
         let mut replicas = Vec::new();
         for name in &names {
             let addr = start_forwarder(paddr, imp, args.seed, name, &mut controls)?;
             replicas.push(spawn(name, "replica", vec!["--primary".into(), addr.to_string()])?);
         }
-        let link = Link::Udp(controls);
         println!(
-            "loadtest --processes: primary pid {} on {paddr}, {} replica processes behind lossy_link forwarders [{imp}], {total} entries at {} entries/s",
+            "loadtest --processes: primary pid {} on {paddr}, {} replica processes behind lossy_link forwarders, {total} entries",
             primary.child.id(),
             replicas.len(),
-            args.rate
         );
+        Ok(Nodes { primary, replicas, link: Link::Udp(controls), total })
+    }
 
-        // Sample the lag the primary reports for each replica (in its status file, rewritten every
-        // STATUS_EVERY) while the primary's writer runs.
-        let mut lag: Vec<Histogram<u64>> =
+    /// What the write phase saw: the lag the primary reported for each replica, sampled from its
+    /// status file, and when (by that file's clock) the writer was seen done.
+    struct Sampled {
+        lag_ms: Vec<Histogram<u64>>,
+        started: Instant,
+        write_time: Duration,
+        writes_done: SystemTime,
+    }
+
+    /// Samples the primary's status until its writer has written everything, showing progress and
+    /// following `--partition-at`.
+    async fn sample_writes(
+        args: &Args,
+        nodes: &mut Nodes,
+        console: &Console,
+        interrupted: &AtomicBool,
+    ) -> Result<Sampled, Failure> {
+        let names: Vec<String> = nodes.replicas.iter().map(|r| r.name.clone()).collect();
+        let mut lag_ms: Vec<Histogram<u64>> =
             names.iter().map(|_| Histogram::new_with_bounds(1, 3_600_000, 3)).collect::<Result<_, _>>()?;
         let started = Instant::now();
         let mut partitioned = false;
-        let written = |v: &Value| logs(v).iter().map(|l| l.1).sum::<u64>();
-        loop {
-            nap(STATUS_EVERY, &mut signal).await?;
-            primary.check_running()?;
-            for r in replicas.iter_mut() {
-                r.check_running()?;
-            }
+        let writes_done = loop {
+            nap(STATUS_EVERY, interrupted).await?;
+            nodes.check_running()?;
             let el = started.elapsed();
-            if let Some(line) = link.follow_partition(&args, el, &mut partitioned) {
-                println!("{line}");
+            if let Some(line) = nodes.link.follow_partition(args, el, &mut partitioned) {
+                console.line(line);
             }
-            let Some(p) = read(&primary.status) else { continue };
+            let Some((p, mtime)) = nodes.primary.status() else { continue };
+            let views = View::all(&p);
             for (i, name) in names.iter().enumerate() {
-                let r = p["replicas"].as_array().and_then(|a| a.iter().find(|r| r["name"] == name.as_str()));
-                if let Some(ms) = r.and_then(|r| r["max_lag"]["ms"].as_u64()).filter(|_| el >= args.warmup) {
-                    lag[i].saturating_record(ms.max(1));
+                if let Some(v) = views.iter().find(|v| &v.name == name).filter(|_| el >= args.warmup) {
+                    lag_ms[i].saturating_record(v.lag_ms.max(1));
                 }
             }
-            if written(&p) >= total || el > args.duration * 3 + Duration::from_secs(30) {
-                break;
+            console.progress(el, entries(&p), &views);
+            if entries(&p) >= nodes.total {
+                break mtime;
             }
-        }
+            if el > args.duration * 3 + Duration::from_secs(30) {
+                return Err(format!("the primary wrote {} of {} entries in {el:?}", entries(&p), nodes.total).into());
+            }
+        };
         if partitioned {
-            link.partition(false);
+            nodes.link.partition(false);
         }
-        let write_time = started.elapsed();
-        println!("writes done after {:.1}s; waiting for convergence ...", write_time.as_secs_f64());
+        Ok(Sampled { lag_ms, started, write_time: started.elapsed(), writes_done })
+    }
+
+    /// Waits until every replica's status file shows the primary's logs. The time is measured
+    /// between the status files' own timestamps (the primary's first showing every entry written,
+    /// the last replica's first showing them all), each up to a status period plus a poll late:
+    /// hence its resolution of two periods.
+    async fn converge(
+        args: &Args,
+        nodes: &mut Nodes,
+        writes_done: SystemTime,
+        interrupted: &AtomicBool,
+    ) -> Result<Convergence, Failure> {
         let stop_at = Instant::now();
-        let converged = loop {
-            let p = read(&primary.status).map(|v| logs(&v)).unwrap_or_default();
-            let same = replicas.iter().all(|r| read(&r.status).map(|v| logs(&v)) == Some(p.clone()));
-            if same && p.iter().map(|l| l.1).sum::<u64>() >= total {
-                break Some(stop_at.elapsed());
+        let after = loop {
+            nodes.check_running()?;
+            let p = nodes.primary.status().map(|(v, _)| logs(&v)).unwrap_or_default();
+            let rs: Vec<_> = nodes.replicas.iter().map(|r| r.status().map(|(v, t)| (logs(&v), t))).collect();
+            let same = rs.iter().all(|r| r.as_ref().is_some_and(|(l, _)| *l == p));
+            if same && p.iter().map(|l| l.1).sum::<u64>() >= nodes.total {
+                let last = rs.iter().flatten().map(|(_, t)| *t).max().unwrap_or(writes_done);
+                break Some(last.duration_since(writes_done).unwrap_or(Duration::ZERO));
             }
             if stop_at.elapsed() > args.converge_timeout {
                 break None;
             }
-            nap(STATUS_EVERY, &mut signal).await?;
+            nap(STATUS_EVERY, interrupted).await?;
         };
-        let secs = started.elapsed().as_secs_f64();
-        let p = read(&primary.status).unwrap_or(Value::Null);
-        let plogs = logs(&p);
+        Ok(Convergence {
+            after,
+            resolution: STATUS_EVERY * 2,
+            how: "from the nodes' status files, rewritten every 100 ms",
+        })
+    }
+
+    async fn run_nodes(
+        args: &Args,
+        imp: Impairment,
+        bin_dir: &Path,
+        dir: &Path,
+        console: &Console,
+        interrupted: &AtomicBool,
+    ) -> Result<Outcome, Failure> {
+        let mut nodes = spawn_nodes(args, imp, bin_dir, dir)?;
+        println!("{}", banner(args, &imp));
+        let sampled = sample_writes(args, &mut nodes, console, interrupted).await?;
+        console.bar.finish_and_clear();
+        println!("writes done after {:.1}s; waiting for convergence ...", sampled.write_time.as_secs_f64());
+        let convergence = converge(args, &mut nodes, sampled.writes_done, interrupted).await?;
+        let elapsed = sampled.started.elapsed();
+        let names: Vec<String> = nodes.replicas.iter().map(|r| r.name.clone()).collect();
+        let read_primary = || nodes.primary.status().map(|(v, _)| v).unwrap_or(Value::Null);
+        let settled = match convergence.after {
+            Some(_) => settle_view(&names, STATUS_EVERY, read_primary, || interrupted.load(Ordering::SeqCst)).await,
+            None => Settled::now(read_primary()),
+        };
+        if interrupted.load(Ordering::SeqCst) {
+            return Err(Failure { message: "interrupted".into(), log: None, interrupted: true });
+        }
+        let p = &settled.status;
+        let plogs = logs(p);
         let mut differences = Vec::new();
-        let mut replicas_json = Vec::new();
-        for (i, r) in replicas.iter().enumerate() {
-            let rlogs = read(&r.status).map(|v| logs(&v)).unwrap_or_default();
-            for pl in &plogs {
-                if !rlogs.contains(pl) {
-                    differences.push(format!("{} {}: differs from the primary's {} {}", r.name, pl.0, pl.1, pl.2));
-                }
+        let mut replicas = Vec::new();
+        for (r, lag) in nodes.replicas.iter().zip(&sampled.lag_ms) {
+            let rlogs = r.status().map(|(v, _)| logs(&v)).unwrap_or_default();
+            for pl in plogs.iter().filter(|pl| !rlogs.contains(pl)) {
+                differences.push(format!("{} {}: differs from the primary's {} {}", r.name, pl.0, pl.1, pl.2));
             }
-            let view = p["replicas"].as_array().and_then(|a| a.iter().find(|x| x["name"] == r.name.as_str())).cloned();
-            let h = &lag[i];
-            replicas_json.push(json!({
-                "name": r.name,
-                "lag_ms": { "p50": h.value_at_quantile(0.5), "p99": h.value_at_quantile(0.99), "p999": h.value_at_quantile(0.999), "max": h.max() },
-                "lag_source": format!("primary status, sampled every {} ms", STATUS_EVERY.as_millis()),
-                "delivered_entries": rlogs.iter().map(|l| l.1).sum::<u64>(),
-                "totals": view.as_ref().map(|v| v["totals"].clone()),
-                "reconnects": view.as_ref().map(|v| v["reconnects"].clone()),
-                "path": view.as_ref().map(|v| v["path"].clone()),
-            }));
+            let held: u64 = rlogs.iter().map(|l| l.1).sum();
+            replicas.push(ReplicaOutcome {
+                name: r.name.clone(),
+                entries: held,
+                payload_bytes: held * args.entry_bytes as u64,
+                lag_ms: Percentiles::of(lag, 1.0),
+                lag_source: format!(
+                    "sampled from the primary's status every {} ms (its oldest unacknowledged entry)",
+                    STATUS_EVERY.as_millis()
+                ),
+                view: View::of(p, &r.name),
+            });
         }
-        let verified = differences.is_empty() && converged.is_some();
-        // What the slowest replica holds, and what the primary sent over every connection.
-        let entries = replicas_json.iter().filter_map(|r| r["delivered_entries"].as_u64()).min().unwrap_or(0) as f64;
-        let totals = |key: &str| -> f64 {
-            p["replicas"].as_array().map(|a| a.iter().filter_map(|r| r["totals"][key].as_f64()).sum()).unwrap_or(0.0)
-        };
-        let udp_tx = totals("udp_tx_bytes");
-        let frame_bytes = totals("bytes_sent");
-        let batches = totals("batches_sent");
-        let raw_frame_bytes = totals("entries_sent") * (args.entry_bytes as f64 + 17.0);
-        let sent_payload = frame_bytes - batches * walship::codec::batch::BATCH_HEADER_LEN as f64;
-        let ratio = |num: f64, den: f64| if den > 0.0 { num / den } else { 0.0 };
-        let report = json!({
-            "verified": verified,
-            "differences": differences,
-            "entries_written": plogs.iter().map(|l| l.1).sum::<u64>(),
-            "throughput": {
-                "entries_per_s": entries / secs,
-                "payload_mb_per_s": entries * args.entry_bytes as f64 / secs / 1e6,
-                "wire_mb_per_s": udp_tx / secs / 1e6,
-                "wire_mb_per_s_per_replica": udp_tx / secs / 1e6 / names.len().max(1) as f64,
-                "bases": "entries_per_s and payload_mb_per_s: delivered to each replica (the slowest one); wire_mb_per_s: UDP bytes the primary sent to all replicas together",
-            },
-            "delivered": { "entries": entries, "payload_bytes": entries * args.entry_bytes as f64 },
-            "compression": {
-                "codec": args.compression,
-                "ratio": ratio(raw_frame_bytes, frame_bytes),
-                "payload_ratio": ratio(raw_frame_bytes, sent_payload),
-                "entries_per_batch": ratio(totals("entries_sent"), batches),
-            },
-            "append_latency_us": { "p50": null, "p99": null, "p999": null, "note": "measured inside the primary process only in in-process mode" },
-            "converge_ms": converged.map(|d| d.as_secs_f64() * 1e3),
-            "replicas": replicas_json,
-            "link": { "mode": "processes", "impairment": imp.to_string() },
-            "config": {
-                "replicas": args.replicas, "spaces": args.spaces, "rate": args.rate, "entry_bytes": args.entry_bytes,
-                "duration_s": args.duration.as_secs_f64(), "warmup_s": args.warmup.as_secs_f64(),
-                "single_stream": args.single_stream, "seed": args.seed, "congestion": args.congestion,
-                "initial_window": args.initial_window, "processes": true,
-            },
-            "elapsed_s": secs,
-            "system": system_json(),
-        });
-        println!("\n== walship load test report (separate processes) ==");
-        println!("system:          {}", system_line());
-        println!("verified:        {verified}");
-        for d in differences.iter().take(10) {
-            println!("  {d}");
-        }
-        println!(
-            "entries:         {} written over {} spaces; {:.0} delivered per replica",
-            total, args.spaces, entries
-        );
-        println!(
-            "throughput:      {:.0} entries/s, {:.2} MB/s payload per replica; {:.2} MB/s on the wire to {} replica(s)",
-            entries / secs,
-            entries * args.entry_bytes as f64 / secs / 1e6,
-            udp_tx / secs / 1e6,
-            names.len()
-        );
-        println!(
-            "compression:     {}, entry bytes / frame bytes {:.2}, payload before / after the codec {:.2}, {:.1} entries per batch",
-            args.compression,
-            ratio(raw_frame_bytes, frame_bytes),
-            ratio(raw_frame_bytes, sent_payload),
-            ratio(totals("entries_sent"), batches)
-        );
-        for r in &replicas_json {
-            println!(
-                "{}:       sampled lag p50 {} ms, p99 {} ms, max {} ms; reconnects {}",
-                r["name"].as_str().unwrap_or(""),
-                r["lag_ms"]["p50"],
-                r["lag_ms"]["p99"],
-                r["lag_ms"]["max"],
-                r["reconnects"]
-            );
-        }
-        println!(
-            "converged after: {}",
-            converged.map_or("did not converge".into(), |d| format!("{:.0} ms", d.as_secs_f64() * 1e3))
-        );
-        println!("link:            {}", link.stats());
-        if let Some(path) = &args.report_json {
-            std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
-            println!("report written to {}", path.display());
-        }
-        if !verified {
-            println!("node logs kept in {}", dir.keep().display());
-        }
-        Ok(verified)
+        Ok(Outcome {
+            mode: "processes",
+            interrupted: false,
+            differences,
+            convergence,
+            entries_written: plogs.iter().map(|l| l.1).sum(),
+            write_time: sampled.write_time,
+            elapsed,
+            append_us: None,
+            cpu_seconds: None,
+            replicas,
+            view_waited: settled.waited,
+            view_behind: settled.behind,
+            link_stats: nodes.link.stats(),
+            imp,
+            min_compress_bytes: walship::codec::compression::DEFAULT_MIN_COMPRESS_BYTES,
+        })
     }
 }
