@@ -649,7 +649,7 @@ async fn catch_up_of_many_spaces_stays_within_the_replica_inflight_credit() {
 }
 
 async fn catch_up_within_credit(compression: walship::codec::Compression, payload: fn(u32) -> bytes::Bytes) {
-    use walship::codec::FrameLimits;
+    use walship::codec::{Compression, FrameLimits};
     let c = Cluster::new();
     let mut cfg = c.primary_config("127.0.0.1:0".parse().unwrap());
     cfg.compression = compression;
@@ -686,6 +686,24 @@ async fn catch_up_within_credit(compression: walship::codec::Compression, payloa
     // the credit, 24 streams of 200 KiB frames hold about 5 MB for as long as the catch-up lasts.
     eprintln!("{compression}: peak {peak} bytes of large frames in assembly");
     assert_eq!(replica.status().reconnects, 0, "the replica closed the connection: {:?}", replica.status().last_error);
+    // The status says what the codec did with every batch: these are all large enough to compress,
+    // and with lz4 the repetitive payloads all shrink.
+    let totals = primary.status().replicas[0].totals;
+    let codec = totals.codec;
+    assert_eq!(codec.too_small, 0, "{codec:?}");
+    let written =
+        24 * (0..512u32).map(|i| payload(i).len() as u64 + walship::codec::batch::ENTRY_HEADER_LEN as u64).sum::<u64>();
+    // At least every entry once (a batch sent again after a catch-up counts again).
+    assert!(codec.bytes_in >= written, "{codec:?}, {written} entry bytes written");
+    match compression {
+        Compression::None => {
+            assert_eq!((codec.compressed, codec.incompressible, codec.bytes_out), (0, 0, codec.bytes_in))
+        }
+        _ => {
+            assert_eq!((codec.compressed, codec.incompressible), (totals.batches_sent, 0), "{codec:?}");
+            assert!(codec.bytes_out * 10 < written, "{codec:?}");
+        }
+    }
     replica.shutdown().await;
     primary.shutdown().await;
 }

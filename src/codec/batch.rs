@@ -189,6 +189,32 @@ impl BatchHeader {
     }
 }
 
+/// Batches by what the codec did with them: what a user comparing codecs needs to know, since a
+/// batch under the compression threshold goes out uncompressed whatever the codec.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CodecCounts {
+    /// Compressed (the payload shrank).
+    pub compressed: u64,
+    /// Sent uncompressed: its payload was under the encoder's `min_compress_bytes`.
+    pub too_small: u64,
+    /// Sent uncompressed: compressing did not shrink it.
+    pub incompressible: u64,
+    /// Payload bytes of all batches before the codec (entry headers included).
+    pub bytes_in: u64,
+    /// Payload bytes of all batches as sent.
+    pub bytes_out: u64,
+}
+
+impl std::ops::AddAssign for CodecCounts {
+    fn add_assign(&mut self, o: CodecCounts) {
+        self.compressed += o.compressed;
+        self.too_small += o.too_small;
+        self.incompressible += o.incompressible;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+    }
+}
+
 /// Builds batch frames. Keeps compression contexts between batches (no buffers: each shipper has
 /// an encoder, and a buffer kept per space would add up with thousands of spaces).
 pub struct BatchEncoder {
@@ -197,6 +223,7 @@ pub struct BatchEncoder {
     min_compress_bytes: usize,
     limits: FrameLimits,
     compressor: Compressor,
+    counts: CodecCounts,
 }
 
 impl BatchEncoder {
@@ -209,7 +236,13 @@ impl BatchEncoder {
             min_compress_bytes: DEFAULT_MIN_COMPRESS_BYTES,
             limits: FrameLimits::default(),
             compressor: Compressor::new(),
+            counts: CodecCounts::default(),
         }
+    }
+
+    /// What the codec did with the batches encoded so far.
+    pub fn counts(&self) -> CodecCounts {
+        self.counts
     }
 
     /// Payloads smaller than this go uncompressed.
@@ -279,12 +312,15 @@ impl BatchEncoder {
             payload_len: raw_len as u32,
             payload_crc: 0,
         };
+        self.counts.bytes_in += raw_len as u64;
         if self.compression != Compression::None {
             if raw_len >= self.min_compress_bytes {
                 return self.encode_compressed(header, entries, raw_len, parts);
             }
             header.flags |= FLAG_COMPRESSION_SKIPPED;
+            self.counts.too_small += 1;
         }
+        self.counts.bytes_out += raw_len as u64;
         Ok(encode_referencing(header, entries, raw_len, parts))
     }
 
@@ -309,10 +345,14 @@ impl BatchEncoder {
             header.codec = self.compression.codec();
             header.payload_len = n as u32;
             header.seal(&mut out);
+            self.counts.compressed += 1;
+            self.counts.bytes_out += n as u64;
             Bytes::from(out)
         } else {
             header.flags |= FLAG_COMPRESSION_SKIPPED;
             header.seal(&mut raw);
+            self.counts.incompressible += 1;
+            self.counts.bytes_out += raw_len as u64;
             raw.freeze()
         };
         let len = frame.len();
@@ -540,6 +580,40 @@ mod tests {
         let h = BatchHeader::decode(&frame, &FrameLimits::default()).unwrap();
         assert_eq!((h.codec, h.flags), (Codec::None, FLAG_COMPRESSION_SKIPPED));
         assert_eq!(BatchDecoder::new(FrameLimits::default()).decode(frame).unwrap().entries, es);
+    }
+
+    #[test]
+    fn counts_say_what_the_codec_did_with_each_batch() {
+        let repetitive: Vec<Vec<u8>> = (0..200).map(|i| format!("user={i} action=update").into_bytes()).collect();
+        let mut x = 7u64;
+        let noise: Vec<u8> = (0..8192)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let (big, tiny, random) =
+            (entries(1, &repetitive, 0), entries(1, &[b"tiny".to_vec()], 0), entries(1, &[noise], 0));
+        let mut enc = BatchEncoder::new(NodeId(1), Compression::Lz4);
+        let mut sent = 0;
+        for es in [&big, &tiny, &random, &tiny] {
+            sent += BatchHeader::decode(&enc.encode(&space(), es).unwrap(), &FrameLimits::default())
+                .unwrap()
+                .payload_len as u64;
+        }
+        let c = enc.counts();
+        assert_eq!((c.compressed, c.too_small, c.incompressible), (1, 2, 1));
+        let before = [&big, &tiny, &random, &tiny].iter().map(|es| BatchEncoder::payload_len(es) as u64).sum::<u64>();
+        assert_eq!((c.bytes_in, c.bytes_out), (before, sent));
+        assert!(c.bytes_out < c.bytes_in);
+
+        // Without a codec, nothing is counted as skipped.
+        let mut plain = BatchEncoder::new(NodeId(1), Compression::None);
+        plain.encode(&space(), &tiny).unwrap();
+        let (c, len) = (plain.counts(), BatchEncoder::payload_len(&tiny) as u64);
+        assert_eq!((c.compressed, c.too_small, c.incompressible, c.bytes_in, c.bytes_out), (0, 0, 0, len, len));
     }
 
     #[test]

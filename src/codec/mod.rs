@@ -17,7 +17,7 @@ mod error;
 pub mod heartbeat;
 pub mod stream;
 
-pub use batch::{BatchDecoder, BatchEncoder, BatchHeader, DecodedBatch, FrameLimits, BATCH_HEADER_LEN};
+pub use batch::{BatchDecoder, BatchEncoder, BatchHeader, CodecCounts, DecodedBatch, FrameLimits, BATCH_HEADER_LEN};
 pub use compression::Compression;
 pub use control::{ControlMessage, ErrorCode};
 pub use error::{DecodeError, EncodeError};

@@ -20,6 +20,15 @@ pub fn describe() {
     describe_gauge!("walship_replica_rtt_seconds", Unit::Seconds, "round trip to the replica, from heartbeats");
     describe_counter!("walship_replica_reconnects_total", "connections from the replica, minus one");
     describe_counter!("walship_replication_batches_total", "batch frames sent to the replica");
+    describe_counter!(
+        "walship_replication_codec_batches_total",
+        "batches sent to the replica, by what the codec did (compressed, too_small, incompressible)"
+    );
+    describe_counter!(
+        "walship_replication_codec_bytes_total",
+        Unit::Bytes,
+        "batch payload bytes sent to the replica, before (stage=in) and after (stage=out) the codec"
+    );
     describe_counter!("walship_replication_entries_total", "entries sent to the replica");
     describe_counter!("walship_replication_bytes_total", Unit::Bytes, "batch frame bytes sent to the replica");
     describe_counter!("walship_replication_udp_bytes_total", Unit::Bytes, "UDP bytes on the replica's connections");
@@ -63,6 +72,18 @@ pub fn record_primary(status: &PrimaryStatus, per_space: bool) {
         let t = &r.totals;
         counter!("walship_replication_batches_total", "replica" => replica.clone()).absolute(t.batches_sent);
         counter!("walship_replication_entries_total", "replica" => replica.clone()).absolute(t.entries_sent);
+        for (outcome, n) in [
+            ("compressed", t.codec.compressed),
+            ("too_small", t.codec.too_small),
+            ("incompressible", t.codec.incompressible),
+        ] {
+            counter!("walship_replication_codec_batches_total", "replica" => replica.clone(), "outcome" => outcome)
+                .absolute(n);
+        }
+        for (stage, n) in [("in", t.codec.bytes_in), ("out", t.codec.bytes_out)] {
+            counter!("walship_replication_codec_bytes_total", "replica" => replica.clone(), "stage" => stage)
+                .absolute(n);
+        }
         counter!("walship_replication_bytes_total", "replica" => replica.clone(), "direction" => "sent")
             .absolute(t.bytes_sent);
         counter!("walship_replication_udp_bytes_total", "replica" => replica.clone(), "direction" => "sent")

@@ -139,10 +139,13 @@ pub struct TrafficTotals {
     pub lost_packets: u64,
     /// Congestion events.
     pub congestion_events: u64,
+    /// What the codec did with the batches sent (compressed, or too small or incompressible to).
+    pub codec: crate::codec::CodecCounts,
 }
 
 impl std::ops::AddAssign for TrafficTotals {
     fn add_assign(&mut self, o: TrafficTotals) {
+        self.codec += o.codec;
         self.batches_sent += o.batches_sent;
         self.bytes_sent += o.bytes_sent;
         self.entries_sent += o.entries_sent;

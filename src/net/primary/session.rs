@@ -16,7 +16,7 @@ use super::shipper::{mux_writer, ship_space, SpaceShip, MUX_QUEUE_FRAMES};
 use super::{ReplicaLink, Shared};
 use crate::codec::batch::FrameLimits;
 use crate::codec::control::{ErrorCode, ErrorMessage, SpacePosition, SpaceRange, Welcome};
-use crate::codec::{ControlMessage, PROTOCOL_VERSION};
+use crate::codec::{CodecCounts, ControlMessage, PROTOCOL_VERSION};
 use crate::config::HeartbeatConfig;
 use crate::net::error::NetError;
 use crate::net::framed::{control_writer, write_control, ControlReader};
@@ -59,11 +59,13 @@ impl Session {
     /// What this connection has carried so far.
     pub(super) fn traffic(&self) -> TrafficTotals {
         let (mut batches_sent, mut bytes_sent, mut entries_sent) = (0, 0, 0);
+        let mut codec = CodecCounts::default();
         for ship in lock(&self.spaces).values() {
             let (batches, entries, bytes) = lock(&ship.progress).totals();
             batches_sent += batches;
             bytes_sent += bytes;
             entries_sent += entries;
+            codec += *lock(&ship.codec);
         }
         let s = self.conn.stats();
         TrafficTotals {
@@ -74,6 +76,7 @@ impl Session {
             udp_rx_bytes: s.udp_rx.bytes,
             lost_packets: s.path.lost_packets,
             congestion_events: s.path.congestion_events,
+            codec,
         }
     }
 }
@@ -461,6 +464,7 @@ fn start_shippers(
             refused: start.is_err(),
             truncations,
             credits: Mutex::new(VecDeque::new()),
+            codec: Mutex::new(Default::default()),
         });
         {
             let mut spaces = lock(&session.spaces);

@@ -16,7 +16,7 @@ use super::Shared;
 use crate::codec::batch::{BATCH_HEADER_LEN, ENTRY_HEADER_LEN};
 use crate::codec::control::ErrorCode;
 use crate::codec::stream::{mux_preamble, StreamHeader};
-use crate::codec::BatchEncoder;
+use crate::codec::{BatchEncoder, CodecCounts};
 use crate::config::{PrimaryConfig, SMALL_FRAME_BYTES};
 use crate::entry::Entry;
 use crate::net::error::NetError;
@@ -42,6 +42,8 @@ pub(super) struct SpaceShip {
     pub(super) refused: bool,
     /// Suffix truncations of the space's log when the handshake compared it with the replica's.
     pub(super) truncations: u64,
+    /// What the codec did with this space's batches in this session.
+    pub(super) codec: Mutex<CodecCounts>,
     /// The session credit held by this space's large frames in flight, by last sequence: given
     /// back as the replica acks them durable, or all at once when the stream restarts.
     pub(super) credits: Mutex<VecDeque<(Seq, OwnedSemaphorePermit)>>,
@@ -330,6 +332,7 @@ async fn ship_stream(
             r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
         }
         lock(&ship.progress).on_sent(first, last, len, first_appended_us);
+        *lock(&ship.codec) = encoder.counts();
         if let Some(permit) = credit {
             // An ack may have covered this frame already (the replica held its entries): then
             // nothing is in flight for it, and no later ack would give the credit back.
