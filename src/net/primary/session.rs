@@ -349,9 +349,7 @@ async fn control_reader(shared: Arc<Shared>, session: Arc<Session>, mut control:
                 let spaces = lock(&session.spaces);
                 for a in ack.spaces {
                     match spaces.get(&a.space) {
-                        Some(ship) => {
-                            ship.on_ack(a.durable, a.applied);
-                        }
+                        Some(ship) => ship.on_ack(a.durable, a.applied),
                         // The replica does not repeat an ack: keep it for the shipper to come.
                         None if shared.store.get(&a.space).is_some() => {
                             let mut early = lock(&session.early_acks);

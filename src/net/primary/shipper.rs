@@ -53,20 +53,19 @@ impl SpaceShip {
     /// Takes the replica's ack of this space, unless it cannot be about this log: for a space
     /// refused at the handshake or reported diverged, after the log was cut back since the
     /// handshake (the replica's entries past the cut are not this log's; the session is being
-    /// closed), or past the log's end. True if taken.
-    pub(super) fn on_ack(&self, durable: Seq, applied: Seq) -> bool {
+    /// closed), or past the log's end.
+    pub(super) fn on_ack(&self, durable: Seq, applied: Seq) {
         if self.refused || self.halted.load(Ordering::Acquire) || self.cut_since_handshake() {
-            return false;
+            return;
         }
         let head = self.wal.last_seq();
         if durable > head || applied > head {
             tracing::debug!(space = %self.wal.space(), %durable, %head, "ignoring an ack past this primary's log");
-            return false;
+            return;
         }
         lock(&self.progress).on_ack(durable, applied);
         self.release_credit(durable);
         self.acked.notify_one();
-        true
     }
 
     /// The last entry of this log as it is now that the replica holds durable, for `wait_durable`
