@@ -70,7 +70,9 @@ impl MemTail {
     /// until [`MemTail::share`] moves it to a store's.
     pub fn new(max_bytes: usize, max_entries: usize) -> MemTail {
         MemTail {
-            entries: VecDeque::with_capacity(max_entries.min(4096)),
+            // Grows with use: thousands of spaces with small tails must not each hold a ring
+            // sized for `max_entries` (4,096 slots are 256 KiB, whatever the byte budget says).
+            entries: VecDeque::new(),
             bytes: 0,
             max_bytes,
             max_entries,
@@ -138,6 +140,20 @@ impl MemTail {
             excess = excess.saturating_sub(c);
         }
         self.budget.used.fetch_sub(freed, Ordering::Relaxed);
+        if freed > 0 {
+            self.shrink_if_sparse();
+        }
+    }
+
+    /// Gives back most of the ring's memory once the tail holds far fewer entries than it has
+    /// room for (after the budget or retention dropped many): the slots are memory the budget
+    /// does not count.
+    fn shrink_if_sparse(&mut self) {
+        const MIN_CAPACITY: usize = 64;
+        let (len, capacity) = (self.entries.len(), self.entries.capacity());
+        if capacity > MIN_CAPACITY && len < capacity / 4 {
+            self.entries.shrink_to((len * 2).max(MIN_CAPACITY));
+        }
     }
 
     /// Removes `c` bytes from this tail's count and from the budget (entries dropped outside a push).
@@ -198,6 +214,7 @@ impl MemTail {
                 self.release(cost(&e));
             }
         }
+        self.shrink_if_sparse();
     }
 
     /// Drops entries before `seq` (retention).
@@ -208,6 +225,7 @@ impl MemTail {
                 self.release(cost(&e));
             }
         }
+        self.shrink_if_sparse();
     }
 
     /// Number of entries held.
@@ -312,6 +330,38 @@ mod tests {
         (1..=4).for_each(|s| c.push(e(s, 100)));
         c.share(TailBudget::new(2 * per));
         assert_eq!((c.len(), c.first_seq()), (2, Some(Seq(3))));
+    }
+
+    /// The ring's slots are memory the byte budget does not see: a new tail holds none, and a
+    /// tail the budget cut down gives most of them back. (Every tail of a store with 1,000 spaces
+    /// used to hold a 4,096-slot ring, 256 KiB, whatever its budget.)
+    #[test]
+    fn the_ring_grows_with_use_and_shrinks_when_the_budget_cuts_it() {
+        let t = MemTail::new(usize::MAX, 4096);
+        assert_eq!(t.entries.capacity(), 0);
+        let per = 10 + RECORD_HEADER_LEN;
+        let budget = TailBudget::new(3000 * per);
+        let mut busy = MemTail::new(usize::MAX, 4096);
+        busy.share(budget.clone());
+        for s in 1..=3000 {
+            busy.push(e(s, 10));
+        }
+        busy.settle();
+        assert!(busy.entries.capacity() >= 3000);
+        // A thousand more tails take their share: the busy one is cut to about 3 entries.
+        let mut others: Vec<MemTail> = (0..1000).map(|_| MemTail::new(usize::MAX, 4096)).collect();
+        for (i, t) in others.iter_mut().enumerate() {
+            t.share(budget.clone());
+            for s in 1..=4 {
+                t.push(e(s + i as u64, 10));
+            }
+            t.settle();
+        }
+        busy.push(e(3001, 10));
+        busy.settle();
+        assert!(busy.len() <= 4, "{}", busy.len());
+        assert!(busy.entries.capacity() <= 64, "{} slots kept for {} entries", busy.entries.capacity(), busy.len());
+        assert!(others.iter().all(|t| t.entries.capacity() <= 8), "small tails hold small rings");
     }
 
     #[test]
