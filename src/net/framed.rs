@@ -1,16 +1,19 @@
 //! Framing over quinn streams: whole control messages and whole batch frames, checked before they
 //! are parsed (nothing is buffered for a length above the limits).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
+use tokio::sync::Notify;
 
 use crate::codec::batch::{BatchHeader, FrameLimits, BATCH_HEADER_LEN};
 use crate::codec::stream::{check_mux_preamble, StreamHeader, StreamKind, MUX_PREAMBLE_LEN, STREAM_HEADER_LEN};
 use crate::codec::{BatchDecoder, ControlMessage, DecodedBatch};
 use crate::config::SMALL_FRAME_BYTES;
 use crate::net::error::NetError;
+use crate::protocol::outbox::Outbox;
 
 /// Reads control messages off a stream.
 pub(crate) struct ControlReader {
@@ -45,12 +48,49 @@ pub(crate) async fn write_control(send: &mut SendStream, msg: &ControlMessage) -
     Ok(())
 }
 
-/// Sends the messages queued on `rx` on a control stream, in order, until the queue or the stream
-/// closes.
-pub(crate) async fn control_writer(mut send: SendStream, mut rx: tokio::sync::mpsc::UnboundedReceiver<ControlMessage>) {
-    while let Some(msg) = rx.recv().await {
+/// The sending side of a control stream: messages wait in an [`Outbox`], coalesced per space while
+/// the peer reads slowly, and [`control_writer`] writes them in order.
+#[derive(Clone, Default)]
+pub(crate) struct ControlSender {
+    shared: Arc<ControlShared>,
+}
+
+#[derive(Default)]
+struct ControlShared {
+    outbox: Mutex<Outbox>,
+    ready: Notify,
+    /// The writer stopped (its stream failed): nothing queued will be sent.
+    closed: AtomicBool,
+}
+
+/// The control stream's writer is gone: the session is ending.
+#[derive(Debug)]
+pub(crate) struct ControlClosed;
+
+impl ControlSender {
+    /// Queues `msg` for the stream; fails once the writer has stopped.
+    pub(crate) fn send(&self, msg: ControlMessage) -> Result<(), ControlClosed> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(ControlClosed);
+        }
+        crate::lock(&self.shared.outbox).push(msg);
+        self.shared.ready.notify_one();
+        Ok(())
+    }
+}
+
+/// Writes the messages `queue` receives on a control stream, in order, until the stream fails.
+pub(crate) async fn control_writer(mut send: SendStream, queue: ControlSender) {
+    let shared = queue.shared;
+    loop {
+        let next = crate::lock(&shared.outbox).pop();
+        let Some(msg) = next else {
+            shared.ready.notified().await;
+            continue;
+        };
         if let Err(e) = write_control(&mut send, &msg).await {
             tracing::debug!(error = %e, "control stream closed");
+            shared.closed.store(true, Ordering::Release);
             return;
         }
     }

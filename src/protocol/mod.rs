@@ -6,6 +6,8 @@
 //! - [`health`]: a replica's state from its lag: healthy, lagging, degraded, disconnected.
 //! - [`handshake`]: whether a replica's position can resume against the primary's log, and where.
 //! - [`admission`]: whether a replica takes a batch that arrived for a space, or asks for catch-up.
+//! - [`outbox`]: control messages waiting for their stream, coalesced per space so a slow peer
+//!   never makes them pile up.
 //! - [`liveness`]: heartbeat bookkeeping: RTT and dead-peer detection.
 //! - [`backoff`]: reconnect delays, exponential with jitter and a cap.
 
@@ -14,4 +16,5 @@ pub mod backoff;
 pub mod handshake;
 pub mod health;
 pub mod liveness;
+pub mod outbox;
 pub mod progress;

@@ -52,6 +52,19 @@ pub enum WalError {
         /// Where the logs differ.
         seq: Seq,
     },
+    /// A replicated entry's epoch is older than the epoch of the entry before it: epochs never go
+    /// backwards along a log, so these entries are no primary's history.
+    #[error("space {space}: entry {seq} is from epoch {epoch}, older than epoch {previous} of the entry before it; refused: no primary's log goes back in epochs (fetch the entries again)")]
+    EpochBackwards {
+        /// The space.
+        space: SpaceId,
+        /// The entry refused.
+        seq: Seq,
+        /// Its epoch.
+        epoch: crate::types::Epoch,
+        /// The epoch of the entry before it.
+        previous: crate::types::Epoch,
+    },
     /// A replicated entry fails its end-to-end checksum.
     #[error(
         "space {space}: entry {seq} fails its checksum; it was damaged in transit or by its sender: fetch it again"

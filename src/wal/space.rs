@@ -292,7 +292,8 @@ impl SpaceWal {
     /// Every entry's checksum is verified first ([`WalError::BadChecksum`]). Entries the log already holds
     /// identically (same checksum, length and epoch) are skipped, so re-sending after a reconnect is
     /// harmless; a different entry at a held sequence is [`WalError::Conflict`]; a missing sequence is
-    /// [`WalError::Gap`]. Entries older than retention cannot be compared and are skipped. The batch is
+    /// [`WalError::Gap`]; a new entry of an older epoch than the one before it is
+    /// [`WalError::EpochBackwards`]. Entries older than retention cannot be compared and are skipped. The batch is
     /// checked entirely before anything is written: on error nothing is appended.
     pub fn append_replicated(&self, entries: &[Entry]) -> Result<ReplicatedAppend, WalError> {
         self.append_replicated_checked(entries, Checksums::Verify)
@@ -341,6 +342,15 @@ impl SpaceWal {
             for e in entries {
                 let next = Seq(last.0 + 1 + accepted.len() as u64);
                 if e.seq == next {
+                    let previous = accepted.last().map_or(st.last_epoch, |a| a.epoch);
+                    if e.epoch < previous {
+                        return Err(WalError::EpochBackwards {
+                            space: self.inner.space.clone(),
+                            seq: e.seq,
+                            epoch: e.epoch,
+                            previous,
+                        });
+                    }
                     accepted.push(e.clone());
                     continue;
                 }

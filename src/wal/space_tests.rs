@@ -308,6 +308,21 @@ fn append_replicated_is_idempotent_and_strict() {
         let batch = [entries[30].clone(), entries[32].clone()];
         assert!(matches!(replica.append_replicated(&batch), Err(WalError::Gap { .. })));
         assert_eq!(replica.last_seq(), Seq(30));
+        // Epochs going backwards: after the log's last epoch, and within a batch.
+        let with_epoch = |e: &Entry, epoch: u64| {
+            let mut e = e.clone();
+            e.epoch = Epoch(epoch);
+            e.crc = entry_crc(e.seq, e.epoch, e.timestamp_us, e.kind, &e.payload);
+            e
+        };
+        let older = with_epoch(&entries[30], 0);
+        assert!(matches!(
+            replica.append_replicated(&[older]),
+            Err(WalError::EpochBackwards { seq: Seq(31), epoch: Epoch(0), previous: Epoch(1), .. })
+        ));
+        let batch = [with_epoch(&entries[30], 3), with_epoch(&entries[31], 2)];
+        assert!(matches!(replica.append_replicated(&batch), Err(WalError::EpochBackwards { seq: Seq(32), .. })));
+        assert_eq!(replica.last_seq(), Seq(30));
 
         let r = replica.append_replicated(&entries[30..]).unwrap();
         assert_eq!(r, ReplicatedAppend { appended: 30, skipped: 0, last_seq: Seq(60) });

@@ -204,7 +204,9 @@ impl Primary {
                     let lag = lock(&ship.progress).lag(head, age, per_entry);
                     (sent, durable, applied, lag, inflight, lock(&ship.error).clone())
                 }
-                None => (Seq::ZERO, Seq::ZERO, Seq::ZERO, Lag::default(), 0, None),
+                // Not compared with the replica's copy yet (a new connection compares its spaces in
+                // chunks): nothing counts as held there, so the replica is not reported healthy.
+                None => (Seq::ZERO, Seq::ZERO, Seq::ZERO, Lag { entries: head.0, ..Lag::default() }, 0, None),
             };
             view.max_lag.entries = view.max_lag.entries.max(lag.entries);
             view.max_lag.bytes = view.max_lag.bytes.max(lag.bytes);

@@ -19,7 +19,7 @@ use crate::codec::control::{ErrorCode, ErrorMessage, SpacePosition, SpaceRange, 
 use crate::codec::{CodecCounts, ControlMessage, PROTOCOL_VERSION};
 use crate::config::HeartbeatConfig;
 use crate::net::error::NetError;
-use crate::net::framed::{control_writer, write_control, ControlReader};
+use crate::net::framed::{control_writer, write_control, ControlReader, ControlSender};
 use crate::net::heartbeat::{self, store_summary};
 use crate::net::status::TrafficTotals;
 use crate::net::tls;
@@ -37,7 +37,7 @@ pub(super) struct Session {
     pub(super) conn: Connection,
     pub(super) spaces: Mutex<HashMap<SpaceId, Arc<SpaceShip>>>,
     pub(super) liveness: Arc<Mutex<Liveness>>,
-    pub(super) control: mpsc::UnboundedSender<ControlMessage>,
+    pub(super) control: ControlSender,
     /// In single-stream mode: the queue of the one multiplexed stream; each item is a stream header
     /// followed by the pieces of one frame.
     pub(super) mux: Option<mpsc::Sender<Vec<Bytes>>>,
@@ -163,7 +163,7 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     }
 
     // Register the session; a newer connection from the same replica replaces the older one.
-    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let outbox = ControlSender::default();
     let (mux, mux_rx) = match shared.config.single_stream {
         true => {
             let (tx, rx) = mpsc::channel(MUX_QUEUE_FRAMES);
@@ -179,7 +179,7 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
             tokio::time::Instant::now().into_std(),
             shared.config.heartbeat.timeout,
         ))),
-        control: control_tx,
+        control: outbox.clone(),
         mux,
         credit: Arc::new(Semaphore::new(shared.config.max_replica_inflight_bytes)),
         // A replica configured with smaller frames gets smaller batches (not frames it must refuse).
@@ -254,7 +254,7 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     tracing::info!(replica = %name, addr = %conn.remote_address(), spaces = positions.len(), "replica connected");
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(control_writer(send, control_rx));
+    tasks.spawn(control_writer(send, outbox));
     tasks.spawn(control_reader(shared.clone(), session.clone(), control));
     if let Some(rx) = mux_rx {
         tasks.spawn(mux_writer(conn.clone(), rx));

@@ -17,7 +17,7 @@ use crate::net::framed::{
     read_batch, read_mux_header, read_mux_preamble_rest, read_stream_header_rest, read_stream_kind,
 };
 use crate::net::{close, lock, stream_code};
-use crate::protocol::admission::{admit, admit_stream, Admission, Expected};
+use crate::protocol::admission::{admit, admit_stream, Expected, LogEnd};
 use crate::types::Seq;
 use crate::wal::{SyncPolicy, WalError};
 
@@ -209,10 +209,8 @@ async fn apply_batch(
     let wal = &state.wal;
     let h = &batch.header;
     let expected = Expected { primary: session.primary_id, space_tag: space_tag(wal.space()), epoch: session.epoch };
-    match admit(h, &expected, wal.last_seq()).map_err(Reject::CatchUp)? {
-        Admission::Append => {}
-        Admission::AlreadyHeld => return Ok(()),
-    }
+    let (last_seq, last_epoch) = (wal.last_seq(), wal.last_epoch());
+    admit(h, &expected, LogEnd { last_seq, last_epoch }).map_err(Reject::CatchUp)?;
     // An fsync, the write of a large batch or a new segment file blocks: keep it off the runtime's
     // threads, which must keep draining the UDP socket (a stalled endpoint drops packets at the socket).
     let blocking = matches!(shared.config.wal.sync, SyncPolicy::Always)
@@ -231,7 +229,9 @@ async fn apply_batch(
         Ok(_) => {}
         Err(e @ WalError::Conflict { .. }) => return Err(Reject::Diverged(e.to_string())),
         // Bad entries were caught by the decoder; what is left is this node's own failure.
-        Err(e @ (WalError::BadChecksum { .. } | WalError::Gap { .. })) => return Err(Reject::CatchUp(e.to_string())),
+        Err(e @ (WalError::BadChecksum { .. } | WalError::Gap { .. } | WalError::EpochBackwards { .. })) => {
+            return Err(Reject::CatchUp(e.to_string()))
+        }
         Err(e) => return Err(Reject::Local(format!("local append failed: {e}"))),
     }
     // With a hook, the space's applier picks the entries up from the WAL once durable; without

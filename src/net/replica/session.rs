@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quinn::Connection;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::receive::receive_stream;
@@ -16,7 +15,7 @@ use super::{Shared, SpaceState};
 use crate::codec::control::{Ack, Hello, SpaceAck, SpacePosition, DEFAULT_MAX_CONTROL_BYTES};
 use crate::codec::{ControlMessage, PROTOCOL_VERSION};
 use crate::net::error::NetError;
-use crate::net::framed::{control_writer, write_control, AssemblyBudget, ControlReader};
+use crate::net::framed::{control_writer, write_control, AssemblyBudget, ControlReader, ControlSender};
 use crate::net::heartbeat::{self, store_summary};
 use crate::net::status::ConnectionState;
 use crate::net::tls;
@@ -33,7 +32,7 @@ pub(super) struct Session {
     pub(super) liveness: Arc<Mutex<Liveness>>,
     pub(super) primary_id: NodeId,
     pub(super) epoch: Epoch,
-    pub(super) control: mpsc::UnboundedSender<ControlMessage>,
+    pub(super) control: ControlSender,
     /// Large frames being received or applied, held to twice the primary's announced credit.
     pub(super) assembly: Arc<AssemblyBudget>,
 }
@@ -157,17 +156,17 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
     shared.set_state(ConnectionState::Connected, None);
     tracing::info!(primary = %welcome.primary_name, epoch = %welcome.epoch, "connected to the primary");
 
-    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let outbox = ControlSender::default();
     let session = Session {
         conn: conn.clone(),
         liveness: liveness.clone(),
         primary_id: welcome.primary_id,
         epoch: welcome.epoch,
         assembly,
-        control: control_tx,
+        control: outbox.clone(),
     };
     let mut tasks = JoinSet::new();
-    tasks.spawn(control_writer(send, control_rx));
+    tasks.spawn(control_writer(send, outbox));
     tasks.spawn(control_reader(shared.clone(), control, conn.clone()));
     tasks.spawn(ack_loop(shared.clone(), session.clone()));
     {
