@@ -712,6 +712,7 @@ impl Inner {
     fn write_run(&self, st: &mut State, entries: &mut [Entry]) -> Result<(), WalError> {
         let before = st.last_seq;
         let result = self.write_parts(st, entries);
+        st.tail.end_run();
         st.tail.settle_if_due();
         if st.last_seq != before {
             publish(&self.last_tx, st.last_seq);
