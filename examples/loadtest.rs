@@ -12,8 +12,9 @@
 //! `--processes` runs the `primary` and `replica` example binaries instead; both modes build their
 //! report from one [`Outcome`], so the JSON has the same keys wherever the data exists.
 //!
-//! Ctrl-C (or SIGTERM) in process stops the writer, then converges, verifies and reports as usual,
-//! marked interrupted; a second one quits at once, removing the temporary folder.
+//! Ctrl-C (or SIGTERM) stops the writer (with `--processes`, the primary's, through its
+//! `--stop-writing-file`), then converges, verifies and reports as usual, marked interrupted; a
+//! second one quits at once, stopping the nodes and removing the temporary folder.
 
 mod common;
 
@@ -291,6 +292,23 @@ fn watch_signals(console: &Console, first: &'static str, quit: Option<Leftovers>
         std::process::exit(130);
     });
     Ok(flag)
+}
+
+/// For runs of separate processes: the first SIGINT/SIGTERM sets `stop_writing` (printing
+/// `first`), the second sets `abort`, which ends the run without a report (the nodes are
+/// stopped as their handles drop, which `process::exit` would skip).
+fn watch_signals_twice(console: &Console, first: &'static str) -> std::io::Result<(Arc<AtomicBool>, Arc<AtomicBool>)> {
+    let mut signals = Signals::new()?;
+    let (stop_writing, abort) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let (s, a, console) = (stop_writing.clone(), abort.clone(), console.clone());
+    tokio::spawn(async move {
+        signals.next().await;
+        s.store(true, Ordering::SeqCst);
+        console.line(first);
+        signals.next().await;
+        a.store(true, Ordering::SeqCst);
+    });
+    Ok((stop_writing, abort))
 }
 
 /// What a report needs to be compared with another machine's: versions, OS, CPUs.
@@ -1414,13 +1432,11 @@ mod processes {
         let report_file = claim_report_file(&args)?;
         let dir = tempfile::tempdir()?;
         let console = Console::new(args.quiet, args.duration)?;
-        // The first signal ends the run: the primary binary writes until its --total.
-        let interrupted = watch_signals(
+        let signals = watch_signals_twice(
             &console,
-            "interrupted: stopping the nodes (no report: the primary process writes until its total)",
-            None,
+            "interrupted: stopping the primary's writer, then converging, verifying and reporting (Ctrl-C again to stop the nodes at once)",
         )?;
-        let result = run_nodes(&args, imp, &bin_dir, dir.path(), &console, &interrupted).await;
+        let result = run_nodes(&args, imp, &bin_dir, dir.path(), &console, &signals).await;
         console.bar.finish_and_clear();
         let unclaimed = Leftovers { dir: None, report: report_file };
         match result {
@@ -1433,7 +1449,7 @@ mod processes {
             }
             Err(f) if f.interrupted => {
                 unclaimed.remove();
-                Err("interrupted; the nodes are stopped and their folder removed".into())
+                Err("interrupted twice; the nodes are stopped and their folder removed".into())
             }
             Err(f) => {
                 unclaimed.remove();
@@ -1455,6 +1471,8 @@ mod processes {
         link: Link,
         /// Entries the primary's writer writes.
         total: u64,
+        /// The file whose existence tells the primary to stop writing (`--stop-writing-file`).
+        stop_writing_file: PathBuf,
     }
 
     impl Nodes {
@@ -1490,6 +1508,7 @@ mod processes {
                 .stderr(log);
             Ok(Node { name: name.to_string(), child: cmd.spawn()?, status, log: log_path })
         };
+        let stop_writing_file = dir.join("stop-writing");
         let mut pextra: Vec<String> = [
             ("--listen", paddr.to_string()),
             ("--spaces", args.spaces.to_string()),
@@ -1498,6 +1517,7 @@ mod processes {
             ("--total", total.to_string()),
             ("--compression", args.compression.to_string()),
             ("--seed", args.seed.to_string()),
+            ("--stop-writing-file", stop_writing_file.to_string_lossy().into_owned()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
@@ -1520,7 +1540,7 @@ mod processes {
             primary.child.id(),
             replicas.len(),
         );
-        Ok(Nodes { primary, replicas, link: Link::Udp(controls), total })
+        Ok(Nodes { primary, replicas, link: Link::Udp(controls), total, stop_writing_file })
     }
 
     /// What the write phase saw: the lag the primary reported for each replica, sampled from its
@@ -1534,10 +1554,13 @@ mod processes {
 
     /// Samples the primary's status until its writer has written everything, showing progress and
     /// following `--partition-at`.
+    /// Samples the primary's status until its writer has written everything, or stopped after
+    /// `stop_writing` was set (which then sets `nodes.total` to what it wrote).
     async fn sample_writes(
         args: &Args,
         nodes: &mut Nodes,
         console: &Console,
+        stop_writing: &AtomicBool,
         interrupted: &AtomicBool,
     ) -> Result<Sampled, Failure> {
         let names: Vec<String> = nodes.replicas.iter().map(|r| r.name.clone()).collect();
@@ -1545,9 +1568,15 @@ mod processes {
             names.iter().map(|_| Histogram::new_with_bounds(1, 3_600_000, 3)).collect::<Result<_, _>>()?;
         let started = Instant::now();
         let mut partitioned = false;
+        // Since when the primary was told to stop writing, and what it had written at the last look.
+        let mut stopping: Option<(Instant, u64)> = None;
         let writes_done = loop {
             nap(STATUS_EVERY, interrupted).await?;
             nodes.check_running()?;
+            if stopping.is_none() && stop_writing.load(Ordering::SeqCst) {
+                std::fs::write(&nodes.stop_writing_file, b"")?;
+                stopping = Some((Instant::now(), u64::MAX));
+            }
             let el = started.elapsed();
             if let Some(line) = nodes.link.follow_partition(args, el, &mut partitioned) {
                 console.line(line);
@@ -1562,6 +1591,15 @@ mod processes {
             console.progress(el, entries(&p), &views);
             if entries(&p) >= nodes.total {
                 break mtime;
+            }
+            if let Some((since, seen)) = stopping.as_mut() {
+                // Stopped: no new entry over a look at least two status periods after the file
+                // appeared (the primary checks for it every period).
+                if *seen == entries(&p) && since.elapsed() >= STATUS_EVERY * 3 {
+                    nodes.total = entries(&p);
+                    break mtime;
+                }
+                *seen = entries(&p);
             }
             if el > args.duration * 3 + Duration::from_secs(30) {
                 return Err(format!("the primary wrote {} of {} entries in {el:?}", entries(&p), nodes.total).into());
@@ -1611,11 +1649,12 @@ mod processes {
         bin_dir: &Path,
         dir: &Path,
         console: &Console,
-        interrupted: &AtomicBool,
+        (stop_writing, abort): &(Arc<AtomicBool>, Arc<AtomicBool>),
     ) -> Result<Outcome, Failure> {
+        let interrupted = abort.as_ref();
         let mut nodes = spawn_nodes(args, imp, bin_dir, dir)?;
         println!("{}", banner(args, &imp));
-        let sampled = sample_writes(args, &mut nodes, console, interrupted).await?;
+        let sampled = sample_writes(args, &mut nodes, console, stop_writing, interrupted).await?;
         console.bar.finish_and_clear();
         println!("writes done after {:.1}s; waiting for convergence ...", sampled.write_time.as_secs_f64());
         let convergence = converge(args, &mut nodes, sampled.writes_done, interrupted).await?;
@@ -1653,7 +1692,7 @@ mod processes {
         }
         Ok(Outcome {
             mode: "processes",
-            interrupted: false,
+            interrupted: stop_writing.load(Ordering::SeqCst),
             differences,
             convergence,
             entries_written: plogs.iter().map(|l| l.1).sum(),

@@ -45,6 +45,10 @@ struct Args {
     /// Stop writing after this many entries (and go on serving replicas until stopped).
     #[arg(long)]
     total: Option<u64>,
+    /// Stop writing (and go on serving replicas) once this file exists: how a load test ends the
+    /// writes of a run it was told to cut short. Checked every --status-every.
+    #[arg(long)]
+    stop_writing_file: Option<std::path::PathBuf>,
     /// Epoch of this primary.
     #[arg(long, default_value_t = 1)]
     epoch: u64,
@@ -121,6 +125,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let mut last_written = 0;
     common::every_until_signal(args.report.status_every, |elapsed, new_second| {
+        if args.stop_writing_file.as_ref().is_some_and(|f| f.exists()) && !stop.swap(true, Ordering::Relaxed) {
+            println!(
+                "writes stopped: {} exists",
+                args.stop_writing_file.as_ref().map_or(String::new(), |f| f.display().to_string())
+            );
+        }
         let status = primary.status();
         args.report.publish(&status, status.spaces.len(), walship::net::metrics::record_primary);
         if !new_second {
