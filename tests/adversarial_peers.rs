@@ -463,70 +463,83 @@ async fn hostile_replica_catch_up_spam_does_not_grow_primary_memory_without_boun
 }
 
 // ---------------------------------------------------------------------------------------------
-// 7. Hostile replica: opens many streams of its own and fills them; garbage datagrams.
+// 7. Hostile replica: streams the protocol never has a replica open; garbage datagrams.
 // ---------------------------------------------------------------------------------------------
 
-/// The primary never accepts uni streams from a replica: everything the replica writes on them
-/// sits in the primary's quinn buffers, bounded only by the connection receive window (64 MiB by
-/// default, shared with the primary's transport settings). Asserts the bound holds (RSS growth
-/// below 64 MiB + slack) while 2,000 streams of 256 KiB each (500 MiB) are attempted.
+/// A replica never opens data streams, nor a second control stream: the primary closes the
+/// connection at the first (it used to leave them unread, their data held in its buffers up to
+/// the connection's 64 MiB receive window). A garbage datagram closes it too, without a panic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_replica_streams_of_its_own_stay_within_the_connection_window() {
-    let _alone = MEMORY.write().await;
+async fn hostile_replica_streams_of_its_own_close_the_connection() {
+    let _shared = MEMORY.read().await;
     let c = Cluster::new();
     let mut pcfg = c.primary_config("127.0.0.1:0".parse().unwrap());
     pcfg.heartbeat.timeout = Duration::from_secs(600);
     let p = Primary::start(pcfg, c.ca.issue("primary").unwrap()).await.unwrap();
-    let ep = client_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &c.ca.issue("replica-1").unwrap(),
-        &TransportSettings::default(),
-    )
-    .unwrap();
-    let conn = ep.connect(p.local_addr(), "primary").unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let hello = ControlMessage::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        node_id: NodeId::from_name("replica-1"),
-        node_name: "replica-1".into(),
-        epoch: Epoch(0),
-        instance: 9,
-        max_batch_bytes: walship::codec::FrameLimits::default().max_batch_bytes as u64,
-        spaces: vec![],
-    });
-    send.write_all(&hello.encode().unwrap()).await.unwrap();
-    let mut buf = BytesMut::new();
-    assert!(matches!(next_control(&mut recv, &mut buf).await, ControlMessage::Welcome(_)));
-    let base = rss_bytes();
-    let chunk = Bytes::from(vec![0xABu8; 256 * 1024]);
-    let mut writers = tokio::task::JoinSet::new();
-    for _ in 0..2000 {
-        let conn = conn.clone();
-        let chunk = chunk.clone();
-        writers.spawn(async move {
-            let Ok(mut st) = conn.open_uni().await else { return None };
-            let _ = tokio::time::timeout(Duration::from_secs(5), st.write_chunk(chunk)).await;
-            Some(st)
+    let connect = || async {
+        let ep = client_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            &c.ca.issue("replica-1").unwrap(),
+            &TransportSettings::default(),
+        )
+        .unwrap();
+        let conn = ep.connect(p.local_addr(), "primary").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let hello = ControlMessage::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: NodeId::from_name("replica-1"),
+            node_name: "replica-1".into(),
+            epoch: Epoch(0),
+            instance: 9,
+            max_batch_bytes: walship::codec::FrameLimits::default().max_batch_bytes as u64,
+            spaces: vec![],
         });
-    }
-    let mut held = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(r) = writers.join_next().await {
-            held.push(r);
+        send.write_all(&hello.encode().unwrap()).await.unwrap();
+        let mut buf = BytesMut::new();
+        assert!(matches!(next_control(&mut recv, &mut buf).await, ControlMessage::Welcome(_)));
+        (ep, conn, send, recv)
+    };
+    let closed_with = |conn: quinn::Connection| async move {
+        match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(c)) => String::from_utf8_lossy(&c.reason).into_owned(),
+            other => panic!("the primary did not close the connection: {other:?}"),
         }
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let grown = rss_bytes().saturating_sub(base);
-    println!("RSS grew {} MiB (both sides in this process)", grown >> 20);
-    // Garbage datagrams: the primary closes (protocol) rather than panic.
+    };
+
+    let (_ep, conn, _send, _recv) = connect().await;
+    let mut st = conn.open_uni().await.unwrap();
+    let _ = st.write_all(&vec![0xAB; 256 * 1024]).await;
+    assert!(closed_with(conn).await.contains("unexpected stream: a data stream"));
+
+    let (_ep, conn, _send, _recv) = connect().await;
+    let (mut st, _) = conn.open_bi().await.unwrap();
+    let _ = st.write_all(b"more control").await;
+    assert!(closed_with(conn).await.contains("unexpected stream: a second control stream"));
+
+    let (_ep, conn, _send, _recv) = connect().await;
     let _ = conn.send_datagram(Bytes::from_static(b"\xff\xff\xff garbage"));
-    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
-    assert!(closed.is_ok(), "a garbage datagram did not close the connection");
-    // Both endpoints live in this process: the client side holds its own send buffers (send
-    // window 64 MiB) too.
-    assert!(grown < 200 << 20, "RSS grew {} MiB", grown >> 20);
+    closed_with(conn).await;
     p.shutdown().await;
+}
+
+/// Nor does a primary ever open a control stream: the replica closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_primary_control_stream_of_its_own_closes_the_connection() {
+    let _shared = MEMORY.read().await;
+    let c = Cluster::new();
+    let HandDrivenPrimary { replica, endpoint: _ep, conn, mut send, recv: _recv } =
+        hand_driven_primary(&c, |_| {}).await;
+    send_welcome(&mut send, 1, &[]).await;
+    wait_for("connected", || replica.status().connection == walship::net::status::ConnectionState::Connected).await;
+    let (mut st, _) = conn.open_bi().await.unwrap();
+    let _ = st.write_all(b"a control stream from the primary").await;
+    match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            assert!(String::from_utf8_lossy(&c.reason).contains("unexpected stream"), "{c:?}")
+        }
+        other => panic!("the replica did not close the connection: {other:?}"),
+    }
+    replica.shutdown().await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -73,6 +73,24 @@ async fn redial<S, F>(
     }
 }
 
+/// Closes `conn` (protocol violation) as soon as the peer opens a stream the protocol never has
+/// it open: `uni` for data streams (only a primary opens them), `bi` for control streams (a
+/// replica opens one, which the caller has accepted already). Unread, their data would sit in the
+/// connection's buffers, up to its receive window.
+async fn refuse_unexpected_streams(conn: quinn::Connection, uni: bool, bi: bool) {
+    let accepted = async {
+        tokio::select! {
+            r = conn.accept_uni(), if uni => r.map(|_| "a data stream"),
+            r = conn.accept_bi(), if bi => r.map(|_| "a second control stream"),
+            else => std::future::pending().await,
+        }
+    };
+    if let Ok(what) = accepted.await {
+        tracing::warn!(remote = %conn.remote_address(), "the peer opened {what}; closing the connection");
+        conn.close(close::PROTOCOL, format!("unexpected stream: {what}").as_bytes());
+    }
+}
+
 /// Whether a connection failed on a certificate: a configuration error that retrying does not
 /// fix, worth a warning rather than the info line of an ordinary reconnect.
 pub(crate) fn is_certificate_error(reason: &str) -> bool {

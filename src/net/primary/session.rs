@@ -254,6 +254,7 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     tracing::info!(replica = %name, addr = %conn.remote_address(), spaces = positions.len(), "replica connected");
 
     let mut tasks = JoinSet::new();
+    tasks.spawn(crate::net::refuse_unexpected_streams(conn.clone(), true, true));
     tasks.spawn(control_writer(send, outbox));
     tasks.spawn(control_reader(shared.clone(), session.clone(), control));
     if let Some(rx) = mux_rx {

@@ -166,6 +166,7 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
         control: outbox.clone(),
     };
     let mut tasks = JoinSet::new();
+    tasks.spawn(crate::net::refuse_unexpected_streams(conn.clone(), false, true));
     tasks.spawn(control_writer(send, outbox));
     tasks.spawn(control_reader(shared.clone(), control, conn.clone()));
     tasks.spawn(ack_loop(shared.clone(), session.clone()));
