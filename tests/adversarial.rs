@@ -103,8 +103,13 @@ async fn primary_cut_back_and_rewritten_shorter_than_the_replica_is_noticed() {
 // ---------------------------------------------------------------------------------------------
 
 async fn hand_primary(c: &Cluster) -> Primary {
+    hand_primary_with(c, |_| {}).await
+}
+
+async fn hand_primary_with(c: &Cluster, tweak: impl FnOnce(&mut walship::config::PrimaryConfig)) -> Primary {
     let mut cfg = c.primary_config("127.0.0.1:0".parse().unwrap());
     cfg.heartbeat.timeout = Duration::from_secs(120);
+    tweak(&mut cfg);
     Primary::start(cfg, c.ca.issue("primary").unwrap()).await.unwrap()
 }
 
@@ -561,4 +566,42 @@ async fn a_diverged_replica_never_counts_toward_wait_durable() {
     );
     r.shutdown().await;
     primary.shutdown().await;
+}
+
+/// The log is cut back while the space's shipper waits for acks (its window of unacknowledged
+/// bytes is full). Acks after a cut are ignored, so they cannot wake it: the wait must end on the
+/// cut itself and close the session. It used to wait for ever, the replica keeping the old
+/// entries past the cut and never getting the new ones, with no error anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_while_the_shippers_window_is_full_closes_the_session() {
+    let c = Cluster::new();
+    let p = hand_primary_with(&c, |cfg| cfg.max_unacked_bytes = 4096).await;
+    let space = SpaceId::new("window").unwrap();
+    let mut rng = Rng(42);
+    for _ in 1..=50u64 {
+        p.append(&space, 1, Bytes::from(rng.bytes(1000))).unwrap();
+    }
+    let (_ep, conn, mut send, mut recv, mut buf) = hand_replica(&c, &p, vec![], vec![]).await;
+    assert!(matches!(next_control(&mut recv, &mut buf).await, ControlMessage::Welcome(_)));
+    let view = || space_view(&p, "replica-1", &space);
+    wait_for("a window's worth sent", || view().is_some_and(|v| v.sent >= Seq(5))).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = view().unwrap().sent;
+    assert!(sent < Seq(50) || view().unwrap().inflight_bytes > 4096, "window not full: sent {sent}");
+
+    p.space(&space).unwrap().truncate_suffix(Seq(3)).unwrap();
+    for i in 4..=8u64 {
+        p.append(&space, 1, Bytes::from(format!("new-{i}"))).unwrap();
+    }
+    // A real replica keeps acking what it holds (of the old log); the write fails once closed.
+    let ack =
+        ControlMessage::Ack(Ack { spaces: vec![SpaceAck { space: space.clone(), durable: Seq(3), applied: Seq(3) }] });
+    let _ = send.write_all(&ack.encode().unwrap()).await;
+    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+            assert!(String::from_utf8_lossy(&close.reason).contains("cut back"), "{close:?}")
+        }
+        other => panic!("5 s after the cut the session is still open ({other:?}): sent {sent}, status {:?}", view()),
+    }
+    p.shutdown().await;
 }

@@ -375,6 +375,9 @@ async fn a_replica_behind_retention_gets_a_typed_error_for_that_space_only() {
     assert_eq!(r1.space(&gone).unwrap().last_seq().0, 20, "nothing may be applied across the hole");
     let view = primary.status().replicas.remove(0);
     assert!(view.spaces.iter().any(|s| s.space == gone && s.error.is_some()));
+    // Only a snapshot helps that copy: it does not hold the space's retention back.
+    assert_eq!(primary.durable_everywhere(&gone), None);
+    wait_for("the kept space's acks", || primary.durable_everywhere(&kept) == Some(walship::Seq(2_020))).await;
     r1.shutdown().await;
     primary.shutdown().await;
 }
@@ -414,8 +417,16 @@ async fn retention_up_to_durable_everywhere_keeps_what_an_absent_replica_needs()
     assert_eq!(entries.len(), 1_300);
     assert!(entries.iter().enumerate().all(|(i, e)| e.seq.0 == i as u64 + 1 && e.payload == payload(&s, e.seq.0)));
     assert!(r2.status().spaces.iter().all(|sp| sp.error.is_none()), "{:?}", r2.status().spaces);
-    r1.shutdown().await;
+
+    // A decommissioned replica stops holding retention back once forgotten (not while connected).
+    assert!(!primary.forget_replica("replica-2"), "a connected replica is not forgotten");
     r2.shutdown().await;
+    write(&primary, std::slice::from_ref(&s), 100).await;
+    assert_eq!(primary.wait_durable(&s, walship::Seq(1_400), 1, DEADLINE).await, ["replica-1"]);
+    assert_eq!(primary.durable_everywhere(&s), Some(walship::Seq(1_300)), "replica-2 counts with its last ack");
+    wait_for("replica-2's connection to end", || primary.forget_replica("replica-2")).await;
+    assert_eq!(primary.durable_everywhere(&s), Some(walship::Seq(1_400)));
+    r1.shutdown().await;
     primary.shutdown().await;
 }
 

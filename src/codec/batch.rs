@@ -205,6 +205,19 @@ pub struct CodecCounts {
     pub bytes_out: u64,
 }
 
+impl CodecCounts {
+    /// What was counted since `earlier` (a snapshot of the same counter).
+    pub fn since(&self, earlier: &CodecCounts) -> CodecCounts {
+        CodecCounts {
+            compressed: self.compressed.saturating_sub(earlier.compressed),
+            too_small: self.too_small.saturating_sub(earlier.too_small),
+            incompressible: self.incompressible.saturating_sub(earlier.incompressible),
+            bytes_in: self.bytes_in.saturating_sub(earlier.bytes_in),
+            bytes_out: self.bytes_out.saturating_sub(earlier.bytes_out),
+        }
+    }
+}
+
 impl std::ops::AddAssign for CodecCounts {
     fn add_assign(&mut self, o: CodecCounts) {
         self.compressed += o.compressed;

@@ -106,6 +106,9 @@ struct Inner {
     armed: AtomicBool,
     /// `State::generation`, readable without the lock: shippers and appliers check it per batch.
     truncations: AtomicU64,
+    /// Wakes [`SpaceWal::wait_for_cut`] callers: on suffix truncations only, so a waiter costs
+    /// appends nothing.
+    cut: tokio::sync::Notify,
     /// Keeps the Interval policy's thread alive while this log is.
     _syncer: Option<Syncer>,
     /// The space folder, locked so that a second open fails instead of writing over this one.
@@ -214,6 +217,7 @@ impl SpaceWal {
             appended: tokio::sync::Notify::new(),
             armed: AtomicBool::new(false),
             truncations: AtomicU64::new(0),
+            cut: tokio::sync::Notify::new(),
             state: Mutex::new(state),
             disk: RwLock::new(()),
             retention: Mutex::new(()),
@@ -534,6 +538,7 @@ impl SpaceWal {
         let generation = st.generation;
         st.cuts.push((generation, after));
         inner.truncations.store(generation, Ordering::Release);
+        inner.cut.notify_waiters();
         inner.durability.truncated(after, st.generation);
         publish(&inner.last_tx, after);
         inner.wake_waiters();
@@ -640,6 +645,20 @@ impl SpaceWal {
             return;
         }
         notified.await;
+    }
+
+    /// Resolves once the log has had a suffix truncation since the caller saw `truncations` of
+    /// them. Unlike [`SpaceWal::wait_for_or_cut`], appends never wake it.
+    pub async fn wait_for_cut(&self, truncations: u64) {
+        loop {
+            let notified = self.inner.cut.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.truncations() != truncations {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Receiver of `durable_seq` changes.

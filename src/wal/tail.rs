@@ -145,13 +145,24 @@ impl MemTail {
                 evicted = true;
             }
         }
-        if evicted {
+        // Not the run being pushed: its later entries are slices of the same buffer, which
+        // compacting now would not free (and its accounts would forget).
+        if evicted && !self.front_run_open() {
             self.compact_front();
         }
     }
 
+    /// The oldest run is the one still being pushed to.
+    fn front_run_open(&self) -> bool {
+        self.run_open && self.runs.len() == 1
+    }
+
     /// Ends the run of pushes of one write: the next push starts a new [`Run`].
     pub fn end_run(&mut self) {
+        if self.front_run_open() {
+            // Its oldest entries may have been evicted by its own later ones.
+            self.compact_front();
+        }
         self.run_open = false;
     }
 
@@ -494,6 +505,90 @@ mod tests {
         t.settle();
         assert_eq!(t.len(), 10);
         assert!(t.entries.iter().all(|e| !inside(&e.payload) && e.payload == slice(e.seq.0)));
+    }
+
+    /// A tail whose own limit is smaller than one write (one replica frame) evicts during the
+    /// write: what is left of it is compacted when the write ends, not while its later entries,
+    /// slices of the same frame, are still coming (that freed nothing, and the run's accounts
+    /// then forgot the frame: every entry left pinned it).
+    #[test]
+    fn entries_left_of_a_frame_larger_than_the_tail_get_their_own() {
+        let frame = Bytes::from((0..100_000u32).map(|i| i as u8).collect::<Vec<u8>>());
+        let inside = |b: &Bytes| {
+            (frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len()).contains(&(b.as_ptr() as usize))
+        };
+        let slice = |i: u64| frame.slice((i as usize - 1) * 1000..i as usize * 1000);
+        // Room for 10 of the frame's 100 entries.
+        let mut t = MemTail::new(10 * (1000 + RECORD_HEADER_LEN), 1000);
+        for s in 1..=100 {
+            t.push(Entry::new(Seq(s), Epoch(1), 0, 0, slice(s)));
+        }
+        t.end_run();
+        assert_eq!(t.len(), 10);
+        let pinning = t.entries.iter().filter(|e| inside(&e.payload)).count();
+        assert_eq!(pinning, 0, "{pinning} of the 10 entries left still pin the whole 100 KB frame");
+    }
+
+    /// Random pushes (in runs), evictions, budget cuts, truncations and retention keep
+    /// the runs an exact partition of the entries, and `held` their payload bytes.
+    #[test]
+    fn runs_stay_consistent_with_entries() {
+        fn check(t: &MemTail) {
+            let mut i = 0usize;
+            for r in &t.runs {
+                let (mut held, mut seq) = (0usize, r.first);
+                assert!(r.first <= r.last);
+                while seq <= r.last {
+                    let e = &t.entries[i];
+                    assert_eq!(e.seq, seq);
+                    held += e.payload.len();
+                    i += 1;
+                    seq = seq.next();
+                }
+                assert_eq!(held, r.held);
+            }
+            assert_eq!(i, t.entries.len());
+            assert!(!t.run_open || !t.runs.is_empty());
+        }
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for round in 0..200 {
+            let budget = TailBudget::new(200 + rnd(3000) as usize);
+            let mut t = MemTail::new(100 + rnd(2000) as usize, 1 + rnd(40) as usize);
+            t.share(budget);
+            let mut last = 0u64;
+            for _ in 0..300 {
+                match rnd(10) {
+                    0..=5 => {
+                        for _ in 0..1 + rnd(8) {
+                            last += 1;
+                            t.push(e(last, rnd(300) as usize));
+                            check(&t);
+                        }
+                        t.end_run();
+                        t.settle_if_due();
+                    }
+                    6 => t.settle(),
+                    7 => {
+                        let to = last.saturating_sub(rnd(6));
+                        t.truncate_after(Seq(to));
+                        last = to;
+                    }
+                    8 => {
+                        let first = t.first_seq().map_or(last + 1, |s| s.0);
+                        t.drop_before(Seq(first + rnd(4)));
+                    }
+                    _ => t.own_payloads(),
+                }
+                check(&t);
+                assert!(t.entries.back().is_none_or(|e| e.seq == Seq(last)), "round {round}");
+            }
+        }
     }
 
     /// The ring's slots are memory the byte budget does not see: a new tail holds none, and a

@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::codec::batch::ENTRY_HEADER_LEN;
+use crate::codec::control::ErrorCode;
 use crate::config::PrimaryConfig;
 use crate::entry::now_us;
 use crate::net::error::NetError;
@@ -270,22 +271,40 @@ impl Primary {
     }
 
     /// The last entry of `space` durable on every replica this primary has served since it
-    /// started (`None` before the first one connected), for retention: trimming the log up to it
-    /// (`primary.space(id)?.truncate_prefix(seq)`) never removes an entry one of them still
-    /// needs, which would leave that replica to be rebuilt from a snapshot (`Truncated`). A
-    /// disconnected replica counts with what it acked last; a replica not heard from since this
-    /// primary started is not known here: keep a floor of your own for it.
+    /// started, for retention: trimming the log up to it (`primary.space(id)?.truncate_prefix(seq)`)
+    /// never removes an entry one of them still needs, which would leave that replica to be
+    /// rebuilt from a snapshot (`Truncated`). A disconnected replica counts with what it acked
+    /// last, until [`Primary::forget_replica`]; a replica whose copy of the space must be rebuilt
+    /// from a snapshot anyway does not count. `None` if no replica counts (none connected yet). A
+    /// replica not heard from since this primary started is not known here: keep a floor of your
+    /// own for it.
     pub fn durable_everywhere(&self, space: &SpaceId) -> Option<Seq> {
         let links: Vec<Arc<ReplicaLink>> = lock(&self.shared.replicas).values().cloned().collect();
         links
             .iter()
-            .map(|link| {
+            .filter_map(|link| {
                 let session = lock(&link.current).clone();
-                let ship = session.and_then(|s| lock(&s.spaces).get(space).cloned());
-                // Not (yet) shipped to it, or refused there: it may need the whole log.
-                ship.map_or(Seq::ZERO, |ship| ship.durable_in_log())
+                match session.and_then(|s| lock(&s.spaces).get(space).cloned()) {
+                    // Not (yet) shipped to it: it may need the whole log.
+                    None => Some(Seq::ZERO),
+                    // It lacks entries retention already removed: only a snapshot helps it.
+                    Some(ship) if ship.refused == Some(ErrorCode::Truncated) => None,
+                    Some(ship) => Some(ship.durable_in_log()),
+                }
             })
             .min()
+    }
+
+    /// Forgets replica `name` (a decommissioned one): [`Primary::durable_everywhere`] no longer
+    /// waits for it and its status is no longer reported. Refused (false) while it is connected;
+    /// if it connects again later, it is known again from then on.
+    pub fn forget_replica(&self, name: &str) -> bool {
+        let mut replicas = lock(&self.shared.replicas);
+        let connected = replicas
+            .get(name)
+            .and_then(|link| lock(&link.current).clone())
+            .is_some_and(|s| s.conn.close_reason().is_none());
+        !connected && replicas.remove(name).is_some()
     }
 
     /// Closes the connection of replica `name`, if connected; the replica will reconnect and resume.

@@ -460,7 +460,7 @@ fn start_shippers(
             restart,
             error: Mutex::new(None),
             halted: std::sync::atomic::AtomicBool::new(false),
-            refused: start.is_err(),
+            refused: start.as_ref().err().map(|r| r.code),
             truncations,
             credits: Mutex::new(VecDeque::new()),
             codec: Mutex::new(Default::default()),

@@ -37,9 +37,10 @@ pub(super) struct SpaceShip {
     /// The replica reported this space diverged: retrying cannot help, only a catch-up request
     /// (after the operator repaired the replica) resumes it.
     pub(super) halted: std::sync::atomic::AtomicBool,
-    /// The handshake refused the space (the replica's copy is another log, or needs entries
-    /// retention removed): nothing is shipped, and the replica's acks are about its own entries.
-    pub(super) refused: bool,
+    /// Why the handshake refused the space (the replica's copy is another log, or needs entries
+    /// retention removed), if it did: nothing is shipped, and the replica's acks are about its
+    /// own entries.
+    pub(super) refused: Option<ErrorCode>,
     /// Suffix truncations of the space's log when the handshake compared it with the replica's.
     pub(super) truncations: u64,
     /// What the codec did with this space's batches in this session.
@@ -55,7 +56,7 @@ impl SpaceShip {
     /// handshake (the replica's entries past the cut are not this log's; the session is being
     /// closed), or past the log's end.
     pub(super) fn on_ack(&self, durable: Seq, applied: Seq) {
-        if self.refused || self.halted.load(Ordering::Acquire) || self.cut_since_handshake() {
+        if self.refused.is_some() || self.halted.load(Ordering::Acquire) || self.cut_since_handshake() {
             return;
         }
         let head = self.wal.last_seq();
@@ -71,7 +72,7 @@ impl SpaceShip {
     /// The last entry of this log as it is now that the replica holds durable, for `wait_durable`
     /// and retention: none of a space refused at the handshake, and none past a cut made since.
     pub(super) fn durable_in_log(&self) -> Seq {
-        if self.refused {
+        if self.refused.is_some() {
             return Seq::ZERO;
         }
         let durable = lock(&self.progress).durable();
@@ -262,6 +263,8 @@ async fn ship_stream(
             }
             tokio::select! {
                 _ = acked => {}
+                // Acks are ignored once the log was cut: a cut must end this wait itself.
+                _ = cut_since_handshake(ship) => return Ok(Interrupt::Closed.closing_on_cut(session, ship)),
                 r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
                 // Stopped while waiting: no ack will come for what is in flight.
                 code = sink.stopped() => return Ok(stopped_by_replica(ship, restart, code).await),
@@ -310,6 +313,7 @@ async fn ship_stream(
                         },
                         r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
                         code = sink.stopped() => return Ok(stopped_by_replica(ship, restart, code).await),
+                        _ = cut_since_handshake(ship) => return Ok(Interrupt::Closed.closing_on_cut(session, ship)),
                     },
                     fits => entries.truncate(fits),
                 },
@@ -320,6 +324,7 @@ async fn ship_stream(
         };
         let first_appended_us = entries[0].timestamp_us;
         let mut frame = Vec::with_capacity(4);
+        let counted_before = encoder.counts();
         let len = encoder.encode_parts(wal.space(), &entries, &mut frame)?;
         drop(entries);
         tokio::select! {
@@ -329,9 +334,12 @@ async fn ship_stream(
                 Err(e) => return Err(e.into()),
             },
             r = restart.changed() => { sink.reset(); return Ok(restart_or_closed(r, restart)) }
+            // A replica that stops reading holds the send here: a cut must end it too.
+            _ = cut_since_handshake(ship) => return Ok(Interrupt::Closed.closing_on_cut(session, ship)),
         }
         lock(&ship.progress).on_sent(first, last, len, first_appended_us);
-        *lock(&ship.codec) = encoder.counts();
+        // Only frames sent count (one abandoned by a restart does not).
+        *lock(&ship.codec) += encoder.counts().since(&counted_before);
         if let Some(permit) = credit {
             // An ack may have covered this frame already (the replica held its entries): then
             // nothing is in flight for it, and no later ack would give the credit back.
@@ -353,6 +361,19 @@ fn close_if_cut(session: &Session, ship: &SpaceShip) -> bool {
     tracing::warn!(space = %ship.wal.space(), "log cut back on the primary during the session; closing so the replica re-handshakes");
     session.conn.close(close::LOG_CUT, b"a space's log was cut back on the primary");
     true
+}
+
+/// Resolves once the space's log was cut back since the handshake (appends do not wake it).
+async fn cut_since_handshake(ship: &SpaceShip) {
+    ship.wal.wait_for_cut(ship.truncations).await
+}
+
+impl Interrupt {
+    /// `self`, after closing the session for a cut ([`close_if_cut`]).
+    fn closing_on_cut(self, session: &Session, ship: &SpaceShip) -> Interrupt {
+        close_if_cut(session, ship);
+        self
+    }
 }
 
 /// What a frame of `entries` costs against the replica's in-flight credit: its size once

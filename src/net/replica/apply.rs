@@ -39,8 +39,9 @@ pub trait ApplyHook: Send + Sync + 'static {
     /// The replica's log of `space` was cut back to `after` (`SpaceWal::truncate_suffix`, the
     /// repair of a diverged space) while entries past it had been handed to the hook (applied, or
     /// in a call that panicked): roll the state back to `after` (rebuild it from a checkpoint,
-    /// replaying the log up to `after`). The entries that the log holds past `after` from then on
-    /// come to [`ApplyHook::apply`] again, the new ones at the old sequences included. The default
+    /// replaying the log up to `after`). Once this returns, the state counts as the log up to
+    /// `after`, entries the hook had not applied yet included: only the entries past `after`
+    /// come to [`ApplyHook::apply`] from then on, the new ones at the old sequences included. The default
     /// does nothing, which is right only for a server that never truncates a running replica's
     /// spaces.
     fn truncated<'a>(&'a self, space: &'a SpaceId, after: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {

@@ -213,8 +213,10 @@ async fn apply_batch(
     admit(h, &expected, LogEnd { last_seq, last_epoch }).map_err(Reject::CatchUp)?;
     // An fsync, the write of a large batch or a new segment file blocks: keep it off the runtime's
     // threads, which must keep draining the UDP socket (a stalled endpoint drops packets at the socket).
+    // So may comparing a resent batch with what the log holds, if that has left the memory tail.
     let blocking = matches!(shared.config.wal.sync, SyncPolicy::Always)
         || h.uncompressed_len >= BLOCKING_APPEND_BYTES
+        || h.start_seq <= last_seq
         || wal.append_would_roll(&batch.entries);
     let result = if blocking {
         let (wal2, entries) = (wal.clone(), batch.entries);
