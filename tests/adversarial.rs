@@ -12,11 +12,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use common::*;
-use walship::codec::control::{Ack, Hello, SpaceAck, SpacePosition};
-use walship::codec::{ControlMessage, ErrorCode, PROTOCOL_VERSION};
-use walship::net::endpoint::{client_endpoint, TransportSettings};
+use walship::codec::control::{Ack, SpaceAck, SpacePosition};
+use walship::codec::{ControlMessage, ErrorCode};
 use walship::net::status::ConnectionState;
-use walship::{ApplyHook, Entry, Epoch, LogDigest, NodeId, Primary, Replica, Seq, SpaceId};
+use walship::{ApplyHook, Entry, Epoch, LogDigest, Primary, Replica, Seq, SpaceId};
 
 /// The replica's entry `seq` of `space` equals the primary's.
 fn same_entry_at(p: &Primary, r: &Replica, space: &SpaceId, seq: Seq) -> bool {
@@ -34,10 +33,10 @@ fn space_view(p: &Primary, replica: &str, space: &SpaceId) -> Option<walship::ne
 // ---------------------------------------------------------------------------------------------
 
 /// The operator cuts the primary's log back to 5 (`truncate_suffix`) and the writer appends new
-/// entries 6..=8, while a caught-up replica holds the old 1..=10. The shipper only checks for a
-/// truncation when it reads entries to send, and nothing past 10 is ever written: the replica must
-/// still be told (Diverged) or get the new log; and `wait_durable` must not report the replica as
-/// holding the *new* entry 8 when it holds the old one.
+/// entries 6..=8, while a caught-up replica holds the old 1..=10. Nothing past 10 is ever
+/// written, yet the replica must be told (Diverged) or get the new log, and `wait_durable` must
+/// not report it as holding the *new* entry 8 when it holds the old one. (The shipper checked for
+/// a cut only when it read entries to send, so this went unnoticed for ever.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_cut_back_and_rewritten_shorter_than_the_replica_is_noticed() {
     let c = Cluster::new();
@@ -122,29 +121,8 @@ async fn hand_replica(
     spaces: Vec<SpacePosition>,
     after_hello: Vec<ControlMessage>,
 ) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream, BytesMut) {
-    let ep = client_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &c.ca.issue("replica-1").unwrap(),
-        &TransportSettings::default(),
-    )
-    .unwrap();
-    let conn = ep.connect(p.local_addr(), "primary").unwrap().await.unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    let hello = ControlMessage::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        node_id: NodeId::from_name("replica-1"),
-        node_name: "replica-1".into(),
-        epoch: Epoch(0),
-        instance: 7,
-        max_batch_bytes: walship::codec::FrameLimits::default().max_batch_bytes as u64,
-        spaces,
-    });
-    let mut bytes = hello.encode().unwrap().to_vec();
-    for m in after_hello {
-        bytes.extend_from_slice(&m.encode().unwrap());
-    }
-    send.write_all(&bytes).await.unwrap();
-    (ep, conn, send, recv, BytesMut::new())
+    let r = hand_driven_replica(c, p.local_addr(), spaces, after_hello).await;
+    (r.endpoint, r.conn, r.send, r.recv, r.buf)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -154,8 +132,8 @@ async fn hand_replica(
 /// The replica's copy of a space is another log (refused as Diverged at the handshake; the
 /// primary's progress for it starts at 0). The replica then acks it durable up to 10 (a real
 /// replica does: its ack loop reports any space whose position moved, e.g. a slow hook still
-/// applying it). That ack is below the primary's head, so it is taken: the primary then reports
-/// the replica as holding the primary's entries 1..=10, which it does not.
+/// applying it). The primary must ignore that ack: it used to take it, being below its head, and
+/// report the replica as holding the primary's entries 1..=10, which it does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_for_a_space_refused_as_diverged_does_not_count_as_holding_the_primarys_entries() {
     let c = Cluster::new();
@@ -205,9 +183,9 @@ async fn an_ack_for_a_space_refused_as_diverged_does_not_count_as_holding_the_pr
 
 /// A replica's ack loop starts right after the welcome, and reports each moved position once. An
 /// ack for a space whose shipper the primary has not registered yet (the resume points are
-/// computed on blocking threads, 64 spaces at a time) is dropped, and the replica never repeats
-/// it: the primary's view of that space stays at the hello's durable position for ever (lag never
-/// clears, wait_durable never ends).
+/// computed on blocking threads, 64 spaces at a time) must be kept until it is: it used to be
+/// dropped, and as the replica never repeats it, the primary's view of that space stayed at the
+/// hello's durable position for ever (lag never cleared, wait_durable never ended).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_sent_right_after_the_hello_is_not_lost() {
     let c = Cluster::new();
@@ -457,8 +435,8 @@ impl ApplyHook for SerialHook {
 
 /// 1,500 spaces of 3 entries; the replica's hook applies one space at a time (2 ms each) and
 /// starts only when the replica reconnects. Acks of the spaces applied after the hello and before
-/// the primary registered their shippers are dropped by the primary and never repeated: their
-/// `applied` stays below the head on the primary for ever.
+/// the primary registered their shippers must reach the primary's view (they used to be dropped,
+/// their `applied` staying below the head there for ever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applied_positions_acked_during_the_handshake_reach_the_primary() {
     let c = Cluster::new();

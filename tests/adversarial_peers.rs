@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use common::*;
-use walship::codec::control::{CatchUp, Hello, SpacePosition, SpaceRange, Welcome};
+use walship::codec::control::{CatchUp, SpacePosition, SpaceRange, Welcome};
 use walship::codec::{BatchEncoder, Compression, ControlMessage, ErrorCode, StreamHeader, PROTOCOL_VERSION};
-use walship::net::endpoint::{client_endpoint, TransportSettings};
+use walship::net::endpoint::TransportSettings;
 use walship::protocol::health::Health;
 use walship::{ApplyHook, Entry, Epoch, NodeId, Primary, Replica, Seq, SpaceId};
 
@@ -150,10 +150,9 @@ async fn hostile_primary_epoch_going_backwards_mid_session_is_refused() {
 // ---------------------------------------------------------------------------------------------
 
 /// Entries 1..=5 arrive with contents A; then a new stream from 1 carries 1..=5 with contents B
-/// in the same epoch. The replica keeps A (right), but the doc promises that a conflicting entry
-/// (same sequence, other content) stops the space with `Error { Diverged }`; a batch wholly held
-/// is skipped without comparing (`admit` -> `AlreadyHeld`), so nothing is reported, and the
-/// replica goes on acking durable 5 as if it held the primary's 1..=5.
+/// in the same epoch. The replica keeps A and, as for any conflicting entry, stops the space with
+/// `Error { Diverged }`. A batch it held whole used to be skipped unread, reported nowhere, and
+/// acked as if the replica held the primary's 1..=5.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_primary_wholly_held_batch_with_other_contents_is_reported() {
     let _shared = MEMORY.read().await;
@@ -385,24 +384,8 @@ async fn hostile_replica_catch_up_spam_does_not_grow_primary_memory_without_boun
             applied_seq: w.last_seq(),
         });
     }
-    let ep = client_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &c.ca.issue("replica-1").unwrap(),
-        &TransportSettings::default(),
-    )
-    .unwrap();
-    let conn = ep.connect(p.local_addr(), "primary").unwrap().await.unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    let hello = ControlMessage::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        node_id: NodeId::from_name("replica-1"),
-        node_name: "replica-1".into(),
-        epoch: Epoch(0),
-        instance: 9,
-        max_batch_bytes: walship::codec::FrameLimits::default().max_batch_bytes as u64,
-        spaces: positions,
-    });
-    send.write_all(&hello.encode().unwrap()).await.unwrap();
+    let HandDrivenReplica { endpoint: _ep, conn, mut send, recv, .. } =
+        hand_driven_replica(&c, p.local_addr(), positions, vec![]).await;
     // Never read `recv` (the control stream's primary -> replica half).
     let streams = Arc::new(AtomicU64::new(0));
     {
@@ -477,27 +460,9 @@ async fn hostile_replica_streams_of_its_own_close_the_connection() {
     pcfg.heartbeat.timeout = Duration::from_secs(600);
     let p = Primary::start(pcfg, c.ca.issue("primary").unwrap()).await.unwrap();
     let connect = || async {
-        let ep = client_endpoint(
-            "127.0.0.1:0".parse().unwrap(),
-            &c.ca.issue("replica-1").unwrap(),
-            &TransportSettings::default(),
-        )
-        .unwrap();
-        let conn = ep.connect(p.local_addr(), "primary").unwrap().await.unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        let hello = ControlMessage::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            node_id: NodeId::from_name("replica-1"),
-            node_name: "replica-1".into(),
-            epoch: Epoch(0),
-            instance: 9,
-            max_batch_bytes: walship::codec::FrameLimits::default().max_batch_bytes as u64,
-            spaces: vec![],
-        });
-        send.write_all(&hello.encode().unwrap()).await.unwrap();
-        let mut buf = BytesMut::new();
-        assert!(matches!(next_control(&mut recv, &mut buf).await, ControlMessage::Welcome(_)));
-        (ep, conn, send, recv)
+        let mut r = hand_driven_replica(&c, p.local_addr(), vec![], vec![]).await;
+        assert!(matches!(next_control(&mut r.recv, &mut r.buf).await, ControlMessage::Welcome(_)));
+        (r.endpoint, r.conn, r.send, r.recv)
     };
     let closed_with = |conn: quinn::Connection| async move {
         match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {

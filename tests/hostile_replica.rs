@@ -7,14 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use common::*;
 use walship::codec::batch::BATCH_HEADER_LEN;
-use walship::codec::control::{Ack, Hello, SpaceAck};
+use walship::codec::control::{Ack, SpaceAck};
 use walship::codec::stream::STREAM_HEADER_LEN;
-use walship::codec::{BatchDecoder, BatchHeader, ControlMessage, FrameLimits, StreamHeader, PROTOCOL_VERSION};
-use walship::net::endpoint::{client_endpoint, TransportSettings};
-use walship::{Epoch, NodeId, Primary, Seq, SpaceId};
+use walship::codec::{BatchDecoder, BatchHeader, ControlMessage, FrameLimits, StreamHeader};
+use walship::{Primary, Seq, SpaceId};
 
 async fn primary(c: &Cluster) -> Primary {
     let mut cfg = c.primary_config("127.0.0.1:0".parse().unwrap());
@@ -28,27 +27,9 @@ async fn handshake(
     c: &Cluster,
     p: &Primary,
 ) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream) {
-    let ep = client_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &c.ca.issue("replica-1").unwrap(),
-        &TransportSettings::default(),
-    )
-    .unwrap();
-    let conn = ep.connect(p.local_addr(), "primary").unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let hello = ControlMessage::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        node_id: NodeId::from_name("replica-1"),
-        node_name: "replica-1".into(),
-        epoch: Epoch(0),
-        instance: 1,
-        max_batch_bytes: walship::codec::batch::FrameLimits::default().max_batch_bytes as u64,
-        spaces: vec![],
-    });
-    send.write_all(&hello.encode().unwrap()).await.unwrap();
-    let mut buf = BytesMut::new();
-    assert!(matches!(next_control(&mut recv, &mut buf).await, ControlMessage::Welcome(_)));
-    (ep, conn, send, recv)
+    let mut r = hand_driven_replica(c, p.local_addr(), vec![], vec![]).await;
+    assert!(matches!(next_control(&mut r.recv, &mut r.buf).await, ControlMessage::Welcome(_)));
+    (r.endpoint, r.conn, r.send, r.recv)
 }
 
 /// The replica finishes its control stream right after the handshake: no ack can ever arrive, so

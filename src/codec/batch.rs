@@ -549,6 +549,19 @@ mod tests {
             .collect()
     }
 
+    /// `len` seeded pseudo-random bytes (xorshift): a payload no codec shrinks.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
     fn codecs() -> [Compression; 4] {
         [Compression::None, Compression::Lz4, Compression::zstd(), Compression::Zstd { level: 5 }]
     }
@@ -579,16 +592,7 @@ mod tests {
         let h = BatchHeader::decode(&frame, &FrameLimits::default()).unwrap();
         assert_eq!((h.codec, h.flags), (Codec::None, FLAG_COMPRESSION_SKIPPED));
 
-        let mut x = 0x1234_5678u64;
-        let noise: Vec<u8> = (0..8192)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        let es = entries(1, &[noise], 0);
+        let es = entries(1, &[noise(8192, 0x1234_5678)], 0);
         let frame = BatchEncoder::new(NodeId(1), Compression::Lz4).encode(&space(), &es).unwrap();
         let h = BatchHeader::decode(&frame, &FrameLimits::default()).unwrap();
         assert_eq!((h.codec, h.flags), (Codec::None, FLAG_COMPRESSION_SKIPPED));
@@ -598,17 +602,8 @@ mod tests {
     #[test]
     fn counts_say_what_the_codec_did_with_each_batch() {
         let repetitive: Vec<Vec<u8>> = (0..200).map(|i| format!("user={i} action=update").into_bytes()).collect();
-        let mut x = 7u64;
-        let noise: Vec<u8> = (0..8192)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
         let (big, tiny, random) =
-            (entries(1, &repetitive, 0), entries(1, &[b"tiny".to_vec()], 0), entries(1, &[noise], 0));
+            (entries(1, &repetitive, 0), entries(1, &[b"tiny".to_vec()], 0), entries(1, &[noise(8192, 7)], 0));
         let mut enc = BatchEncoder::new(NodeId(1), Compression::Lz4);
         let mut sent = 0;
         for es in [&big, &tiny, &random, &tiny] {

@@ -463,16 +463,32 @@ mod tests {
         assert_eq!((c.len(), c.first_seq()), (2, Some(Seq(3))));
     }
 
+    /// A frame of 100 entries of 1,000 bytes, as a replica receives it: one buffer.
+    struct Frame(Bytes);
+
+    impl Frame {
+        fn new() -> Frame {
+            Frame(Bytes::from((0..100_000u32).map(|i| i as u8).collect::<Vec<u8>>()))
+        }
+
+        /// Entry `i`'s payload (from 1): a slice of the frame.
+        fn entry(&self, i: u64) -> Bytes {
+            self.0.slice((i as usize - 1) * 1000..i as usize * 1000)
+        }
+
+        /// Whether `b` lies in the frame's buffer (so keeps it alive).
+        fn holds(&self, b: &Bytes) -> bool {
+            (self.0.as_ptr() as usize..self.0.as_ptr() as usize + self.0.len()).contains(&(b.as_ptr() as usize))
+        }
+    }
+
     /// A replica's entries are slices of the frame they came in: once the tail holds only a few
     /// of a frame's entries, they get a buffer of their own and the frame can go. (A replica with
     /// a 4 MiB tail budget held 53 MiB of frames after catching up 1,000 spaces.)
     #[test]
     fn entries_left_of_a_shared_buffer_get_their_own() {
-        let frame = Bytes::from((0..100_000u32).map(|i| i as u8).collect::<Vec<u8>>());
-        let inside = |b: &Bytes| {
-            (frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len()).contains(&(b.as_ptr() as usize))
-        };
-        let slice = |i: u64| frame.slice((i as usize - 1) * 1000..i as usize * 1000);
+        let frame = Frame::new();
+        let (inside, slice) = (|b: &Bytes| frame.holds(b), |i: u64| frame.entry(i));
         let mut t = MemTail::new(usize::MAX, 1000);
         for s in 1..=100 {
             t.push(Entry::new(Seq(s), Epoch(1), 0, 0, slice(s)));
@@ -513,11 +529,8 @@ mod tests {
     /// then forgot the frame: every entry left pinned it).
     #[test]
     fn entries_left_of_a_frame_larger_than_the_tail_get_their_own() {
-        let frame = Bytes::from((0..100_000u32).map(|i| i as u8).collect::<Vec<u8>>());
-        let inside = |b: &Bytes| {
-            (frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len()).contains(&(b.as_ptr() as usize))
-        };
-        let slice = |i: u64| frame.slice((i as usize - 1) * 1000..i as usize * 1000);
+        let frame = Frame::new();
+        let (inside, slice) = (|b: &Bytes| frame.holds(b), |i: u64| frame.entry(i));
         // Room for 10 of the frame's 100 entries.
         let mut t = MemTail::new(10 * (1000 + RECORD_HEADER_LEN), 1000);
         for s in 1..=100 {

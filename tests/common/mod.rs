@@ -190,3 +190,48 @@ pub async fn hand_driven_primary(c: &Cluster, tweak: impl FnOnce(&mut ReplicaCon
     assert!(matches!(hello, walship::codec::ControlMessage::Hello(_)), "{hello:?}");
     HandDrivenPrimary { replica, endpoint, conn, send, recv }
 }
+
+/// A hand-driven replica named replica-1 connected to the primary at `primary`: its endpoint, the
+/// connection, and its control stream, once it has sent a hello holding `spaces`, followed in the
+/// same write by `after_hello`. It reads nothing yet (`buf` is for [`next_control`]).
+pub struct HandDrivenReplica {
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    pub buf: bytes::BytesMut,
+}
+
+pub async fn hand_driven_replica(
+    c: &Cluster,
+    primary: SocketAddr,
+    spaces: Vec<walship::codec::control::SpacePosition>,
+    after_hello: Vec<walship::codec::ControlMessage>,
+) -> HandDrivenReplica {
+    use walship::codec::control::Hello;
+    use walship::codec::{ControlMessage, FrameLimits, PROTOCOL_VERSION};
+    use walship::net::endpoint::{client_endpoint, TransportSettings};
+    let endpoint = client_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &c.ca.issue("replica-1").unwrap(),
+        &TransportSettings::default(),
+    )
+    .unwrap();
+    let conn = endpoint.connect(primary, "primary").unwrap().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let hello = ControlMessage::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        node_id: walship::NodeId::from_name("replica-1"),
+        node_name: "replica-1".into(),
+        epoch: walship::Epoch(0),
+        instance: 7,
+        max_batch_bytes: FrameLimits::default().max_batch_bytes as u64,
+        spaces,
+    });
+    let mut bytes = hello.encode().unwrap().to_vec();
+    for m in after_hello {
+        bytes.extend_from_slice(&m.encode().unwrap());
+    }
+    send.write_all(&bytes).await.unwrap();
+    HandDrivenReplica { endpoint, conn, send, recv, buf: bytes::BytesMut::new() }
+}
