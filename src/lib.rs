@@ -6,7 +6,7 @@
 //!
 //! ```text
 //!  node server (primary)                                   node server (replica)
-//!  append(space, entry) ─▶ WAL ─┐                      ┌─▶ WAL ─▶ subscribers (apply)
+//!  append(space, entry) ─▶ WAL ─┐                      ┌─▶ WAL ─▶ ApplyHook (apply)
 //!                               │   one QUIC connection │
 //!                  per-space ───┼── uni stream "a" ────▶├── validate, append, fsync, ack
 //!                  shippers  ───┼── uni stream "b" ────▶│
@@ -65,7 +65,8 @@
 //! - [`wal`]: the segmented per-space log with crash recovery, retention and a memory tail.
 //! - [`payload`]: seeded realistic payloads for demos, load tests and benchmarks.
 //! - [`config`]: primary and replica settings with documented defaults.
-//! - [`protocol`]: sans-I/O replication bookkeeping: per-(space, replica) progress, lag, health.
+//! - [`protocol`]: sans-I/O replication logic: progress and lag, health, handshake, batch
+//!   admission, the control outbox, liveness, backoff.
 //! - [`net`]: the only code that touches quinn, rustls and tokio: TLS, endpoints, the primary and replica drivers.
 //! - [`netsim`]: the seeded lossy-link simulator (in-process sockets for tests, a UDP forwarder for load tests).
 

@@ -122,7 +122,7 @@ pub struct Ack {
 pub struct CatchUp {
     /// The space.
     pub space: SpaceId,
-    /// First sequence wanted (the replica's last durable + 1).
+    /// First sequence wanted (the replica's last held + 1).
     pub from_seq: Seq,
     /// Why, for logs.
     pub reason: String,

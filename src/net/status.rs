@@ -169,7 +169,7 @@ pub struct PrimaryStatus {
     pub listen: String,
     /// Every space's log.
     pub spaces: Vec<SpaceLog>,
-    /// Every replica seen since start.
+    /// Every replica seen since start, except those forgotten (`Primary::forget_replica`).
     pub replicas: Vec<ReplicaView>,
 }
 

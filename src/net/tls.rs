@@ -50,7 +50,7 @@ fn missing_file_hint(dir: &Path, name: &str) -> String {
     if dir.join(CA_CERT_FILE).exists() {
         format!(
             "{} holds a cluster CA already: sign a certificate for {name:?} with its key (certs/README.md, \
-             \"To add a node\"), or make a new set for every node with `cargo run --release --example gen_certs -- --out {} \
+             \"Adding a node\"), or make a new set for every node with `cargo run --release --example gen_certs -- --out {} \
              --names <every node, {name} included> --force`",
             dir.display(),
             dir.display()

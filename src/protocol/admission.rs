@@ -1,6 +1,7 @@
 //! Whether a replica takes a batch that arrived for one of its spaces: the checks that need only
 //! the batch's header, the session and where the space's log ends. The log then checks each entry
-//! it is asked to append (its checksum, and that an entry it already holds is the same one).
+//! it appends: no gap, epochs never going backwards, and that an entry it already holds is the
+//! same one.
 
 use crate::codec::batch::BatchHeader;
 use crate::types::{Epoch, NodeId, Seq};

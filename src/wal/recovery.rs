@@ -5,7 +5,9 @@
 //! - every record of every segment is read back and checked (checksum, seq = previous + 1);
 //! - segments chain: each header's `first_seq` and `base_digest` continue the previous segment exactly;
 //! - damage in the last segment's records is a torn write: the file is cut to the last good record,
-//!   fsynced, and a warning logged;
+//!   fsynced, and a warning logged; unless intact entries follow the damage: then
+//!   `RecoveryMode::TolerateTornTail` cuts there (and logs an error) and `AbsoluteConsistency`
+//!   refuses with [`WalError::Corruption`];
 //! - damage anywhere else (a sealed segment, any header) is [`WalError::Corruption`], never skipped;
 //! - a last segment shorter than a header is a torn creation: it is deleted.
 

@@ -129,7 +129,7 @@ struct State {
     generation: u64,
     /// Where each suffix truncation cut, by generation (rare operator actions: a few entries).
     cuts: Vec<(u64, Seq)>,
-    /// Offset of the active segment up to which writeback was started ([`fs::start_writeback`]).
+    /// Offset of the active segment up to which writeback was started ([`super::fs::start_writeback`]).
     written_back: u64,
     /// Resume positions and open files of disk reads.
     reads: ReadCache,

@@ -6,7 +6,8 @@
 //! memory tail for live data, its segments for catch-up) and never touch the write path: writers
 //! append to the WAL and return, whatever the replicas do.
 //!
-//! - this module: the [`Primary`] handle (start, append, status, `wait_durable`, shutdown);
+//! - this module: the [`Primary`] handle (start, append, status, `wait_durable`,
+//!   `durable_everywhere`, `forget_replica`, `disconnect_replica`, shutdown);
 //! - [`session`]: one replica connection: handshake, control stream, starting the shippers;
 //! - [`shipper`]: one (space, replica) stream: batching, flow control, credit, catch-up restarts.
 

@@ -45,7 +45,7 @@ pub struct Replica {
 struct Shared {
     config: ReplicaConfig,
     node_id: NodeId,
-    /// Random per `Replica`, sent in every hello ([`Hello::instance`]).
+    /// Random per `Replica`, sent in every hello ([`Hello::instance`](crate::codec::control::Hello::instance)).
     instance: u64,
     store: WalStore,
     endpoint: quinn::Endpoint,

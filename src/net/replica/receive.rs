@@ -25,7 +25,7 @@ use crate::wal::{SyncPolicy, WalError};
 enum StreamEnd {
     /// The primary finished or reset the stream, or a newer stream took over.
     Done,
-    /// The space needs a catch-up from its last durable sequence.
+    /// The space needs a catch-up from the entry after the last it holds.
     CatchUp(String),
     /// This node cannot store the space right now (disk full, I/O error): the primary retries
     /// after a pause instead of resending at once.
