@@ -129,7 +129,7 @@ pub struct CatchUp {
 }
 
 /// What went wrong.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {
     /// The peer speaks another protocol version.
     UnsupportedVersion,

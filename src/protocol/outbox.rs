@@ -1,7 +1,7 @@
 //! Control messages waiting for their stream, coalesced so that a peer that reads slowly (or not
 //! at all) never makes them pile up: while a message waits, a newer one of the same kind for the
-//! same space replaces it (a catch-up request, an error), and acks merge into one. What waits is so
-//! bounded by the number of spaces, whatever the rate of events.
+//! same space replaces it (a catch-up request, an error of the same code), and acks merge into
+//! one. What waits is so bounded by the number of spaces, whatever the rate of events.
 //!
 //! A replacing message goes to the back of the queue, so the newest messages keep their order: an
 //! error that halts a space followed by the catch-up request that resumes it arrive in that order.
@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::codec::control::Ack;
-use crate::codec::ControlMessage;
+use crate::codec::{ControlMessage, ErrorCode};
 use crate::types::SpaceId;
 
 /// What a message may replace: the message of the same key still waiting.
@@ -17,7 +17,7 @@ use crate::types::SpaceId;
 enum Key {
     Ack,
     CatchUp(SpaceId),
-    Error(Option<SpaceId>),
+    Error(ErrorCode, Option<SpaceId>),
     /// Never replaced (the hello and the welcome).
     Unique(u64),
 }
@@ -38,7 +38,7 @@ impl Outbox {
         let key = match &msg {
             ControlMessage::Ack(_) => Key::Ack,
             ControlMessage::CatchUp(c) => Key::CatchUp(c.space.clone()),
-            ControlMessage::Error(e) => Key::Error(e.space.clone()),
+            ControlMessage::Error(e) => Key::Error(e.code, e.space.clone()),
             ControlMessage::Hello(_) | ControlMessage::Welcome(_) => Key::Unique(self.next),
         };
         let msg = match (self.waiting.remove(&key), msg) {
@@ -99,7 +99,6 @@ fn merge_acks(older: Ack, newer: Ack) -> Ack {
 mod tests {
     use super::*;
     use crate::codec::control::{CatchUp, ErrorMessage, SpaceAck};
-    use crate::codec::ErrorCode;
     use crate::types::Seq;
 
     fn space(i: u32) -> SpaceId {
@@ -163,6 +162,20 @@ mod tests {
         o.push(error(1, "diverged"));
         o.push(catch_up(1, 3));
         assert_eq!(drain(&mut o), [error(1, "diverged"), catch_up(1, 3)]);
+    }
+
+    #[test]
+    fn errors_of_different_codes_for_a_space_both_wait() {
+        let mut o = Outbox::default();
+        let diverged = ControlMessage::Error(ErrorMessage {
+            code: ErrorCode::Diverged,
+            space: Some(space(1)),
+            reason: "diverged".into(),
+        });
+        o.push(diverged.clone());
+        o.push(error(1, "truncated"));
+        o.push(error(1, "truncated again"));
+        assert_eq!(drain(&mut o), [diverged, error(1, "truncated again")]);
     }
 
     #[test]
