@@ -194,7 +194,7 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
             (Segment::new(path, header), file)
         }
     };
-    tail.end_run();
+    tail.end_run(super::tail::Payloads::MayShare);
     tail.own_payloads();
     Ok(Recovered { last_seq: active.last_seq, sealed: segments, active, active_file, last_epoch, digest, tail })
 }

@@ -28,7 +28,7 @@ use super::recovery::recover;
 use super::scan::{check_record, Scan, Scanner};
 use super::segment::{encode_record, record_len, segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
 use super::syncer::{Flush, Syncer};
-use super::tail::{MemTail, TailBudget};
+use super::tail::{MemTail, Payloads, TailBudget};
 
 /// Under a syncing policy, the kernel is asked to start writing the active segment out every this
 /// many bytes, so that neither the Interval syncer's fsync nor the one that seals a full segment
@@ -250,7 +250,7 @@ impl SpaceWal {
             let timestamp_us = now_us();
             let crc = entry_crc(seq, epoch, timestamp_us, kind, &payload);
             let mut one = [Entry { seq, epoch, timestamp_us, kind, payload, crc }];
-            self.inner.write_run(&mut st, &mut one)?;
+            self.inner.write_run(&mut st, &mut one, Payloads::Own)?;
             seq
         };
         self.wait_policy(seq)?;
@@ -282,7 +282,7 @@ impl SpaceWal {
                     payload: payload.clone(),
                 })
                 .collect();
-            self.inner.write_run(&mut st, &mut entries)?;
+            self.inner.write_run(&mut st, &mut entries, Payloads::Own)?;
             first..=st.last_seq
         };
         if !range.is_empty() {
@@ -375,7 +375,8 @@ impl SpaceWal {
                 skipped += 1;
             }
             let appended = accepted.len();
-            self.inner.write_run(&mut st, &mut accepted)?;
+            // A replica's entries are slices of the frame they arrived in.
+            self.inner.write_run(&mut st, &mut accepted, Payloads::MayShare)?;
             // Skipped entries may be another caller's append still waiting for its fsync: under
             // SyncPolicy::Always, wait for them too before the caller acknowledges them.
             (
@@ -728,10 +729,10 @@ impl Inner {
     /// one `pwrite` per segment touched, rolling over to a new segment when the active one is full.
     /// Entries' payloads are moved into the memory tail. Subscribers learn the new `last_seq` even if a
     /// later part of the run failed.
-    fn write_run(&self, st: &mut State, entries: &mut [Entry]) -> Result<(), WalError> {
+    fn write_run(&self, st: &mut State, entries: &mut [Entry], payloads: Payloads) -> Result<(), WalError> {
         let before = st.last_seq;
         let result = self.write_parts(st, entries);
-        st.tail.end_run();
+        st.tail.end_run(payloads);
         st.tail.settle_if_due();
         if st.last_seq != before {
             publish(&self.last_tx, st.last_seq);

@@ -71,10 +71,21 @@ pub(crate) struct MemTail {
 struct Run {
     first: Seq,
     last: Seq,
+    /// Whether the entries' payloads may share buffers (compaction is pointless otherwise).
+    payloads: Payloads,
     /// Payload bytes the run's buffers may hold: all of its entries' when pushed.
     pinned: usize,
     /// Payload bytes of its entries still in the tail.
     held: usize,
+}
+
+/// Whether the payloads of one write's entries may be slices of shared buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Payloads {
+    /// Each its own (a writer's appends): the tail never copies them.
+    Own,
+    /// Possibly slices of one buffer (a replica's entries of one frame, recovery's read buffers).
+    MayShare,
 }
 
 /// How far a tail's bytes may drift from what the store's budget counts for it.
@@ -132,7 +143,8 @@ impl MemTail {
                 run.held += len;
             }
             None => {
-                self.runs.push_back(Run { first: e.seq, last: e.seq, pinned: len, held: len });
+                let payloads = Payloads::MayShare; // Until `end_run` says otherwise.
+                self.runs.push_back(Run { first: e.seq, last: e.seq, payloads, pinned: len, held: len });
                 self.run_open = true;
             }
         }
@@ -157,8 +169,12 @@ impl MemTail {
         self.run_open && self.runs.len() == 1
     }
 
-    /// Ends the run of pushes of one write: the next push starts a new [`Run`].
-    pub fn end_run(&mut self) {
+    /// Ends the run of pushes of one write, whose payloads are as `payloads` says: the next push
+    /// starts a new [`Run`].
+    pub fn end_run(&mut self, payloads: Payloads) {
+        if let Some(run) = self.runs.back_mut().filter(|_| self.run_open) {
+            run.payloads = payloads;
+        }
         if self.front_run_open() {
             // Its oldest entries may have been evicted by its own later ones.
             self.compact_front();
@@ -212,7 +228,7 @@ impl MemTail {
     }
 
     fn compact(&mut self, run: Run, at: usize) {
-        if run.held.saturating_mul(4) >= run.pinned {
+        if run.payloads == Payloads::Own || run.held.saturating_mul(4) >= run.pinned {
             return;
         }
         let Some(first) = self.first_seq() else { return };
@@ -493,7 +509,7 @@ mod tests {
         for s in 1..=100 {
             t.push(Entry::new(Seq(s), Epoch(1), 0, 0, slice(s)));
         }
-        t.end_run();
+        t.end_run(Payloads::MayShare);
         // Half the run left: still the frame's slices (copying would cost more than it frees).
         t.drop_before(Seq(51));
         assert!(t.entries.iter().all(|e| inside(&e.payload)));
@@ -502,12 +518,19 @@ mod tests {
         assert_eq!(t.len(), 10);
         assert!(t.entries.iter().all(|e| !inside(&e.payload) && e.payload == slice(e.seq.0)));
 
+        // A writer's own payloads are never copied: that would free nothing.
+        let mut own = MemTail::new(usize::MAX, 1000);
+        (1..=100).for_each(|s| own.push(Entry::new(Seq(s), Epoch(1), 0, 0, slice(s))));
+        own.end_run(Payloads::Own);
+        own.drop_before(Seq(91));
+        assert!(own.entries.iter().all(|e| inside(&e.payload)));
+
         // The same at the back, after a cut; a later run is left alone.
         let mut t = MemTail::new(usize::MAX, 1000);
         (1..=100).for_each(|s| t.push(Entry::new(Seq(s), Epoch(1), 0, 0, slice(s))));
-        t.end_run();
+        t.end_run(Payloads::MayShare);
         t.push(Entry::new(Seq(101), Epoch(1), 0, 0, Bytes::from_static(b"own")));
-        t.end_run();
+        t.end_run(Payloads::MayShare);
         t.truncate_after(Seq(100));
         t.truncate_after(Seq(5));
         assert!(t.entries.iter().all(|e| !inside(&e.payload) && e.payload == slice(e.seq.0)));
@@ -517,7 +540,7 @@ mod tests {
         let mut t = MemTail::new(usize::MAX, 1000);
         t.share(budget);
         (1..=100).for_each(|s| t.push(Entry::new(Seq(s), Epoch(1), 0, 0, slice(s))));
-        t.end_run();
+        t.end_run(Payloads::MayShare);
         t.settle();
         assert_eq!(t.len(), 10);
         assert!(t.entries.iter().all(|e| !inside(&e.payload) && e.payload == slice(e.seq.0)));
@@ -536,7 +559,7 @@ mod tests {
         for s in 1..=100 {
             t.push(Entry::new(Seq(s), Epoch(1), 0, 0, slice(s)));
         }
-        t.end_run();
+        t.end_run(Payloads::MayShare);
         assert_eq!(t.len(), 10);
         let pinning = t.entries.iter().filter(|e| inside(&e.payload)).count();
         assert_eq!(pinning, 0, "{pinning} of the 10 entries left still pin the whole 100 KB frame");
@@ -583,7 +606,7 @@ mod tests {
                             t.push(e(last, rnd(300) as usize));
                             check(&t);
                         }
-                        t.end_run();
+                        t.end_run(Payloads::MayShare);
                         t.settle_if_due();
                     }
                     6 => t.settle(),
