@@ -178,8 +178,8 @@ fn check_args(args: &Args) -> Result<(), String> {
 }
 
 /// Flags that only one mode reads are refused in the other, rather than silently ignored: the
-/// `primary` binary has no linger and its writer is paced, and the nodes of `--processes` always
-/// talk through UDP forwarders.
+/// `primary` binary's writer is paced, and the nodes of `--processes` always talk through UDP
+/// forwarders.
 fn check_mode_flags(args: &Args) -> Result<(), String> {
     if !args.processes {
         return match (args.link.as_deref(), &args.bin_dir) {
@@ -187,9 +187,6 @@ fn check_mode_flags(args: &Args) -> Result<(), String> {
             (None | Some("sim" | "udp"), None) => Ok(()),
             (Some(other), None) => Err(format!("unknown --link {other:?}: use sim or udp")),
         };
-    }
-    if args.linger.is_some() {
-        return Err("--linger is not available with --processes (the primary binary has no such flag); drop it or run in process".into());
     }
     if let Some(link) = args.link.as_deref().filter(|l| *l != "udp") {
         return Err(format!(
@@ -746,8 +743,8 @@ impl CompressionUse {
     /// What would make batches big enough to compress, for the human summary.
     fn hint(&self, args: &Args) -> String {
         let per_space = args.rate as f64 / args.spaces as f64;
-        let linger = match (args.rate, args.processes) {
-            (0, _) | (_, true) => String::new(),
+        let linger = match args.rate {
+            0 => String::new(),
             _ => format!(
                 "--linger {:.0}ms (about {} entries per space at {:.0} entries/s each; adds as much lag), ",
                 (self.entries_needed as f64 / per_space * 1e3).ceil(),
@@ -1527,6 +1524,9 @@ mod processes {
         }
         if let Some(w) = args.initial_window {
             pextra.extend(["--initial-window".into(), w.to_string()]);
+        }
+        if let Some(l) = args.linger {
+            pextra.extend(["--linger".into(), format!("{}us", l.as_micros())]);
         }
         let primary = spawn("primary", "primary", pextra)?;
         let mut controls = Vec::new();

@@ -70,6 +70,10 @@ struct Args {
     /// default: quinn's (240 KB with BBR). See `TransportSettings::initial_window`.
     #[arg(long, value_parser = common::parse_bytes)]
     initial_window: Option<u64>,
+    /// Wait this long after new entries before shipping them, so batches grow (and compress):
+    /// adds as much lag. See `PrimaryConfig::linger`.
+    #[arg(long, value_parser = walship::netsim::parse_duration)]
+    linger: Option<std::time::Duration>,
     /// Multiplex every space onto one stream (head-of-line comparisons only).
     #[arg(long)]
     single_stream: bool,
@@ -101,6 +105,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.transport.congestion = args.congestion;
     config.transport.initial_window = args.initial_window;
     config.single_stream = args.single_stream;
+    config.linger = args.linger;
     let primary = Primary::start(config, identity).await?;
     args.report.serve_metrics()?;
     println!("primary {} listening on {} (data {})", args.name, primary.local_addr(), args.data.display());
