@@ -79,9 +79,18 @@ impl ControlSender {
     }
 }
 
-/// Writes the messages `queue` receives on a control stream, in order, until the stream fails.
+/// Writes the messages `queue` receives on a control stream, in order, until the stream fails
+/// or the task is dropped (the session ended); then further sends fail.
 pub(crate) async fn control_writer(mut send: SendStream, queue: ControlSender) {
+    /// Marks the queue closed however the writer ends, an abort included.
+    struct Closing(Arc<ControlShared>);
+    impl Drop for Closing {
+        fn drop(&mut self) {
+            self.0.closed.store(true, Ordering::Release);
+        }
+    }
     let shared = queue.shared;
+    let _closing = Closing(shared.clone());
     loop {
         let next = crate::lock(&shared.outbox).pop();
         let Some(msg) = next else {
@@ -90,7 +99,6 @@ pub(crate) async fn control_writer(mut send: SendStream, queue: ControlSender) {
         };
         if let Err(e) = write_control(&mut send, &msg).await {
             tracing::debug!(error = %e, "control stream closed");
-            shared.closed.store(true, Ordering::Release);
             return;
         }
     }
