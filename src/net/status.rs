@@ -243,7 +243,9 @@ pub struct ReplicaStatus {
     pub primary_heartbeat: Option<PrimaryHeartbeat>,
     /// Successful connections so far, minus one.
     pub reconnects: u64,
-    /// Last connection error, if the replica is not connected.
+    /// The last error: of the connection (why it is not connected), or the last one the primary
+    /// reported for a space this replica does not hold (naming the space). The primary's status
+    /// lists every refused space.
     pub last_error: Option<String>,
     /// Bytes of large frames (over 64 KiB decompressed) being received or applied on the current
     /// connection, held to twice the primary's announced in-flight credit.

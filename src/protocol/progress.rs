@@ -98,12 +98,16 @@ impl ReplicaProgress {
     }
 
     /// Records a frame of `bytes` carrying entries `first_seq..=last_seq`, the first of them
-    /// appended at `first_appended_us` (µs since the Unix epoch).
+    /// appended at `first_appended_us` (µs since the Unix epoch). The replica's ack of the frame
+    /// may come first (it is recorded once the send completed, and the ack is taken on another
+    /// thread): then nothing of it is in flight.
     pub fn on_sent(&mut self, first_seq: Seq, last_seq: Seq, bytes: usize, first_appended_us: u64) {
-        debug_assert_eq!(first_seq, self.sent.next());
-        self.sent = last_seq;
-        self.inflight.push_back(InFlight { last_seq, bytes, first_appended_us });
-        self.inflight_bytes += bytes;
+        debug_assert!(first_seq <= self.sent.next(), "frames are recorded in order: {first_seq} after {}", self.sent);
+        self.sent = self.sent.max(last_seq);
+        if last_seq > self.durable {
+            self.inflight.push_back(InFlight { last_seq, bytes, first_appended_us });
+            self.inflight_bytes += bytes;
+        }
         self.batches_sent += 1;
         self.entries_sent += last_seq.0 + 1 - first_seq.0;
         self.bytes_sent += bytes as u64;
@@ -222,6 +226,20 @@ mod tests {
         p.on_sent(Seq(10), Seq(12), 300, 10_000);
         p.restart_from(Seq(10));
         assert_eq!(p.oldest_pending_appended_us(), None, "a restart forgets what was in flight");
+    }
+
+    #[test]
+    fn a_frame_acked_before_it_is_recorded_is_not_in_flight() {
+        let mut p = ReplicaProgress::new(Seq(0));
+        p.on_sent(Seq(1), Seq(4), 400, 1_000);
+        // The replica acks 5..=9 before the sender records having sent them.
+        p.on_ack(Seq(9), Seq(9));
+        p.on_sent(Seq(5), Seq(9), 500, 5_000);
+        assert_eq!((p.sent(), p.durable(), p.inflight_bytes()), (Seq(9), Seq(9), 0));
+        assert_eq!(p.oldest_pending_appended_us(), None);
+        assert_eq!(p.totals(), (2, 9, 900));
+        p.on_sent(Seq(10), Seq(12), 300, 10_000);
+        assert_eq!((p.sent(), p.inflight_bytes()), (Seq(12), 300));
     }
 
     #[test]

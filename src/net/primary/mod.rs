@@ -52,6 +52,8 @@ struct Shared {
     node_id: NodeId,
     store: WalStore,
     endpoint: quinn::Endpoint,
+    /// Every replica known (served since start and not forgotten). Lock order: this, then a
+    /// link's `earlier`, then its `current`.
     replicas: Mutex<BTreeMap<String, Arc<ReplicaLink>>>,
     sessions: AtomicU64,
     /// Woken after every ack a replica sends ([`Primary::wait_durable`]).

@@ -193,38 +193,21 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
         instance: hello.instance,
         early_acks: Mutex::new(HashMap::new()),
     });
-    let link = lock(&shared.replicas)
-        .entry(name.clone())
-        .or_insert_with(|| {
-            Arc::new(ReplicaLink {
-                current: Mutex::new(None),
-                connections: AtomicU64::new(0),
-                earlier: Mutex::new(TrafficTotals::default()),
-            })
-        })
-        .clone();
-    if let Some(reason) = taken_by_another_process(&link, &session, &shared.config.heartbeat) {
-        let _ = write_control(&mut send, &error_msg(ErrorCode::DuplicateName, None, &reason)).await;
-        // The close can overtake the message: its reason says it too.
-        conn.close(close::DUPLICATE_NAME, reason.as_bytes());
-        return Err(NetError::Protocol(reason));
-    }
-    if expected.is_some() && connected_to_the_same_process(&link, &session) {
-        // The replica dialed this primary too, and that connection is alive: keep it. Replacing it
-        // with the one dialed here would make the two dials displace each other for ever.
-        conn.close(close::REPLACED, b"already connected over the replica's own dial");
-        return Ok(());
-    }
-    link.connections.fetch_add(1, Ordering::Relaxed);
-    let replaced = {
-        let mut earlier = lock(&link.earlier);
-        let old = lock(&link.current).replace(session.clone());
-        // What the old connection carried until now; a batch it still sends while closing is
-        // not counted.
-        if let Some(old) = &old {
-            *earlier += old.traffic();
+    let replaced = match register(&shared, &name, &session, expected.is_some()) {
+        Registration::Registered(replaced) => replaced,
+        Registration::TakenByAnotherProcess(reason) => {
+            let _ = write_control(&mut send, &error_msg(ErrorCode::DuplicateName, None, &reason)).await;
+            // The close can overtake the message: its reason says it too.
+            conn.close(close::DUPLICATE_NAME, reason.as_bytes());
+            return Err(NetError::Protocol(reason));
         }
-        old
+        Registration::AlreadyConnected => {
+            // The replica dialed this primary too, and that connection is alive: keep it.
+            // Replacing it with the one dialed here would make the two dials displace each other
+            // for ever.
+            conn.close(close::REPLACED, b"already connected over the replica's own dial");
+            return Ok(());
+        }
     };
     if let Some(old) = replaced {
         if old.conn.close_reason().is_none() {
@@ -278,6 +261,52 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     tasks.shutdown().await;
     tracing::info!(replica = %name, session = session.id, %reason, "replica disconnected");
     Ok(())
+}
+
+/// What [`register`] made of a new connection.
+enum Registration {
+    /// It is the replica's current connection now, in place of this one.
+    Registered(Option<Arc<Session>>),
+    /// Another live process uses the replica's name: refused, for this reason.
+    TakenByAnotherProcess(String),
+    /// The same process is connected already over its own dial (this one was dialed here).
+    AlreadyConnected,
+}
+
+/// Makes `session` the current connection of replica `name`, unless another live process holds
+/// the name or (for a connection this primary dialed) the replica's own dial is connected. All
+/// under the replica map's lock: `Primary::forget_replica` must not remove the replica between
+/// the look-up and the registration, which would leave a live connection unknown to status and
+/// retention.
+fn register(shared: &Shared, name: &str, session: &Arc<Session>, dialed: bool) -> Registration {
+    let mut replicas = lock(&shared.replicas);
+    let link = replicas
+        .entry(name.to_string())
+        .or_insert_with(|| {
+            Arc::new(ReplicaLink {
+                current: Mutex::new(None),
+                connections: AtomicU64::new(0),
+                earlier: Mutex::new(TrafficTotals::default()),
+            })
+        })
+        .clone();
+    if let Some(reason) = taken_by_another_process(&link, session, &shared.config.heartbeat) {
+        return Registration::TakenByAnotherProcess(reason);
+    }
+    if dialed && connected_to_the_same_process(&link, session) {
+        return Registration::AlreadyConnected;
+    }
+    link.connections.fetch_add(1, Ordering::Relaxed);
+    let mut earlier = lock(&link.earlier);
+    let old = lock(&link.current).replace(session.clone());
+    // What the old connection carried until now; a batch it still sends while closing is not
+    // counted.
+    if let Some(old) = &old {
+        *earlier += old.traffic();
+    }
+    drop(earlier);
+    drop(replicas);
+    Registration::Registered(old)
 }
 
 /// The replica's largest lag in entries over all spaces shipped to it, for its heartbeats.

@@ -208,11 +208,15 @@ async fn control_reader(shared: Arc<Shared>, mut control: ControlReader, conn: C
         match control.read().await {
             Ok(Some(ControlMessage::Error(e))) => {
                 tracing::warn!(code = ?e.code, space = ?e.space, reason = %e.reason, "primary reports an error");
-                // Never create a space on the peer's word: only record errors for spaces held here.
-                let state = e.space.and_then(|s| lock(&shared.spaces).get(&s).cloned());
-                match state {
-                    Some(state) => *lock(&state.error) = Some(format!("{:?}: {}", e.code, e.reason)),
-                    None => lock(&shared.link).last_error = Some(format!("{:?}: {}", e.code, e.reason)),
+                // Never create a space on the peer's word: only record errors for spaces held here;
+                // the error of a space this replica does not hold (yet) is the link's, naming it.
+                let state = e.space.as_ref().and_then(|s| lock(&shared.spaces).get(s).cloned());
+                match (state, &e.space) {
+                    (Some(state), _) => *lock(&state.error) = Some(format!("{:?}: {}", e.code, e.reason)),
+                    (None, Some(space)) => {
+                        lock(&shared.link).last_error = Some(format!("{:?} for space {space}: {}", e.code, e.reason))
+                    }
+                    (None, None) => lock(&shared.link).last_error = Some(format!("{:?}: {}", e.code, e.reason)),
                 }
             }
             Ok(Some(other)) => {
