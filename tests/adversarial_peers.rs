@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use common::*;
 use walship::codec::control::{CatchUp, SpacePosition, SpaceRange, Welcome};
-use walship::codec::{BatchEncoder, Compression, ControlMessage, ErrorCode, StreamHeader, PROTOCOL_VERSION};
+use walship::codec::{BatchEncoder, Compression, ControlMessage, ErrorCode, PROTOCOL_VERSION};
 use walship::net::endpoint::TransportSettings;
 use walship::protocol::health::Health;
 use walship::{ApplyHook, Entry, Epoch, NodeId, Primary, Replica, Seq, SpaceId};
@@ -126,8 +126,7 @@ async fn hostile_primary_epoch_going_backwards_mid_session_is_refused() {
     let s = sid("s");
     send_welcome(&mut send, 2, std::slice::from_ref(&s)).await;
     let ctl = collect_control(recv);
-    let mut st = conn.open_uni().await.unwrap();
-    st.write_all(&StreamHeader { space: s.clone(), start_seq: Seq(1) }.encode()).await.unwrap();
+    let mut st = open_space_stream(&conn, &s, 1).await;
     st.write_all(&mk_frame(&s, &mk_entries(1, 3, 2, "e2"))).await.unwrap();
     st.write_all(&mk_frame(&s, &mk_entries(4, 3, 1, "e1"))).await.unwrap();
     wait_for("the first frame", || replica.space(&s).is_some_and(|w| w.last_seq() >= Seq(3))).await;
@@ -161,14 +160,12 @@ async fn hostile_primary_wholly_held_batch_with_other_contents_is_reported() {
     let s = sid("s");
     send_welcome(&mut send, 1, std::slice::from_ref(&s)).await;
     let ctl = collect_control(recv);
-    let mut st = conn.open_uni().await.unwrap();
-    st.write_all(&StreamHeader { space: s.clone(), start_seq: Seq(1) }.encode()).await.unwrap();
+    let mut st = open_space_stream(&conn, &s, 1).await;
     st.write_all(&mk_frame(&s, &mk_entries(1, 5, 1, "A"))).await.unwrap();
     st.finish().unwrap();
     wait_for("A 1..=5", || replica.space(&s).is_some_and(|w| w.last_seq() == Seq(5))).await;
     let before = log_of(&replica, &s);
-    let mut st2 = conn.open_uni().await.unwrap();
-    st2.write_all(&StreamHeader { space: s.clone(), start_seq: Seq(1) }.encode()).await.unwrap();
+    let mut st2 = open_space_stream(&conn, &s, 1).await;
     st2.write_all(&mk_frame(&s, &mk_entries(1, 5, 1, "B"))).await.unwrap();
     st2.finish().unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -195,8 +192,7 @@ async fn hostile_primary_overlapping_batch_with_other_contents_is_reported_diver
     let s = sid("s");
     send_welcome(&mut send, 1, std::slice::from_ref(&s)).await;
     let ctl = collect_control(recv);
-    let mut st = conn.open_uni().await.unwrap();
-    st.write_all(&StreamHeader { space: s.clone(), start_seq: Seq(1) }.encode()).await.unwrap();
+    let mut st = open_space_stream(&conn, &s, 1).await;
     st.write_all(&mk_frame(&s, &mk_entries(1, 5, 1, "A"))).await.unwrap();
     st.write_all(&mk_frame(&s, &mk_entries(3, 6, 1, "B"))).await.unwrap();
     wait_for("Diverged reported", || {
@@ -221,8 +217,7 @@ async fn hostile_primary_frames_of_another_space_are_refused() {
     send_welcome(&mut send, 1, &[a.clone(), b.clone()]).await;
     let ctl = collect_control(recv);
     // Stream header says a, frames are tagged b.
-    let mut st = conn.open_uni().await.unwrap();
-    st.write_all(&StreamHeader { space: a.clone(), start_seq: Seq(1) }.encode()).await.unwrap();
+    let mut st = open_space_stream(&conn, &a, 1).await;
     st.write_all(&mk_frame(&b, &mk_entries(1, 4, 1, "b"))).await.unwrap();
     wait_for("a catch-up for a", || {
         ctl.lock().unwrap().iter().any(|m| matches!(m, ControlMessage::CatchUp(c) if c.space == a))
@@ -231,8 +226,7 @@ async fn hostile_primary_frames_of_another_space_are_refused() {
     assert!(log_of(&replica, &a).is_empty(), "frames tagged b were appended to a");
     assert!(log_of(&replica, &b).is_empty());
     // The same space's good frames on a new stream go in.
-    let mut st = conn.open_uni().await.unwrap();
-    st.write_all(&StreamHeader { space: a.clone(), start_seq: Seq(1) }.encode()).await.unwrap();
+    let mut st = open_space_stream(&conn, &a, 1).await;
     st.write_all(&mk_frame(&a, &mk_entries(1, 4, 1, "a"))).await.unwrap();
     wait_for("a 1..=4", || log_of(&replica, &a).len() == 4).await;
     assert_eq!(log_of(&replica, &a), mk_entries(1, 4, 1, "a"));
@@ -254,15 +248,13 @@ async fn hostile_primary_reset_mid_frame_leaves_no_partial_entry_and_frees_assem
     let big: Vec<Entry> =
         (1..=4u64).map(|q| Entry::new(Seq(q), Epoch(1), q, 1, Bytes::from(vec![q as u8; 300_000]))).collect();
     let frame = mk_frame(&s, &big);
-    let mut st = conn.open_uni().await.unwrap();
-    st.write_all(&StreamHeader { space: s.clone(), start_seq: Seq(1) }.encode()).await.unwrap();
+    let mut st = open_space_stream(&conn, &s, 1).await;
     st.write_all(&frame[..frame.len() / 2]).await.unwrap();
     wait_for("the replica assembling the large frame", || replica.status().assembling_bytes > 0).await;
     st.reset(quinn::VarInt::from_u32(1)).unwrap();
     wait_for("assembly released after the reset", || replica.status().assembling_bytes == 0).await;
     assert!(log_of(&replica, &s).is_empty());
-    let mut st = conn.open_uni().await.unwrap();
-    st.write_all(&StreamHeader { space: s.clone(), start_seq: Seq(1) }.encode()).await.unwrap();
+    let mut st = open_space_stream(&conn, &s, 1).await;
     st.write_all(&frame).await.unwrap();
     wait_for("the whole frame", || log_of(&replica, &s).len() == 4).await;
     assert_eq!(log_of(&replica, &s), big);
@@ -301,10 +293,8 @@ async fn hostile_primary_same_space_on_two_streams_applies_each_entry_once() {
     send_welcome(&mut send, 1, std::slice::from_ref(&s)).await;
     let _ctl = collect_control(recv);
     let all = mk_entries(1, N, 1, "x");
-    let mut st1 = conn.open_uni().await.unwrap();
-    let mut st2 = conn.open_uni().await.unwrap();
-    st1.write_all(&StreamHeader { space: s.clone(), start_seq: Seq(1) }.encode()).await.unwrap();
-    st2.write_all(&StreamHeader { space: s.clone(), start_seq: Seq(1) }.encode()).await.unwrap();
+    let mut st1 = open_space_stream(&conn, &s, 1).await;
+    let mut st2 = open_space_stream(&conn, &s, 1).await;
     let mut rng = Rng(0x5EED_0005);
     let mut at1 = 0usize;
     let mut at2 = 0usize;
@@ -334,8 +324,7 @@ async fn hostile_primary_same_space_on_two_streams_applies_each_entry_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let have = replica.space(&s).map_or(0, |w| w.last_seq().0);
     if have < N {
-        let mut st3 = conn.open_uni().await.unwrap();
-        st3.write_all(&StreamHeader { space: s.clone(), start_seq: Seq(have + 1) }.encode()).await.unwrap();
+        let mut st3 = open_space_stream(&conn, &s, have + 1).await;
         st3.write_all(&mk_frame(&s, &all[have as usize..])).await.unwrap();
         let _ = st3.finish();
     }

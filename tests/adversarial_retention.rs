@@ -385,12 +385,6 @@ fn frame(space: &SpaceId, e: &[walship::Entry]) -> bytes::Bytes {
         .unwrap()
 }
 
-async fn open_space_stream(conn: &quinn::Connection, space: &SpaceId, start: u64) -> quinn::SendStream {
-    let mut st = conn.open_uni().await.unwrap();
-    st.write_all(&walship::codec::StreamHeader { space: space.clone(), start_seq: Seq(start) }.encode()).await.unwrap();
-    st
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_outbox_behind_a_primary_that_does_not_read_keeps_order_and_newest_acks() {
     use walship::codec::control::{SpaceRange, Welcome};

@@ -235,3 +235,11 @@ pub async fn hand_driven_replica(
     send.write_all(&bytes).await.unwrap();
     HandDrivenReplica { endpoint, conn, send, recv, buf: bytes::BytesMut::new() }
 }
+
+/// A data stream for `space` from `start` on, opened by a hand-driven primary (its header written).
+pub async fn open_space_stream(conn: &quinn::Connection, space: &SpaceId, start: u64) -> quinn::SendStream {
+    let mut st = conn.open_uni().await.unwrap();
+    let header = walship::codec::StreamHeader { space: space.clone(), start_seq: walship::Seq(start) };
+    st.write_all(&header.encode()).await.unwrap();
+    st
+}
