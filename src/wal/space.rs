@@ -569,6 +569,12 @@ impl SpaceWal {
         (st.last_seq, st.generation)
     }
 
+    /// `last_seq` and the epoch of that entry, read together (one lock, and a consistent pair).
+    pub fn last_seq_and_epoch(&self) -> (Seq, Epoch) {
+        let st = self.inner.lock();
+        (st.last_seq, st.last_epoch)
+    }
+
     /// The lowest point any suffix truncation after the first `seen` cut the log back to, if there
     /// was one: whoever consumed entries past it (an applier) must roll back to it.
     pub fn cut_since(&self, seen: u64) -> Option<Seq> {

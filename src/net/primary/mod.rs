@@ -37,6 +37,7 @@ use crate::protocol::progress::Lag;
 use crate::types::{EntryKind, NodeId, Seq, SpaceId};
 use crate::wal::{SpaceWal, WalError, WalStore};
 use session::{accept_loop, dial_loop, Session};
+use shipper::SpaceShip;
 
 /// A running primary. Dropping it without [`Primary::shutdown`] aborts its tasks.
 pub struct Primary {
@@ -260,16 +261,24 @@ impl Primary {
 
     /// Names of the replicas whose latest connection's acks say `seq` of `space` is durable there.
     fn replicas_holding(&self, space: &SpaceId, seq: Seq) -> Vec<String> {
+        self.ships_of(space)
+            .into_iter()
+            .filter(|(_, ship)| ship.as_ref().is_some_and(|ship| ship.durable_in_log() >= seq))
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// Each known replica with the shipper of `space` of its latest connection (`None` if that
+    /// connection has not set the space up).
+    fn ships_of(&self, space: &SpaceId) -> Vec<(String, Option<Arc<SpaceShip>>)> {
         let links: Vec<(String, Arc<ReplicaLink>)> =
             lock(&self.shared.replicas).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         links
             .into_iter()
-            .filter(|(_, link)| {
+            .map(|(name, link)| {
                 let session = lock(&link.current).clone();
-                let ship = session.and_then(|s| lock(&s.spaces).get(space).cloned());
-                ship.is_some_and(|ship| ship.durable_in_log() >= seq)
+                (name, session.and_then(|s| lock(&s.spaces).get(space).cloned()))
             })
-            .map(|(name, _)| name)
             .collect()
     }
 
@@ -282,18 +291,14 @@ impl Primary {
     /// replica not heard from since this primary started is not known here: keep a floor of your
     /// own for it.
     pub fn durable_everywhere(&self, space: &SpaceId) -> Option<Seq> {
-        let links: Vec<Arc<ReplicaLink>> = lock(&self.shared.replicas).values().cloned().collect();
-        links
-            .iter()
-            .filter_map(|link| {
-                let session = lock(&link.current).clone();
-                match session.and_then(|s| lock(&s.spaces).get(space).cloned()) {
-                    // Not (yet) shipped to it: it may need the whole log.
-                    None => Some(Seq::ZERO),
-                    // It lacks entries retention already removed: only a snapshot helps it.
-                    Some(ship) if ship.refused == Some(ErrorCode::Truncated) => None,
-                    Some(ship) => Some(ship.durable_in_log()),
-                }
+        self.ships_of(space)
+            .into_iter()
+            .filter_map(|(_, ship)| match ship {
+                // Not (yet) shipped to it: it may need the whole log.
+                None => Some(Seq::ZERO),
+                // It lacks entries retention already removed: only a snapshot helps it.
+                Some(ship) if ship.refused == Some(ErrorCode::Truncated) => None,
+                Some(ship) => Some(ship.durable_in_log()),
             })
             .min()
     }

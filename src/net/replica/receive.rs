@@ -209,7 +209,7 @@ async fn apply_batch(
     let wal = &state.wal;
     let h = &batch.header;
     let expected = Expected { primary: session.primary_id, space_tag: space_tag(wal.space()), epoch: session.epoch };
-    let (last_seq, last_epoch) = (wal.last_seq(), wal.last_epoch());
+    let (last_seq, last_epoch) = wal.last_seq_and_epoch();
     admit(h, &expected, LogEnd { last_seq, last_epoch }).map_err(Reject::CatchUp)?;
     // An fsync, the write of a large batch or a new segment file blocks: keep it off the runtime's
     // threads, which must keep draining the UDP socket (a stalled endpoint drops packets at the socket).
