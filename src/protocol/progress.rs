@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 
+use crate::codec::CodecCounts;
 use crate::types::Seq;
 
 /// One batch sent and not yet durable on the replica.
@@ -29,6 +30,8 @@ pub struct ReplicaProgress {
     batches_sent: u64,
     bytes_sent: u64,
     entries_sent: u64,
+    /// What the codec did with the frames sent.
+    codec: CodecCounts,
 }
 
 /// Lag of one (space, replica) pair at one instant.
@@ -77,6 +80,16 @@ impl ReplicaProgress {
     /// Totals since this progress was created: (batches, entries, frame bytes).
     pub fn totals(&self) -> (u64, u64, u64) {
         (self.batches_sent, self.entries_sent, self.bytes_sent)
+    }
+
+    /// What the codec did with the frames sent since this progress was created.
+    pub fn codec_counts(&self) -> CodecCounts {
+        self.codec
+    }
+
+    /// Counts what the codec did with a frame just sent ([`ReplicaProgress::on_sent`]).
+    pub fn on_encoded(&mut self, counts: CodecCounts) {
+        self.codec += counts;
     }
 
     /// When the oldest frame still in flight began: the append time of its first entry, at or

@@ -61,11 +61,12 @@ impl Session {
         let (mut batches_sent, mut bytes_sent, mut entries_sent) = (0, 0, 0);
         let mut codec = CodecCounts::default();
         for ship in lock(&self.spaces).values() {
-            let (batches, entries, bytes) = lock(&ship.progress).totals();
+            let progress = lock(&ship.progress);
+            let (batches, entries, bytes) = progress.totals();
             batches_sent += batches;
             bytes_sent += bytes;
             entries_sent += entries;
-            codec += *lock(&ship.codec);
+            codec += progress.codec_counts();
         }
         let s = self.conn.stats();
         TrafficTotals {
@@ -492,7 +493,6 @@ fn start_shippers(
             refused: start.as_ref().err().map(|r| r.code),
             truncations,
             credits: Mutex::new(VecDeque::new()),
-            codec: Mutex::new(Default::default()),
         });
         {
             let mut spaces = lock(&session.spaces);

@@ -16,7 +16,7 @@ use super::Shared;
 use crate::codec::batch::{BATCH_HEADER_LEN, ENTRY_HEADER_LEN};
 use crate::codec::control::ErrorCode;
 use crate::codec::stream::{mux_preamble, StreamHeader};
-use crate::codec::{BatchEncoder, CodecCounts};
+use crate::codec::BatchEncoder;
 use crate::config::{PrimaryConfig, SMALL_FRAME_BYTES};
 use crate::entry::Entry;
 use crate::net::error::NetError;
@@ -43,8 +43,6 @@ pub(super) struct SpaceShip {
     pub(super) refused: Option<ErrorCode>,
     /// Suffix truncations of the space's log when the handshake compared it with the replica's.
     pub(super) truncations: u64,
-    /// What the codec did with this space's batches in this session.
-    pub(super) codec: Mutex<CodecCounts>,
     /// The session credit held by this space's large frames in flight, by last sequence: given
     /// back as the replica acks them durable, or all at once when the stream restarts.
     pub(super) credits: Mutex<VecDeque<(Seq, OwnedSemaphorePermit)>>,
@@ -337,9 +335,12 @@ async fn ship_stream(
             // A replica that stops reading holds the send here: a cut must end it too.
             _ = cut_since_handshake(ship) => return Ok(Interrupt::Closed.closing_on_cut(session, ship)),
         }
-        lock(&ship.progress).on_sent(first, last, len, first_appended_us);
-        // Only frames sent count (one abandoned by a restart does not).
-        *lock(&ship.codec) += encoder.counts().since(&counted_before);
+        {
+            let mut progress = lock(&ship.progress);
+            progress.on_sent(first, last, len, first_appended_us);
+            // Only frames sent count (one abandoned by a restart does not).
+            progress.on_encoded(encoder.counts().since(&counted_before));
+        }
         if let Some(permit) = credit {
             // An ack may have covered this frame already (the replica held its entries): then
             // nothing is in flight for it, and no later ack would give the credit back.
