@@ -16,6 +16,10 @@
 //!    reads from the memory tail); time runs from the first append until the replica has applied
 //!    (durable + ApplyHook) every entry. Logs are then checked identical (last seq + digest).
 //! 4. `walship-128B`: as 3 with 16 spaces, 128-byte entries and lz4: entries/s.
+//! 5. `catchup-1` / `catchup-16`: as 3, but the whole log is written before the replica starts,
+//!    and time runs from the replica's start until it has applied every entry: a replica catching
+//!    up, with no writer sharing the cores (the primary reads the log back from its files, which
+//!    the page cache holds, and from its memory tail).
 //!
 //! Raw quinn runs again at the end (`quinn-again`); ratios are against the better of the two.
 //!
@@ -27,7 +31,7 @@
 //!
 //! Run: `cargo bench --bench ceiling` (options after `--`: `--seconds S` (5), `--bytes N` (1e9),
 //! `--entry-bytes B` (4096), `--compression none|lz4|zstd` (none), `--append-chunk N` (64),
-//! `--lead-mb M` (32), `--only quinn,tcp,walship-1,walship-16,walship-128B`, `--json PATH`,
+//! `--lead-mb M` (32), `--only quinn,tcp,walship-1,walship-16,walship-128B,catchup-1,catchup-16`, `--json PATH`,
 //! `--max-unacked-mb M` (the primary's per-space window; default: the product's)).
 
 use std::collections::BTreeMap;
@@ -360,6 +364,9 @@ struct WalshipCase<'a> {
     entry_bytes: usize,
     compression: Compression,
     compression_name: &'a str,
+    /// Write the whole log first, then start the replica and time its catch-up alone (the
+    /// writer's own appends no longer share the cores with the transfer).
+    catchup: bool,
 }
 
 /// Appends `append_chunk` entries at a time, round-robin over `spaces`, for at most `max_bytes` of
@@ -416,17 +423,39 @@ async fn walship_case(args: &Args, c: &WalshipCase<'_>) -> Outcome {
     let mut rc = ReplicaConfig::new("replica-1", primary.local_addr(), "primary", dir.path().join("r"));
     rc.wal.sync = SyncPolicy::Never;
     let applied = Arc::new(Applied { base: Instant::now(), entries: AtomicU64::new(0), last_ns: AtomicU64::new(0) });
-    let replica = Replica::start_with_hook(rc, replica_id, Some(applied.clone())).await.expect("replica");
-    let connect_deadline = Instant::now() + Duration::from_secs(10);
-    while replica.status().connection != ConnectionState::Connected {
-        assert!(Instant::now() < connect_deadline, "replica did not connect");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let start_replica = || async {
+        let replica = Replica::start_with_hook(rc, replica_id, Some(applied.clone())).await.expect("replica");
+        let connect_deadline = Instant::now() + Duration::from_secs(10);
+        while replica.status().connection != ConnectionState::Connected {
+            assert!(Instant::now() < connect_deadline, "replica did not connect");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        replica
+    };
 
-    let cpu0 = CpuSnap::now();
-    let w =
-        writer(spaces, c.entry_bytes, args.append_chunk, args.bytes, args.deadline(), args.lead_bytes, applied.clone());
-    let stats = tokio::task::spawn_blocking(move || w.join().expect("writer")).await.expect("join");
+    let (replica, cpu0, stats) = if c.catchup {
+        // No replica yet, so no lead cap: the writer fills the log as fast as it can.
+        let w =
+            writer(spaces, c.entry_bytes, args.append_chunk, args.bytes, args.deadline(), u64::MAX, applied.clone());
+        let mut stats = tokio::task::spawn_blocking(move || w.join().expect("writer")).await.expect("join");
+        let cpu0 = CpuSnap::now();
+        stats.start_ns = applied.base.elapsed().as_nanos() as u64;
+        (start_replica().await, cpu0, stats)
+    } else {
+        let replica = start_replica().await;
+        let cpu0 = CpuSnap::now();
+        let w = writer(
+            spaces,
+            c.entry_bytes,
+            args.append_chunk,
+            args.bytes,
+            args.deadline(),
+            args.lead_bytes,
+            applied.clone(),
+        );
+        let stats = tokio::task::spawn_blocking(move || w.join().expect("writer")).await.expect("join");
+        (replica, cpu0, stats)
+    };
     let drain_deadline = Instant::now() + Duration::from_secs(120);
     while applied.entries.load(Ordering::Acquire) < stats.entries {
         assert!(Instant::now() < drain_deadline, "replica did not catch up within 120 s");
@@ -449,7 +478,14 @@ async fn walship_case(args: &Args, c: &WalshipCase<'_>) -> Outcome {
     drop(dir);
 
     let payload_bytes = stats.entries * c.entry_bytes as u64;
-    let mut notes = vec![
+    let writer_note = if c.catchup {
+        format!(
+            "log written first ({:.0} MB in {:.2}s, {:.0} entries/s); timed from the replica's start to its last apply",
+            payload_bytes as f64 / 1e6,
+            stats.elapsed.as_secs_f64(),
+            stats.entries as f64 / stats.elapsed.as_secs_f64()
+        )
+    } else {
         format!(
             "writer: append_batch x{} on its own thread, {:.0} entries/s, waited {:.0}% of {:.2}s on the {} MiB lead cap{}",
             args.append_chunk,
@@ -462,7 +498,10 @@ async fn walship_case(args: &Args, c: &WalshipCase<'_>) -> Outcome {
             } else {
                 " (writer may be the bottleneck)"
             }
-        ),
+        )
+    };
+    let mut notes = vec![
+        writer_note,
         format!(
             "wire: {:.1} MB/s of frames ({:.2}x payload)",
             wire as f64 / elapsed.as_secs_f64() / 1e6,
@@ -477,7 +516,8 @@ async fn walship_case(args: &Args, c: &WalshipCase<'_>) -> Outcome {
     Outcome {
         case: c.name.into(),
         detail: format!(
-            "walship, {} space{}, {} B entries, {}",
+            "walship{}, {} space{}, {} B entries, {}",
+            if c.catchup { " catch-up of a written log" } else { "" },
             c.spaces,
             if c.spaces == 1 { "" } else { "s" },
             c.entry_bytes,
@@ -575,6 +615,7 @@ async fn main() {
             entry_bytes: args.entry_bytes,
             compression: args.compression,
             compression_name: name,
+            catchup: false,
         },
         WalshipCase {
             name: "walship-16",
@@ -582,6 +623,7 @@ async fn main() {
             entry_bytes: args.entry_bytes,
             compression: args.compression,
             compression_name: name,
+            catchup: false,
         },
         WalshipCase {
             name: "walship-128B",
@@ -589,6 +631,23 @@ async fn main() {
             entry_bytes: SMALL_ENTRY_BYTES,
             compression: Compression::Lz4,
             compression_name: "lz4",
+            catchup: false,
+        },
+        WalshipCase {
+            name: "catchup-1",
+            spaces: 1,
+            entry_bytes: args.entry_bytes,
+            compression: args.compression,
+            compression_name: name,
+            catchup: true,
+        },
+        WalshipCase {
+            name: "catchup-16",
+            spaces: 16,
+            entry_bytes: args.entry_bytes,
+            compression: args.compression,
+            compression_name: name,
+            catchup: true,
         },
     ];
     for c in &cases {
