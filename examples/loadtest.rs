@@ -95,7 +95,6 @@ struct Args {
     initial_window: Option<u64>,
     /// Wait this long for more entries before a batch closes (default: none). Batches under 4 KiB
     /// of payload go uncompressed, so at low rates per space this is what lets compression work.
-    /// In process only.
     #[arg(long, value_parser = netsim::parse_duration)]
     linger: Option<Duration>,
     /// Multiplex every space onto one stream (head-of-line comparison).
@@ -640,6 +639,13 @@ impl Percentiles {
     fn json(&self) -> Value {
         json!({ "p50": self.p50, "p99": self.p99, "p999": self.p999, "max": self.max })
     }
+
+    /// Read back from [`Percentiles::json`]'s keys (as the `primary` binary's status file gives
+    /// its writer's append latency); `None` if any is missing.
+    fn from_json(v: &Value) -> Option<Percentiles> {
+        let f = |k: &str| v[k].as_f64();
+        Some(Percentiles { p50: f("p50")?, p99: f("p99")?, p999: f("p999")?, max: f("max")? })
+    }
 }
 
 /// How one replica did.
@@ -677,7 +683,8 @@ struct Outcome {
     entries_written: u64,
     write_time: Duration,
     elapsed: Duration,
-    /// Append latency on the primary, in µs (in process only).
+    /// Append latency on the primary, in µs: timed by this process's writer, or read from the
+    /// `primary` binary's status (its built-in writer's).
     append_us: Option<Percentiles>,
     /// CPU seconds of this process (in process only: it runs every node).
     cpu_seconds: Option<f64>,
@@ -827,7 +834,7 @@ fn report_json(args: &Args, o: &Outcome) -> Value {
         "compression": compression_json(args, o),
         "append_latency_us": match &o.append_us {
             Some(a) => a.json(),
-            None => json!({ "p50": null, "p99": null, "p999": null, "max": null, "note": "measured inside the primary process only in in-process mode" }),
+            None => json!({ "p50": null, "p99": null, "p999": null, "max": null, "note": "not reported by the primary (no built-in writer, or no append timed yet)" }),
         },
         "converge_ms": o.convergence.after.map(|d| d.as_secs_f64() * 1e3),
         "converge_resolution_ms": o.convergence.resolution.as_secs_f64() * 1e3,
@@ -923,7 +930,7 @@ fn print_summary(args: &Args, o: &Outcome, report: &Value) {
     print_compression(args, o, &report["compression"]);
     match &o.append_us {
         Some(a) => println!("append latency:    p50 {:.2} us, p99 {:.2} us, p999 {:.2} us", a.p50, a.p99, a.p999),
-        None => println!("append latency:    not measured (the primary is another process)"),
+        None => println!("append latency:    not reported by the primary"),
     }
     for r in &o.replicas {
         print_replica(r);
@@ -1151,7 +1158,8 @@ async fn write_phase(
         c.link.partition(false);
     }
     stop.store(true, Ordering::Relaxed);
-    let append_ns = writer.join().map_err(|_| "writer panicked")??.unwrap_or_else(common::append_histogram);
+    writer.join().map_err(|_| "writer panicked")??;
+    let append_ns = writer_stats.append_latencies().unwrap_or_else(common::append_histogram);
     let time = started.elapsed();
     console.bar.finish_and_clear();
     Ok(Written { entries: writer_stats.written.load(Ordering::Relaxed), time, started, append_ns })
@@ -1515,6 +1523,7 @@ mod processes {
             ("--compression", args.compression.to_string()),
             ("--seed", args.seed.to_string()),
             ("--stop-writing-file", stop_writing_file.to_string_lossy().into_owned()),
+            ("--warmup", format!("{}us", args.warmup.as_micros())),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
@@ -1698,7 +1707,7 @@ mod processes {
             entries_written: plogs.iter().map(|l| l.1).sum(),
             write_time: sampled.write_time,
             elapsed,
-            append_us: None,
+            append_us: Percentiles::from_json(&p["writer"]["append_latency_us"]),
             cpu_seconds: None,
             replicas,
             view_waited: settled.waited,

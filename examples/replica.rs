@@ -62,13 +62,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.listen = args.listen;
     config.transport.congestion = args.congestion;
     let replica = Replica::start(config, identity).await?;
-    args.report.serve_metrics()?;
+    let reporter = args.report.start().await?;
     println!("replica {} replicating from {} (data {})", args.name, args.primary, args.data.display());
 
     let mut last_total = 0u64;
     common::every_until_signal(args.report.status_every, |elapsed, new_second| {
         let status = replica.status();
-        args.report.publish(&status, status.spaces.len(), walship::net::metrics::record_replica);
+        reporter.publish(&status, Vec::new(), status.spaces.len(), walship::net::metrics::record_replica);
         if !new_second {
             return;
         }
@@ -93,7 +93,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     .await;
     let status = replica.status();
     replica.shutdown().await;
-    common::write_status(&args.report.status_file, &status);
+    reporter.publish(&status, Vec::new(), status.spaces.len(), walship::net::metrics::record_replica);
     println!("replica stopped");
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -60,11 +60,20 @@ pub fn space_names(n: usize) -> Vec<SpaceId> {
     (0..n).map(|i| SpaceId::new(&format!("space-{i:03}")).expect("valid space id")).collect()
 }
 
-/// Progress counters of the built-in writer.
+/// Progress counters of the built-in writer, read while it runs.
 #[derive(Default)]
 pub struct WriterStats {
     pub written: AtomicU64,
     pub done: AtomicBool,
+    /// Append latencies in nanoseconds, when the plan asked for them (`time_appends_after`).
+    pub append_ns: Option<Mutex<Histogram<u64>>>,
+}
+
+impl WriterStats {
+    /// A copy of the append latencies so far, if appends are timed.
+    pub fn append_latencies(&self) -> Option<Histogram<u64>> {
+        self.append_ns.as_ref().map(|h| h.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
 }
 
 /// What the built-in writer writes.
@@ -79,8 +88,8 @@ pub struct WriterPlan {
     pub total: Option<u64>,
     /// Seed of the payloads.
     pub seed: u64,
-    /// Time every append made this long after the start or later, into the histogram the writer
-    /// returns (nanoseconds); `None` times nothing.
+    /// Time every append made this long after the start or later, into
+    /// [`WriterStats::append_ns`]; `None` times nothing.
     pub time_appends_after: Option<Duration>,
 }
 
@@ -90,17 +99,18 @@ pub fn append_histogram() -> Histogram<u64> {
 }
 
 /// Writes `plan` on its own thread (the write path never waits for replication) until its total
-/// or until `stop` is set. The thread returns the append latencies if `time_appends_after` asked.
-#[allow(clippy::type_complexity)]
+/// or until `stop` is set.
 pub fn spawn_writer(
     plan: WriterPlan,
     stop: Arc<AtomicBool>,
-) -> (Arc<WriterStats>, std::thread::JoinHandle<Result<Option<Histogram<u64>>, String>>) {
-    let stats = Arc::new(WriterStats::default());
+) -> (Arc<WriterStats>, std::thread::JoinHandle<Result<(), String>>) {
+    let WriterPlan { spaces, epoch, rate, entry_bytes, total, seed, time_appends_after } = plan;
+    let stats = Arc::new(WriterStats {
+        append_ns: time_appends_after.map(|_| Mutex::new(append_histogram())),
+        ..WriterStats::default()
+    });
     let s2 = stats.clone();
     let handle = std::thread::spawn(move || {
-        let WriterPlan { spaces, epoch, rate, entry_bytes, total, seed, time_appends_after } = plan;
-        let mut hist = time_appends_after.map(|_| append_histogram());
         let timed_from = time_appends_after.unwrap_or(Duration::MAX);
         // Between due checks: about one entry's interval, but never a busy loop nor a long nap.
         let nap = match rate {
@@ -117,26 +127,31 @@ pub fn spawn_writer(
                 std::thread::sleep(nap);
                 continue;
             }
-            // Write what is due in small bursts, checking the stop flag in between.
+            // Write what is due in small bursts, checking the stop flag in between. The latency
+            // histogram is locked per burst, not per append (readers take a copy now and then).
             let burst = (due - written).min(4096);
+            let mut hist = s2
+                .append_ns
+                .as_ref()
+                .filter(|_| start.elapsed() >= timed_from)
+                .map(|h| h.lock().unwrap_or_else(|p| p.into_inner()));
             for _ in 0..burst {
                 let wal = &spaces[(written % spaces.len() as u64) as usize];
                 let payload = gen.next_payload();
-                // Read the clock only when appends are timed (demo and primary do not).
+                // Read the clock only when appends are timed (the demo does not time them).
                 let t = hist.is_some().then(Instant::now);
                 wal.append(epoch, 1, payload).map_err(|e| e.to_string())?;
                 if let (Some(h), Some(t)) = (hist.as_mut(), t) {
-                    if t.duration_since(start) >= timed_from {
-                        h.saturating_record(t.elapsed().as_nanos() as u64);
-                    }
+                    h.saturating_record(t.elapsed().as_nanos() as u64);
                 }
                 written += 1;
             }
+            drop(hist);
             s2.written.store(written, Ordering::Relaxed);
         }
         s2.written.store(written, Ordering::Relaxed);
         s2.done.store(true, Ordering::Relaxed);
-        Ok(hist)
+        Ok(())
     });
     (stats, handle)
 }
@@ -243,12 +258,17 @@ pub fn init_tracing_with(default: &str) {
         .try_init();
 }
 
-/// What a node binary reports, and where: its status file and its Prometheus metrics.
+/// What a node binary reports, and where: its status file, its status over HTTP and its
+/// Prometheus metrics.
 #[derive(clap::Args, Debug)]
 pub struct ReportFlags {
     /// Rewrite this file with the status as JSON every `--status-every` and at shutdown.
     #[arg(long)]
     pub status_file: Option<PathBuf>,
+    /// Serve the same JSON at http://ADDR/status (plain HTTP, no authentication: bind it to an
+    /// address only trusted hosts reach). `loadtest --attach-primary/--attach-replica` read it.
+    #[arg(long, value_parser = parse_addr)]
+    pub status_addr: Option<std::net::SocketAddr>,
     /// How often the status file is rewritten (the console line stays once a second).
     #[arg(long, default_value = "1s", value_parser = walship::netsim::parse_duration)]
     pub status_every: std::time::Duration,
@@ -273,21 +293,158 @@ impl ReportFlags {
             .map_err(|e| format!("cannot write --status-file {}: {e}", path.display()))
     }
 
-    /// Starts the metrics endpoint, if `--metrics-addr` asks for one.
-    pub fn serve_metrics(&self) -> Result<(), Box<dyn std::error::Error>> {
-        match self.metrics_addr {
-            Some(addr) => serve_metrics(addr),
-            None => Ok(()),
+    /// Starts the metrics and status endpoints the flags ask for.
+    pub async fn start(&self) -> Result<Reporter<'_>, Box<dyn std::error::Error>> {
+        if let Some(addr) = self.metrics_addr {
+            serve_metrics(addr)?;
+        }
+        let latest = Arc::new(Mutex::new(None));
+        if let Some(addr) = self.status_addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot serve the status on {addr}: {e}"))?;
+            println!("status on http://{}/status", listener.local_addr()?);
+            tokio::spawn(status_http::serve(listener, latest.clone()));
+        }
+        Ok(Reporter { flags: self, latest })
+    }
+}
+
+/// Publishes a node's status where its [`ReportFlags`] say.
+pub struct Reporter<'a> {
+    flags: &'a ReportFlags,
+    /// The last status published, as served at `/status` (`None` before the first).
+    latest: status_http::Latest,
+}
+
+impl Reporter<'_> {
+    /// Writes one status snapshot, with `extra` keys added at the top level, to the status file
+    /// and the status endpoint, and, with a metrics endpoint, records it with `record`
+    /// (per-space series only up to `--metrics-max-spaces`).
+    pub fn publish<S: serde::Serialize>(
+        &self,
+        status: &S,
+        extra: Vec<(&str, serde_json::Value)>,
+        spaces: usize,
+        record: fn(&S, bool),
+    ) {
+        /// The status's own fields first, in their order, then the extra keys.
+        #[derive(serde::Serialize)]
+        struct WithExtra<'a, S> {
+            #[serde(flatten)]
+            status: &'a S,
+            #[serde(flatten)]
+            extra: std::collections::BTreeMap<&'a str, serde_json::Value>,
+        }
+        let json = WithExtra { status, extra: extra.into_iter().collect() };
+        write_status(&self.flags.status_file, &json);
+        if self.flags.status_addr.is_some() {
+            if let Ok(bytes) = serde_json::to_vec(&json) {
+                *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(bytes));
+            }
+        }
+        if self.flags.metrics_addr.is_some() {
+            record(status, spaces <= self.flags.metrics_max_spaces);
+        }
+    }
+}
+
+/// The status endpoint: `GET /status` answers the last published status as JSON. A few lines of
+/// HTTP/1.1 (one request per connection, then close) rather than a web framework: the binaries
+/// only ever serve this one document, and the load test only ever reads it.
+pub mod status_http {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// The document served, shared with the publisher.
+    pub type Latest = Arc<Mutex<Option<Arc<Vec<u8>>>>>;
+
+    /// Longest request head read; anything longer is not a status request.
+    const MAX_REQUEST: usize = 8 * 1024;
+    /// Longest a client may take to send its request and read the answer.
+    const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Largest status document the reader accepts (a node with 100,000 spaces writes about 30 MB).
+    const MAX_DOCUMENT: u64 = 512 * 1024 * 1024;
+
+    pub async fn serve(listener: TcpListener, latest: Latest) {
+        loop {
+            match listener.accept().await {
+                Ok((mut sock, _)) => {
+                    let latest = latest.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(CLIENT_TIMEOUT, answer(&mut sock, &latest)).await;
+                    });
+                }
+                // Out of file descriptors, most likely: wait rather than spin.
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
         }
     }
 
-    /// Writes one status snapshot to the status file and, with a metrics endpoint, records it
-    /// with `record` (per-space series only up to `--metrics-max-spaces`).
-    pub fn publish<S: serde::Serialize>(&self, status: &S, spaces: usize, record: fn(&S, bool)) {
-        write_status(&self.status_file, status);
-        if self.metrics_addr.is_some() {
-            record(status, spaces <= self.metrics_max_spaces);
+    async fn answer(sock: &mut TcpStream, latest: &Latest) -> std::io::Result<()> {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+            let n = sock.read(&mut buf).await?;
+            if n == 0 || head.len() + n > MAX_REQUEST {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
         }
+        let line = String::from_utf8_lossy(head.split(|b| *b == b'\n').next().unwrap_or_default()).into_owned();
+        let mut words = line.split_whitespace();
+        let path = match (words.next(), words.next()) {
+            (Some("GET"), Some(p)) => Some(p),
+            _ => None,
+        };
+        let document = latest.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (status, kind, body): (&str, &str, Arc<Vec<u8>>) = match (path, document) {
+            (Some("/status"), Some(doc)) => ("200 OK", "application/json", doc),
+            (Some("/status"), None) => ("503 Service Unavailable", "text/plain", Arc::new(b"no status yet\n".to_vec())),
+            _ => ("404 Not Found", "text/plain", Arc::new(b"GET /status\n".to_vec())),
+        };
+        let header = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        sock.write_all(header.as_bytes()).await?;
+        sock.write_all(&body).await?;
+        sock.shutdown().await
+    }
+
+    /// Reads the status document at `url` (`http://HOST:PORT`, or with a path; `/status` by default).
+    pub async fn fetch(url: &str) -> Result<serde_json::Value, String> {
+        let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: not an http:// address"))?;
+        let (host, path) = match rest.split_once('/') {
+            Some((h, p)) if !p.is_empty() => (h, format!("/{p}")),
+            Some((h, _)) => (h, "/status".to_string()),
+            None => (rest, "/status".to_string()),
+        };
+        let exchange = async {
+            let mut sock = TcpStream::connect(host).await?;
+            let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+            sock.write_all(request.as_bytes()).await?;
+            let mut response = Vec::new();
+            sock.take(MAX_DOCUMENT).read_to_end(&mut response).await?;
+            Ok::<_, std::io::Error>(response)
+        };
+        let response = tokio::time::timeout(CLIENT_TIMEOUT, exchange)
+            .await
+            .map_err(|_| format!("{url}: no answer within {CLIENT_TIMEOUT:?}"))?
+            .map_err(|e| format!("{url}: {e}"))?;
+        let split =
+            response.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| format!("{url}: not an HTTP response"))?;
+        let status_line = String::from_utf8_lossy(response[..split].split(|b| *b == b'\n').next().unwrap_or_default())
+            .trim()
+            .to_string();
+        let body = &response[split + 4..];
+        if status_line.split_whitespace().nth(1) != Some("200") {
+            return Err(format!("{url}: {status_line}: {}", String::from_utf8_lossy(body).trim()));
+        }
+        serde_json::from_slice(body).map_err(|e| format!("{url}: not a status document: {e}"))
     }
 }
 
