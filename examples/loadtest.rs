@@ -9,8 +9,10 @@
 //! `--link sim` (default) runs everything in one process on the in-memory link simulator; `--link udp`
 //! puts a `lossy_link` forwarder on real 127.0.0.1 sockets between the primary and each replica.
 //! `--single-stream` multiplexes every space onto one stream, to measure head-of-line blocking.
-//! `--processes` runs the `primary` and `replica` example binaries instead; both modes build their
-//! report from one [`Outcome`], so the JSON has the same keys wherever the data exists.
+//! `--processes` runs the `primary` and `replica` example binaries instead, and `--attach-primary`
+//! with `--attach-replica` watches such binaries already running elsewhere (reading their
+//! `--status-addr` or `--status-file`); every mode builds its report from one [`Outcome`], so the
+//! JSON has the same keys wherever the data exists.
 //!
 //! Ctrl-C (or SIGTERM) stops the writer (with `--processes`, the primary's, through its
 //! `--stop-writing-file`), then converges, verifies and reports as usual, marked interrupted; a
@@ -108,6 +110,16 @@ struct Args {
     /// Where the `primary` and `replica` binaries are (default: next to this one). With --processes.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Start no node: attach to a running `primary` binary, given as `http://HOST:PORT` (its
+    /// `--status-addr`) or the path of its `--status-file`. Its built-in writer (`--spaces`,
+    /// `--rate`, `--total`; `--wait-for-replicas N` to start it once the replicas are connected)
+    /// makes the load; this tool samples lag, waits for convergence, verifies and reports. The
+    /// link is whatever lies between the nodes: your own network, or a `lossy_link` you started.
+    #[arg(long, requires = "attach_replica", conflicts_with_all = ATTACH_CONFLICTS)]
+    attach_primary: Option<String>,
+    /// A running `replica` binary of that primary, the same way (repeat for each replica).
+    #[arg(long, requires = "attach_primary")]
+    attach_replica: Vec<String>,
     /// Seed of the link simulator and the payloads.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -122,12 +134,42 @@ struct Args {
     quiet: bool,
 }
 
+/// What the nodes' own settings decide when attached to running nodes: refused rather than ignored.
+const ATTACH_CONFLICTS: [&str; 24] = [
+    "replicas",
+    "spaces",
+    "rate",
+    "entry_bytes",
+    "duration",
+    "compression",
+    "sync",
+    "loss",
+    "burst",
+    "delay",
+    "jitter",
+    "reorder",
+    "duplicate",
+    "link_rate",
+    "partition_at",
+    "partition_for",
+    "link",
+    "congestion",
+    "initial_window",
+    "linger",
+    "single_stream",
+    "processes",
+    "bin_dir",
+    "seed",
+];
+
 impl Args {
-    /// The link mode as the report names it: `sim` or `udp`.
+    /// The link mode as the report names it: `sim`, `udp`, or `external` (attached to running
+    /// nodes: not simulated here).
     fn link_mode(&self) -> &str {
-        match (self.processes, self.link.as_deref()) {
-            (true, _) => "udp",
-            (false, link) => link.unwrap_or("sim"),
+        match (self.attach_primary.is_some(), self.processes, self.link.as_deref()) {
+            (true, _, _) => "external",
+            (false, true, _) => "udp",
+            (false, false, link) => link.unwrap_or("sim"),
         }
     }
 }
@@ -674,7 +716,7 @@ struct Convergence {
 /// Everything a run measured, in either mode: the JSON report and the human summary are built
 /// from this alone, so both modes report the same keys wherever the data exists.
 struct Outcome {
-    /// `in-process` or `processes`.
+    /// `in-process`, `processes` or `attached`.
     mode: &'static str,
     /// Stopped early by SIGINT/SIGTERM (then converged, verified and reported as usual).
     interrupted: bool,
@@ -852,9 +894,12 @@ fn report_json(args: &Args, o: &Outcome) -> Value {
             "note": "whole process: primary, replicas and link simulator together",
         })),
         "replicas": replicas,
-        "link": {
-            "mode": args.link_mode(), "impairment": o.imp.to_string(), "packets": s.packets, "dropped": s.dropped(),
-            "duplicated": s.duplicated, "reordered": s.reordered, "overtaking": s.overtaking,
+        "link": match o.mode {
+            "attached" => json!({ "mode": args.link_mode(), "note": "as deployed between the nodes; not simulated by this tool" }),
+            _ => json!({
+                "mode": args.link_mode(), "impairment": o.imp.to_string(), "packets": s.packets, "dropped": s.dropped(),
+                "duplicated": s.duplicated, "reordered": s.reordered, "overtaking": s.overtaking,
+            }),
         },
         "config": {
             "replicas": args.replicas, "spaces": args.spaces, "rate": args.rate, "entry_bytes": args.entry_bytes,
@@ -891,6 +936,7 @@ fn print_summary(args: &Args, o: &Outcome, report: &Value) {
     let (entries, bytes) = o.delivered();
     let title = match o.mode {
         "processes" => "walship load test report (separate processes)",
+        "attached" => "walship load test report (attached to running nodes)",
         _ => "walship load test report",
     };
     println!("\n== {title}{} ==", if o.interrupted { ", INTERRUPTED" } else { "" });
@@ -905,7 +951,7 @@ fn print_summary(args: &Args, o: &Outcome, report: &Value) {
     println!(
         "verified:          {}",
         match (o.verified(), o.mode) {
-            (true, "processes") =>
+            (true, "processes" | "attached") =>
                 "true (every replica's logs identical to the primary's: last sequence and digest)".to_string(),
             (true, _) => "true (every replica's logs identical to the primary's, each entry applied once)".to_string(),
             (false, _) => format!("FALSE: {} differences", o.differences.len()),
@@ -935,7 +981,7 @@ fn print_summary(args: &Args, o: &Outcome, report: &Value) {
     for r in &o.replicas {
         print_replica(r);
     }
-    if let Some(source) = o.replicas.first().map(|r| &r.lag_source).filter(|_| o.mode == "processes") {
+    if let Some(source) = o.replicas.first().map(|r| &r.lag_source).filter(|_| o.mode != "in-process") {
         println!("                   (lag {source})");
     }
     if args.warmup.is_zero() {
@@ -958,7 +1004,10 @@ fn print_summary(args: &Args, o: &Outcome, report: &Value) {
             Some(d) => format!("{:.0} ms after writes stopped ({})", d.as_secs_f64() * 1e3, c.how),
         }
     );
-    println!("link:              {} [{}]: {}", args.link_mode(), o.imp, o.link_stats);
+    match o.mode {
+        "attached" => println!("link:              as deployed between the nodes (not simulated by this tool)"),
+        _ => println!("link:              {} [{}]: {}", args.link_mode(), o.imp, o.link_stats),
+    }
 }
 
 fn print_compression(args: &Args, o: &Outcome, c: &Value) {
@@ -1024,10 +1073,12 @@ async fn main() {
     common::init_tracing_with("error");
     common::raise_fd_limit();
     let args = Args::parse();
-    let processes = args.processes;
-    match processes {
-        true => common::exit_with_verdict("loadtest", processes::run(args)).await,
-        false => common::exit_with_verdict("loadtest", run(args)).await,
+    if args.attach_primary.is_some() {
+        common::exit_with_verdict("loadtest", processes::attach::run(args)).await
+    } else if args.processes {
+        common::exit_with_verdict("loadtest", processes::run(args)).await
+    } else {
+        common::exit_with_verdict("loadtest", run(args)).await
     }
 }
 
@@ -1716,5 +1767,336 @@ mod processes {
             imp,
             min_compress_bytes: walship::codec::compression::DEFAULT_MIN_COMPRESS_BYTES,
         })
+    }
+
+    /// `--attach-primary`/`--attach-replica`: the load test of nodes that already run, on
+    /// machines and links of their own; it reads their status (over HTTP or from files) and
+    /// changes nothing.
+    pub mod attach {
+        use super::*;
+
+        /// How often the nodes' status is read.
+        const POLL: Duration = Duration::from_millis(100);
+        /// How long a node's status may stay unreadable (a restart, a network blip) before the run fails.
+        const UNREADABLE_FOR: Duration = Duration::from_secs(30);
+        /// How long the primary's writer may take to start, or go without writing, before the run fails.
+        const WRITER_STALL: Duration = Duration::from_secs(120);
+
+        /// Where a node's status is read.
+        enum Source {
+            Http(String),
+            File(PathBuf),
+        }
+
+        impl std::fmt::Display for Source {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                match self {
+                    Source::Http(url) => write!(f, "{url}"),
+                    Source::File(path) => write!(f, "{}", path.display()),
+                }
+            }
+        }
+
+        /// A node this run watches, and since when its status could not be read.
+        struct Watched {
+            source: Source,
+            failing_since: Option<Instant>,
+        }
+
+        impl Watched {
+            fn new(s: &str) -> Watched {
+                let source = match s.starts_with("http://") {
+                    true => Source::Http(s.to_string()),
+                    false => Source::File(PathBuf::from(s)),
+                };
+                Watched { source, failing_since: None }
+            }
+
+            async fn read(&self) -> Result<Value, String> {
+                match &self.source {
+                    Source::Http(url) => common::status_http::fetch(url).await,
+                    Source::File(path) => super::read(path)
+                        .map(|(v, _)| v)
+                        .ok_or_else(|| format!("{}: no status document there (yet)", path.display())),
+                }
+            }
+
+            /// Its first status: waits up to [`UNREADABLE_FOR`] for it, so this tool may be started
+            /// before the nodes.
+            async fn first_look(&mut self) -> Result<Value, String> {
+                loop {
+                    match self.look().await {
+                        Ok(Some(v)) => return Ok(v),
+                        Ok(None) => tokio::time::sleep(POLL).await,
+                        Err(f) => return Err(f.message),
+                    }
+                }
+            }
+
+            /// Its status, or `None` while it has been unreadable for less than [`UNREADABLE_FOR`].
+            async fn look(&mut self) -> Result<Option<Value>, Failure> {
+                match self.read().await {
+                    Ok(v) => {
+                        self.failing_since = None;
+                        Ok(Some(v))
+                    }
+                    Err(e) if self.failing_since.get_or_insert_with(Instant::now).elapsed() > UNREADABLE_FOR => {
+                        Err(format!("{e} (unreadable for {} s)", UNREADABLE_FOR.as_secs()).into())
+                    }
+                    Err(_) => Ok(None),
+                }
+            }
+        }
+
+        /// The run's settings, as the attached primary reports them, put where the report reads them.
+        fn adopt_settings(args: &mut Args, p: &Value, replicas: usize) -> Result<u64, String> {
+            let w = &p["writer"];
+            if w.is_null() {
+                return Err("the primary has no built-in writer: start it with --spaces N --rate R --total T \
+                            (and --wait-for-replicas N to start writing once the replicas are connected)"
+                    .into());
+            }
+            let total = w["total"].as_u64().ok_or(
+                "the primary's writer has no --total: its writes never end, so there is nothing to converge on",
+            )?;
+            let c = &p["config"];
+            let text =
+                |v: &Value, key: &str| v[key].as_str().map(str::to_string).ok_or(format!("no {key} in the status"));
+            args.replicas = replicas;
+            args.spaces = w["spaces"].as_u64().unwrap_or(0) as usize;
+            args.rate = w["rate"].as_u64().unwrap_or(0);
+            args.entry_bytes = w["entry_bytes"].as_u64().unwrap_or(0) as usize;
+            args.seed = w["seed"].as_u64().unwrap_or(0);
+            args.duration = match args.rate {
+                0 => Duration::from_secs(30),
+                r => Duration::from_secs_f64(total as f64 / r as f64),
+            };
+            args.compression = text(c, "compression")?.parse().map_err(|e| format!("compression: {e}"))?;
+            args.sync = common::parse_sync(&text(c, "sync")?)?;
+            args.congestion =
+                serde_json::from_value(c["congestion"].clone()).map_err(|e| format!("congestion: {e}"))?;
+            args.initial_window = c["initial_window"].as_u64();
+            args.linger = c["linger_ms"].as_f64().map(|ms| Duration::from_secs_f64(ms / 1e3));
+            args.single_stream = c["single_stream"].as_bool().unwrap_or(false);
+            Ok(total)
+        }
+
+        pub async fn run(mut args: Args) -> Result<bool, Box<dyn std::error::Error>> {
+            let mut primary = Watched::new(args.attach_primary.as_deref().unwrap_or_default());
+            let mut replicas: Vec<Watched> = args.attach_replica.iter().map(|s| Watched::new(s)).collect();
+            let p = primary.first_look().await?;
+            if p["role"] != "primary" || p["config"].is_null() {
+                return Err(format!(
+                    "{}: not the status of a `primary` binary of this version (role {}, config {})",
+                    primary.source,
+                    p["role"],
+                    if p["config"].is_null() { "missing" } else { "present" }
+                )
+                .into());
+            }
+            let total = adopt_settings(&mut args, &p, replicas.len())?;
+            let mut names = Vec::new();
+            for r in replicas.iter_mut() {
+                let v = r.first_look().await?;
+                let name = v["name"].as_str().unwrap_or_default().to_string();
+                if v["role"] != "replica" || name.is_empty() {
+                    return Err(
+                        format!("{}: not the status of a `replica` binary (role {})", r.source, v["role"]).into()
+                    );
+                }
+                if names.contains(&name) {
+                    return Err(format!("{}: a second status of replica {name}", r.source).into());
+                }
+                names.push(name);
+            }
+            let unclaimed = Leftovers { dir: None, report: claim_report_file(&args)? };
+            let result = watch(&args, primary, replicas, names, total, p).await;
+            if result.is_err() {
+                unclaimed.remove();
+            }
+            result
+        }
+
+        /// Follows the attached nodes through the writes and convergence, then verifies and reports.
+        async fn watch(
+            args: &Args,
+            mut primary: Watched,
+            mut replicas: Vec<Watched>,
+            names: Vec<String>,
+            total: u64,
+            p: Value,
+        ) -> Result<bool, Box<dyn std::error::Error>> {
+            let console = Console::new(args.quiet, args.duration)?;
+            let interrupted = watch_signals(
+                &console,
+                "interrupted: no report; the attached nodes go on running (their writer cannot be stopped from here)",
+                None,
+            )?;
+            let every = |v: &Value| Duration::from_millis(v["status_every_ms"].as_u64().unwrap_or(1000));
+            println!(
+                "loadtest --attach: primary {} at {}: {} entries of {} bytes over {} spaces at {} entries/s, compression {}, sync {}, {}; replicas {}; the link is as deployed",
+                p["name"].as_str().unwrap_or("?"),
+                primary.source,
+                total,
+                args.entry_bytes,
+                args.spaces,
+                if args.rate == 0 { "max".to_string() } else { args.rate.to_string() },
+                codec_name(args.compression),
+                sync_name(args.sync),
+                if args.single_stream { "all spaces on one multiplexed stream" } else { "one stream per space" },
+                names.iter().zip(&replicas).map(|(n, r)| format!("{n} at {}", r.source)).collect::<Vec<_>>().join(", "),
+            );
+            let mut resolution = every(&p);
+            let sampled = sample(args, &mut primary, &names, &console, &interrupted).await;
+            console.bar.finish_and_clear();
+            let (lag_ms, write_time, writes_done) = sampled.map_err(|f| f.message)?;
+            println!(
+                "writes done after {:.1}s (by the primary's writer); waiting for convergence ...",
+                write_time.as_secs_f64()
+            );
+
+            // Convergence, on this tool's clock: from seeing the writer done to seeing every log equal.
+            let start = Instant::now();
+            let (after, p, rs) = loop {
+                nap(POLL, &interrupted).await.map_err(|f| f.message)?;
+                let Some(p) = primary.look().await.map_err(|f| f.message)? else { continue };
+                let mut rs = Vec::new();
+                for r in replicas.iter_mut() {
+                    rs.push(r.look().await.map_err(|f| f.message)?);
+                }
+                let plogs = logs(&p);
+                let same = rs.iter().all(|r| r.as_ref().is_some_and(|v| logs(v) == plogs));
+                if same && entries(&p) >= total {
+                    resolution = rs.iter().flatten().map(every).fold(resolution, Duration::max);
+                    break (Some(writes_done.elapsed()), p, rs);
+                }
+                if start.elapsed() > args.converge_timeout {
+                    break (None, p, rs);
+                }
+            };
+            let elapsed = write_time + writes_done.elapsed();
+            let settled = match after {
+                Some(_) => {
+                    let t = Instant::now();
+                    let mut last = p;
+                    loop {
+                        let behind: Vec<String> = names
+                            .iter()
+                            .filter(|n| !View::of(&last, n).is_some_and(|v| v.caught_up()))
+                            .map(|n| format!("{n} not caught up in the primary's view"))
+                            .collect();
+                        if behind.is_empty() || t.elapsed() >= SETTLE_TIMEOUT {
+                            break Settled { status: last, waited: t.elapsed(), behind };
+                        }
+                        nap(POLL, &interrupted).await.map_err(|f| f.message)?;
+                        if let Some(v) = primary.look().await.map_err(|f| f.message)? {
+                            last = v;
+                        }
+                    }
+                }
+                None => Settled::now(p),
+            };
+            let p = &settled.status;
+            let plogs = logs(p);
+            let mut differences = Vec::new();
+            let mut outcomes = Vec::new();
+            for ((name, status), lag) in names.iter().zip(&rs).zip(&lag_ms) {
+                let rlogs = status.as_ref().map(logs).unwrap_or_default();
+                for pl in plogs.iter().filter(|pl| !rlogs.contains(pl)) {
+                    differences.push(format!("{name} {}: differs from the primary's {} {}", pl.0, pl.1, pl.2));
+                }
+                let held: u64 = rlogs.iter().map(|l| l.1).sum();
+                // The primary's own samples cover the whole run; this tool's only what it saw.
+                let (lag_ms, lag_source) = match Percentiles::from_json(&p["writer"]["lag_ms"][name]) {
+                    Some(l) => (l, format!(
+                        "sampled by the primary from its status every {} ms while its writer ran (its oldest unacknowledged entry)",
+                        p["status_every_ms"]
+                    )),
+                    None => (Percentiles::of(lag, 1.0), format!(
+                        "sampled from the primary's status every {} ms (its oldest unacknowledged entry)",
+                        POLL.as_millis()
+                    )),
+                };
+                outcomes.push(ReplicaOutcome {
+                    name: name.clone(),
+                    entries: held,
+                    payload_bytes: held * args.entry_bytes as u64,
+                    lag_ms,
+                    lag_source,
+                    view: View::of(p, name),
+                });
+            }
+            let outcome = Outcome {
+                mode: "attached",
+                interrupted: false,
+                differences,
+                convergence: Convergence {
+                    after,
+                    resolution: resolution + POLL,
+                    how: "read from the nodes' status every 100 ms, which they refresh every --status-every",
+                },
+                entries_written: plogs.iter().map(|l| l.1).sum(),
+                write_time,
+                elapsed,
+                append_us: Percentiles::from_json(&p["writer"]["append_latency_us"]),
+                cpu_seconds: None,
+                replicas: outcomes,
+                view_waited: settled.waited,
+                view_behind: settled.behind,
+                link_stats: netsim::LinkStats::default(),
+                imp: Impairment::default(),
+                min_compress_bytes: walship::codec::compression::DEFAULT_MIN_COMPRESS_BYTES,
+            };
+            report(args, &outcome)
+        }
+
+        /// Samples the lag the primary reports for each replica until its writer is done; returns
+        /// the lag histograms (ms), the writer's own run time, and when it was seen done.
+        async fn sample(
+            args: &Args,
+            primary: &mut Watched,
+            names: &[String],
+            console: &Console,
+            interrupted: &AtomicBool,
+        ) -> Result<(Vec<Histogram<u64>>, Duration, Instant), Failure> {
+            let mut lag_ms: Vec<Histogram<u64>> =
+                names.iter().map(|_| Histogram::new_with_bounds(1, 3_600_000, 3)).collect::<Result<_, _>>()?;
+            let mut last_progress = (Instant::now(), u64::MAX);
+            loop {
+                nap(POLL, interrupted).await?;
+                let Some(p) = primary.look().await? else { continue };
+                let w = &p["writer"];
+                let written = w["written"].as_u64().unwrap_or(0);
+                let elapsed = Duration::from_secs_f64(w["elapsed_s"].as_f64().unwrap_or(0.0));
+                let views = View::all(&p);
+                if w["started"].as_bool().unwrap_or(false) && elapsed >= args.warmup {
+                    for (i, name) in names.iter().enumerate() {
+                        if let Some(v) = views.iter().find(|v| &v.name == name) {
+                            lag_ms[i].saturating_record(v.lag_ms.max(1));
+                        }
+                    }
+                }
+                console.progress(elapsed, written, &views);
+                if w["done"].as_bool().unwrap_or(false) {
+                    return Ok((lag_ms, elapsed, Instant::now()));
+                }
+                if written != last_progress.1 {
+                    last_progress = (Instant::now(), written);
+                } else if last_progress.0.elapsed() > WRITER_STALL {
+                    return Err(format!(
+                        "the primary's writer has written nothing for {} s ({written} entries so far{})",
+                        WRITER_STALL.as_secs(),
+                        match w["started"].as_bool() {
+                            Some(false) => format!(
+                                "; it waits for {} connected replica(s)",
+                                w["wait_for_replicas"].as_u64().unwrap_or(0)
+                            ),
+                            _ => String::new(),
+                        }
+                    )
+                    .into());
+                }
+            }
+        }
     }
 }

@@ -7,16 +7,19 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
+use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use walship::codec::Compression;
 use walship::config::{PrimaryConfig, ReplicaAddr};
 use walship::net::tls::NodeIdentity;
+use walship::protocol::health::Health;
 use walship::{Epoch, Primary};
 
 #[derive(Parser, Debug)]
@@ -81,6 +84,10 @@ struct Args {
     /// Seed of the built-in writer's payloads.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Start the built-in writer only once this many replicas are connected (a load test attached
+    /// to this node then times the whole run).
+    #[arg(long, default_value_t = 0)]
+    wait_for_replicas: usize,
     /// Leave the built-in writer's appends of this first part of its run out of the append
     /// latency it reports (the status file's `writer.append_latency_us`).
     #[arg(long, default_value = "0s", value_parser = walship::netsim::parse_duration)]
@@ -95,7 +102,11 @@ fn parse_dial(s: &str) -> Result<ReplicaAddr, String> {
 /// What the status file holds besides the primary's own status: the settings a load test reports
 /// (`config`), and the built-in writer's plan and progress with its append latency (`writer`,
 /// `null` without a writer). `loadtest --processes` and `--attach-primary` read both.
-fn extra(args: &Args, writer: Option<&common::WriterStats>) -> Vec<(&'static str, Value)> {
+fn extra(
+    args: &Args,
+    writer: Option<&common::WriterStats>,
+    lag_ms: &BTreeMap<String, Histogram<u64>>,
+) -> Vec<(&'static str, Value)> {
     let config = json!({
         "compression": args.compression.to_string(),
         "sync": common::sync_flag(args.sync),
@@ -104,24 +115,47 @@ fn extra(args: &Args, writer: Option<&common::WriterStats>) -> Vec<(&'static str
         "linger_ms": args.linger.map(|d| d.as_secs_f64() * 1e3),
         "single_stream": args.single_stream,
     });
-    let writer = writer.map(|w| {
-        let latency = w.append_latencies().filter(|h| !h.is_empty()).map(|h| {
+    // The plan from the start (so an attached load test knows it before the writer starts),
+    // progress once it runs.
+    let writer = (args.spaces > 0).then(|| {
+        let latency = writer.and_then(|w| w.append_latencies()).filter(|h| !h.is_empty()).map(|h| {
             let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
             json!({ "p50": us(0.5), "p99": us(0.99), "p999": us(0.999), "max": h.max() as f64 / 1e3, "count": h.len() })
         });
+        let progress = |f: fn(&common::WriterStats) -> u64| writer.map_or(0, f);
+        let lag: serde_json::Map<String, Value> = lag_ms
+            .iter()
+            .map(|(name, h)| {
+                let q = |q: f64| h.value_at_quantile(q);
+                (
+                    name.clone(),
+                    json!({ "p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": h.max(), "samples": h.len() }),
+                )
+            })
+            .collect();
         json!({
             "spaces": args.spaces,
             "rate": args.rate,
             "entry_bytes": args.entry_bytes,
             "total": args.total,
             "seed": args.seed,
-            "written": w.written.load(Ordering::Relaxed),
-            "done": w.done.load(Ordering::Relaxed),
+            "wait_for_replicas": args.wait_for_replicas,
+            "started": writer.is_some(),
+            "written": progress(|w| w.written.load(Ordering::Relaxed)),
+            "elapsed_s": progress(|w| w.elapsed_us.load(Ordering::Relaxed)) as f64 / 1e6,
+            "done": writer.is_some_and(|w| w.done.load(Ordering::Relaxed)),
             "warmup_s": args.warmup.as_secs_f64(),
             "append_latency_us": latency,
+            // Sampled from this node's status every --status-every while the writer ran.
+            "lag_ms": lag,
         })
     });
     vec![("config", config), ("writer", writer.unwrap_or(Value::Null))]
+}
+
+/// Lag in ms, 1 ms to an hour.
+fn lag_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds")
 }
 
 #[tokio::main]
@@ -148,11 +182,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     println!("primary {} listening on {} (data {})", args.name, primary.local_addr(), args.data.display());
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (writer, writer_thread) = if args.spaces > 0 {
-        let spaces =
-            common::space_names(args.spaces).iter().map(|s| primary.space(s)).collect::<Result<Vec<_>, _>>()?;
-        let plan = common::WriterPlan {
-            spaces,
+    let mut plan = match args.spaces {
+        0 => None,
+        n => Some(common::WriterPlan {
+            spaces: common::space_names(n).iter().map(|s| primary.space(s)).collect::<Result<Vec<_>, _>>()?,
             epoch: Epoch(args.epoch),
             rate: args.rate,
             entry_bytes: args.entry_bytes,
@@ -161,12 +194,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             // Reading the clock around each append costs tens of nanoseconds, against a
             // microsecond or more for the append itself.
             time_appends_after: Some(args.warmup),
-        };
-        let (stats, thread) = common::spawn_writer(plan, stop.clone());
-        (Some(stats), Some(thread))
-    } else {
-        (None, None)
+        }),
     };
+    if plan.is_some() && args.wait_for_replicas > 0 {
+        println!("the writer starts once {} replica(s) are connected", args.wait_for_replicas);
+    }
+    let mut writer: Option<common::Writer> = None;
+    // Each replica's lag (ms) as every status shows it while the writer runs, after --warmup:
+    // a load test attached to this node reads the whole run from it, however late it attached.
+    let mut lag_ms: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
 
     let mut last_written = 0;
     common::every_until_signal(args.report.status_every, |elapsed, new_second| {
@@ -177,16 +213,29 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         let status = primary.status();
+        let connected = status.replicas.iter().filter(|r| r.state != Health::Disconnected).count();
+        if connected >= args.wait_for_replicas && !stop.load(Ordering::Relaxed) {
+            if let Some(plan) = plan.take() {
+                writer = Some(common::spawn_writer(plan, stop.clone()));
+            }
+        }
+        if let Some((w, _)) = writer.as_ref().filter(|(w, _)| !w.done.load(Ordering::Relaxed)) {
+            if w.elapsed_us.load(Ordering::Relaxed) >= args.warmup.as_micros() as u64 {
+                for r in &status.replicas {
+                    lag_ms.entry(r.name.clone()).or_insert_with(lag_histogram).saturating_record(r.max_lag.ms.max(1));
+                }
+            }
+        }
         reporter.publish(
             &status,
-            extra(&args, writer.as_deref()),
+            extra(&args, writer.as_ref().map(|(s, _)| &**s), &lag_ms),
             status.spaces.len(),
             walship::net::metrics::record_primary,
         );
         if !new_second {
             return;
         }
-        let written = writer.as_ref().map_or(0, |s| s.written.load(Ordering::Relaxed));
+        let written = writer.as_ref().map_or(0, |(s, _)| s.written.load(Ordering::Relaxed));
         let replicas: Vec<String> = status
             .replicas
             .iter()
@@ -204,18 +253,19 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     })
     .await;
     stop.store(true, Ordering::Relaxed);
-    if let Some(handle) = writer_thread {
-        match handle.join() {
+    let writer = writer.map(|(stats, thread)| {
+        match thread.join() {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => eprintln!("writer failed: {e}"),
             Err(_) => eprintln!("writer thread panicked"),
         }
-    }
+        stats
+    });
     let status = primary.status();
     primary.shutdown().await;
     reporter.publish(
         &status,
-        extra(&args, writer.as_deref()),
+        extra(&args, writer.as_deref(), &lag_ms),
         status.spaces.len(),
         walship::net::metrics::record_primary,
     );

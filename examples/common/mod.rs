@@ -64,6 +64,8 @@ pub fn space_names(n: usize) -> Vec<SpaceId> {
 #[derive(Default)]
 pub struct WriterStats {
     pub written: AtomicU64,
+    /// Microseconds from the writer's start to its last append so far.
+    pub elapsed_us: AtomicU64,
     pub done: AtomicBool,
     /// Append latencies in nanoseconds, when the plan asked for them (`time_appends_after`).
     pub append_ns: Option<Mutex<Histogram<u64>>>,
@@ -98,12 +100,12 @@ pub fn append_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds")
 }
 
+/// A running built-in writer: its counters, and its thread (which ends with the first append error).
+pub type Writer = (Arc<WriterStats>, std::thread::JoinHandle<Result<(), String>>);
+
 /// Writes `plan` on its own thread (the write path never waits for replication) until its total
 /// or until `stop` is set.
-pub fn spawn_writer(
-    plan: WriterPlan,
-    stop: Arc<AtomicBool>,
-) -> (Arc<WriterStats>, std::thread::JoinHandle<Result<(), String>>) {
+pub fn spawn_writer(plan: WriterPlan, stop: Arc<AtomicBool>) -> Writer {
     let WriterPlan { spaces, epoch, rate, entry_bytes, total, seed, time_appends_after } = plan;
     let stats = Arc::new(WriterStats {
         append_ns: time_appends_after.map(|_| Mutex::new(append_histogram())),
@@ -147,6 +149,7 @@ pub fn spawn_writer(
                 written += 1;
             }
             drop(hist);
+            s2.elapsed_us.store(start.elapsed().as_micros() as u64, Ordering::Relaxed);
             s2.written.store(written, Ordering::Relaxed);
         }
         s2.written.store(written, Ordering::Relaxed);
@@ -336,7 +339,10 @@ impl Reporter<'_> {
             #[serde(flatten)]
             extra: std::collections::BTreeMap<&'a str, serde_json::Value>,
         }
-        let json = WithExtra { status, extra: extra.into_iter().collect() };
+        let mut extra: std::collections::BTreeMap<_, _> = extra.into_iter().collect();
+        // How stale a reader's copy can be.
+        extra.insert("status_every_ms", serde_json::json!(self.flags.status_every.as_millis() as u64));
+        let json = WithExtra { status, extra };
         write_status(&self.flags.status_file, &json);
         if self.flags.status_addr.is_some() {
             if let Ok(bytes) = serde_json::to_vec(&json) {
