@@ -1649,6 +1649,13 @@ mod processes {
                 }
             }
             console.progress(el, entries(&p), &views);
+            if let Some(e) = p["writer"]["error"].as_str() {
+                return Err(Failure {
+                    message: format!("the primary's writer failed: {e}"),
+                    log: Some(nodes.primary.log.clone()),
+                    interrupted: false,
+                });
+            }
             if entries(&p) >= nodes.total {
                 break mtime;
             }
@@ -2077,6 +2084,9 @@ mod processes {
                     }
                 }
                 console.progress(elapsed, written, &views);
+                if let Some(e) = w["error"].as_str() {
+                    return Err(format!("the primary's writer failed after {written} entries: {e}").into());
+                }
                 if w["done"].as_bool().unwrap_or(false) {
                     return Ok((lag_ms, elapsed, Instant::now()));
                 }

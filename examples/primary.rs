@@ -144,6 +144,7 @@ fn extra(
             "written": progress(|w| w.written.load(Ordering::Relaxed)),
             "elapsed_s": progress(|w| w.elapsed_us.load(Ordering::Relaxed)) as f64 / 1e6,
             "done": writer.is_some_and(|w| w.done.load(Ordering::Relaxed)),
+            "error": writer.and_then(|w| w.error.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             "warmup_s": args.warmup.as_secs_f64(),
             "append_latency_us": latency,
             // Sampled from this node's status every --status-every while the writer ran.

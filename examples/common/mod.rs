@@ -66,7 +66,10 @@ pub struct WriterStats {
     pub written: AtomicU64,
     /// Microseconds from the writer's start to its last append so far.
     pub elapsed_us: AtomicU64,
+    /// Set once the writer stops, whether it finished or failed.
     pub done: AtomicBool,
+    /// Why it stopped early, if an append failed.
+    pub error: Mutex<Option<String>>,
     /// Append latencies in nanoseconds, when the plan asked for them (`time_appends_after`).
     pub append_ns: Option<Mutex<Histogram<u64>>>,
 }
@@ -106,57 +109,70 @@ pub type Writer = (Arc<WriterStats>, std::thread::JoinHandle<Result<(), String>>
 /// Writes `plan` on its own thread (the write path never waits for replication) until its total
 /// or until `stop` is set.
 pub fn spawn_writer(plan: WriterPlan, stop: Arc<AtomicBool>) -> Writer {
-    let WriterPlan { spaces, epoch, rate, entry_bytes, total, seed, time_appends_after } = plan;
     let stats = Arc::new(WriterStats {
-        append_ns: time_appends_after.map(|_| Mutex::new(append_histogram())),
+        append_ns: plan.time_appends_after.map(|_| Mutex::new(append_histogram())),
         ..WriterStats::default()
     });
     let s2 = stats.clone();
     let handle = std::thread::spawn(move || {
-        let timed_from = time_appends_after.unwrap_or(Duration::MAX);
-        // Between due checks: about one entry's interval, but never a busy loop nor a long nap.
-        let nap = match rate {
-            0 => Duration::ZERO,
-            r => Duration::from_secs_f64(1.0 / r as f64).clamp(Duration::from_micros(200), Duration::from_millis(10)),
-        };
-        let mut gen = PayloadGen::new(seed, entry_bytes);
-        let start = Instant::now();
-        let mut written = 0u64;
-        let limit = total.unwrap_or(u64::MAX);
-        while written < limit && !stop.load(Ordering::Relaxed) && !spaces.is_empty() {
-            let due = if rate == 0 { limit } else { ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(limit) };
-            if written >= due {
-                std::thread::sleep(nap);
-                continue;
-            }
-            // Write what is due in small bursts, checking the stop flag in between. The latency
-            // histogram is locked per burst, not per append (readers take a copy now and then).
-            let burst = (due - written).min(4096);
-            let mut hist = s2
-                .append_ns
-                .as_ref()
-                .filter(|_| start.elapsed() >= timed_from)
-                .map(|h| h.lock().unwrap_or_else(|p| p.into_inner()));
-            for _ in 0..burst {
-                let wal = &spaces[(written % spaces.len() as u64) as usize];
-                let payload = gen.next_payload();
-                // Read the clock only when appends are timed (the demo does not time them).
-                let t = hist.is_some().then(Instant::now);
-                wal.append(epoch, 1, payload).map_err(|e| e.to_string())?;
-                if let (Some(h), Some(t)) = (hist.as_mut(), t) {
-                    h.saturating_record(t.elapsed().as_nanos() as u64);
-                }
-                written += 1;
-            }
-            drop(hist);
-            s2.elapsed_us.store(start.elapsed().as_micros() as u64, Ordering::Relaxed);
-            s2.written.store(written, Ordering::Relaxed);
+        let result = write(plan, &stop, &s2);
+        if let Err(e) = &result {
+            *s2.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
         }
-        s2.written.store(written, Ordering::Relaxed);
         s2.done.store(true, Ordering::Relaxed);
-        Ok(())
+        result
     });
     (stats, handle)
+}
+
+/// The body of [`spawn_writer`]'s thread: writes until the plan's total, `stop`, or an append error.
+fn write(plan: WriterPlan, stop: &AtomicBool, stats: &WriterStats) -> Result<(), String> {
+    let WriterPlan { spaces, epoch, rate, entry_bytes, total, seed, time_appends_after } = plan;
+    let timed_from = time_appends_after.unwrap_or(Duration::MAX);
+    // Between due checks: about one entry's interval, but never a busy loop nor a long nap.
+    let nap = match rate {
+        0 => Duration::ZERO,
+        r => Duration::from_secs_f64(1.0 / r as f64).clamp(Duration::from_micros(200), Duration::from_millis(10)),
+    };
+    let mut gen = PayloadGen::new(seed, entry_bytes);
+    let start = Instant::now();
+    let mut written = 0u64;
+    let limit = total.unwrap_or(u64::MAX);
+    while written < limit && !stop.load(Ordering::Relaxed) && !spaces.is_empty() {
+        let due = if rate == 0 { limit } else { ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(limit) };
+        if written >= due {
+            std::thread::sleep(nap);
+            continue;
+        }
+        // Write what is due in small bursts, checking the stop flag in between. The latency
+        // histogram is locked per burst, not per append (readers take a copy now and then).
+        let burst = (due - written).min(4096);
+        let mut hist = stats
+            .append_ns
+            .as_ref()
+            .filter(|_| start.elapsed() >= timed_from)
+            .map(|h| h.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut result = Ok(());
+        for _ in 0..burst {
+            let wal = &spaces[(written % spaces.len() as u64) as usize];
+            let payload = gen.next_payload();
+            // Read the clock only when appends are timed (the demo does not time them).
+            let t = hist.is_some().then(Instant::now);
+            if let Err(e) = wal.append(epoch, 1, payload) {
+                result = Err(e.to_string());
+                break;
+            }
+            if let (Some(h), Some(t)) = (hist.as_mut(), t) {
+                h.saturating_record(t.elapsed().as_nanos() as u64);
+            }
+            written += 1;
+        }
+        drop(hist);
+        stats.elapsed_us.store(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats.written.store(written, Ordering::Relaxed);
+        result?;
+    }
+    Ok(())
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.
