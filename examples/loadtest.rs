@@ -135,8 +135,9 @@ struct Args {
 }
 
 /// What the nodes' own settings decide when attached to running nodes: refused rather than ignored.
-const ATTACH_CONFLICTS: [&str; 24] = [
+const ATTACH_CONFLICTS: [&str; 25] = [
     "replicas",
+    "warmup",
     "spaces",
     "rate",
     "entry_bytes",
@@ -697,7 +698,7 @@ struct ReplicaOutcome {
     entries: u64,
     payload_bytes: u64,
     /// From append to durable on the replica, in ms.
-    lag_ms: Percentiles,
+    lag_ms: Option<Percentiles>,
     /// How `lag_ms` was measured.
     lag_source: String,
     /// The primary's view of it at the end.
@@ -801,7 +802,8 @@ impl CompressionUse {
                 per_space
             ),
         };
-        format!("for bigger batches try {linger}larger --entry-bytes, or a higher --rate per space (fewer --spaces)")
+        let whose = if args.attach_primary.is_some() { "restart the primary with " } else { "try " };
+        format!("for bigger batches {whose}{linger}larger --entry-bytes, or a higher --rate per space (fewer --spaces)")
     }
 }
 
@@ -844,7 +846,7 @@ fn report_json(args: &Args, o: &Outcome) -> Value {
             let mut v = json!({
                 "name": r.name,
                 "entries": r.entries,
-                "lag_ms": r.lag_ms.json(),
+                "lag_ms": r.lag_ms.map_or(json!({ "p50": null, "p99": null, "p999": null, "max": null }), |l| l.json()),
                 "lag_source": r.lag_source,
                 "state": r.view.as_ref().map(|v| v.state.clone()),
                 "reconnects": r.view.as_ref().map(|v| v.reconnects),
@@ -943,7 +945,7 @@ fn print_summary(args: &Args, o: &Outcome, report: &Value) {
     println!("system:            {}", system_line());
     if o.interrupted {
         println!(
-            "interrupted:       writes stopped early by a signal after {:.1}s of {:?}; what was written is verified below",
+            "interrupted:       writes stopped early after {:.1}s of {:?}; what was written is verified below",
             o.write_time.as_secs_f64(),
             args.duration
         );
@@ -985,7 +987,8 @@ fn print_summary(args: &Args, o: &Outcome, report: &Value) {
         println!("                   (lag {source})");
     }
     if args.warmup.is_zero() {
-        println!("                   note: the lag includes connection start-up (slow start over the link's delay); add --warmup 2s to leave it out");
+        let how = if o.mode == "attached" { "start the primary with --warmup 2s" } else { "add --warmup 2s" };
+        println!("                   note: the lag includes connection start-up (slow start over the link's delay); {how} to leave it out");
     }
     if !o.view_behind.is_empty() {
         println!(
@@ -1039,16 +1042,16 @@ fn print_compression(args: &Args, o: &Outcome, c: &Value) {
 }
 
 fn print_replica(r: &ReplicaOutcome) {
-    let l = &r.lag_ms;
     let v = r.view.clone().unwrap_or_default();
     let path = v.path_json();
     println!(
-        "{:<18} lag p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms; {}; reconnects {}; lost packets {}, congestion events {}, rtt {:.2} ms",
+        "{:<18} {}; {}; reconnects {}; lost packets {}, congestion events {}, rtt {:.2} ms",
         format!("{}:", r.name),
-        l.p50,
-        l.p99,
-        l.p999,
-        l.max,
+        match &r.lag_ms {
+            Some(l) =>
+                format!("lag p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms", l.p50, l.p99, l.p999, l.max),
+            None => "lag not measured".to_string(),
+        },
         if v.state.is_empty() { "unknown" } else { &v.state },
         v.reconnects,
         path["lost_packets"].as_u64().unwrap_or(0),
@@ -1072,7 +1075,12 @@ fn report(args: &Args, outcome: &Outcome) -> Result<bool, Box<dyn std::error::Er
 async fn main() {
     common::init_tracing_with("error");
     common::raise_fd_limit();
-    let args = Args::parse();
+    // Usage errors exit with 1 ("could not run"): 2 means "ran, and the check failed".
+    let args = Args::try_parse().unwrap_or_else(|e| {
+        let code = if e.use_stderr() { 1 } else { 0 };
+        let _ = e.print();
+        std::process::exit(code)
+    });
     if args.attach_primary.is_some() {
         common::exit_with_verdict("loadtest", processes::attach::run(args)).await
     } else if args.processes {
@@ -1310,7 +1318,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             name: name.clone(),
             entries: lag.entries.load(Ordering::Relaxed),
             payload_bytes: lag.bytes.load(Ordering::Relaxed),
-            lag_ms: Percentiles::of(&lag.hist.lock().unwrap_or_else(|e| e.into_inner()), 1e3),
+            lag_ms: Some(Percentiles::of(&lag.hist.lock().unwrap_or_else(|e| e.into_inner()), 1e3)),
             lag_source: "every entry, from its append to its apply on the replica".into(),
             view: View::of(&settled.status, name),
         })
@@ -1749,7 +1757,7 @@ mod processes {
                 name: r.name.clone(),
                 entries: held,
                 payload_bytes: held * args.entry_bytes as u64,
-                lag_ms: Percentiles::of(lag, 1.0),
+                lag_ms: Some(Percentiles::of(lag, 1.0)),
                 lag_source: format!(
                     "sampled from the primary's status every {} ms (its oldest unacknowledged entry)",
                     STATUS_EVERY.as_millis()
@@ -1778,21 +1786,50 @@ mod processes {
 
     /// `--attach-primary`/`--attach-replica`: the load test of nodes that already run, on
     /// machines and links of their own; it reads their status (over HTTP or from files) and
-    /// changes nothing.
+    /// changes nothing. The primary binary records what only it can see whole, however late this
+    /// tool attaches: its writer's progress and append latency, each replica's lag, and when each
+    /// replica caught up after the writes ended (its `writer` status).
     pub mod attach {
         use super::*;
 
         /// How often the nodes' status is read.
         const POLL: Duration = Duration::from_millis(100);
-        /// How long a node's status may stay unreadable (a restart, a network blip) before the run fails.
+        /// How long a node's status may stay unreadable (not up yet, a restart, a network blip)
+        /// before the run gives up on it.
         const UNREADABLE_FOR: Duration = Duration::from_secs(30);
         /// How long the primary's writer may take to start, or go without writing, before the run fails.
         const WRITER_STALL: Duration = Duration::from_secs(120);
+        /// A status file this much older than its node's `--status-every` (times 3) is stale: the
+        /// node is not running.
+        const STALE_GRACE: Duration = Duration::from_secs(2);
 
         /// Where a node's status is read.
         enum Source {
             Http(String),
             File(PathBuf),
+        }
+
+        impl Source {
+            fn parse(s: &str) -> Result<Source, String> {
+                if s.starts_with("http://") {
+                    return Ok(Source::Http(s.to_string()));
+                }
+                if let Some((scheme, _)) = s.split_once("://") {
+                    return Err(format!(
+                        "{s}: {scheme}:// is not supported: give http://HOST:PORT (the node's --status-addr) or a status file path"
+                    ));
+                }
+                let host_port = s.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty()
+                        && !host.contains('/')
+                        && !port.is_empty()
+                        && port.bytes().all(|b| b.is_ascii_digit())
+                });
+                if host_port && !Path::new(s).exists() {
+                    return Err(format!("{s}: looks like an address; write http://{s}"));
+                }
+                Ok(Source::File(PathBuf::from(s)))
+            }
         }
 
         impl std::fmt::Display for Source {
@@ -1811,46 +1848,73 @@ mod processes {
         }
 
         impl Watched {
-            fn new(s: &str) -> Watched {
-                let source = match s.starts_with("http://") {
-                    true => Source::Http(s.to_string()),
-                    false => Source::File(PathBuf::from(s)),
+            /// The status, or why not and whether trying again may help.
+            async fn read(&self) -> Result<Value, common::status_http::FetchError> {
+                use common::status_http::FetchError;
+                let path = match &self.source {
+                    Source::Http(url) => return common::status_http::fetch(url).await,
+                    Source::File(path) => path,
                 };
-                Watched { source, failing_since: None }
-            }
-
-            async fn read(&self) -> Result<Value, String> {
-                match &self.source {
-                    Source::Http(url) => common::status_http::fetch(url).await,
-                    Source::File(path) => super::read(path)
-                        .map(|(v, _)| v)
-                        .ok_or_else(|| format!("{}: no status document there (yet)", path.display())),
+                let retry = |message: String| FetchError { message, retry: true };
+                // Opened once, so the document and its time are of one version (nodes replace it by a rename).
+                let mut f = std::fs::File::open(path).map_err(|e| retry(format!("{}: {e}", path.display())))?;
+                let mtime =
+                    f.metadata().and_then(|m| m.modified()).map_err(|e| retry(format!("{}: {e}", path.display())))?;
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut f, &mut bytes)
+                    .map_err(|e| retry(format!("{}: {e}", path.display())))?;
+                let v: Value = serde_json::from_slice(&bytes).map_err(|e| FetchError {
+                    message: format!("{}: not a status document: {e}", path.display()),
+                    retry: bytes.is_empty(),
+                })?;
+                let period = Duration::from_millis(v["status_every_ms"].as_u64().unwrap_or(1000));
+                let age = std::time::SystemTime::now().duration_since(mtime).unwrap_or_default();
+                if age > period * 3 + STALE_GRACE {
+                    return Err(retry(format!(
+                        "{}: not updated for {:.0} s: is the node running?",
+                        path.display(),
+                        age.as_secs_f64()
+                    )));
                 }
+                Ok(v)
             }
 
-            /// Its first status: waits up to [`UNREADABLE_FOR`] for it, so this tool may be started
-            /// before the nodes.
-            async fn first_look(&mut self) -> Result<Value, String> {
-                loop {
-                    match self.look().await {
-                        Ok(Some(v)) => return Ok(v),
-                        Ok(None) => tokio::time::sleep(POLL).await,
-                        Err(f) => return Err(f.message),
-                    }
-                }
-            }
-
-            /// Its status, or `None` while it has been unreadable for less than [`UNREADABLE_FOR`].
-            async fn look(&mut self) -> Result<Option<Value>, Failure> {
+            /// Its status; `None` while it has been unreadable for less than [`UNREADABLE_FOR`]
+            /// (said once, when that starts); an error once longer, or at once if trying again
+            /// cannot help.
+            async fn look(&mut self, console: &Console) -> Result<Option<Value>, String> {
                 match self.read().await {
                     Ok(v) => {
                         self.failing_since = None;
                         Ok(Some(v))
                     }
-                    Err(e) if self.failing_since.get_or_insert_with(Instant::now).elapsed() > UNREADABLE_FOR => {
-                        Err(format!("{e} (unreadable for {} s)", UNREADABLE_FOR.as_secs()).into())
+                    Err(e) if !e.retry => Err(e.message),
+                    Err(e) => {
+                        let since = *self.failing_since.get_or_insert_with(|| {
+                            console.line(format!(
+                                "waiting for {} ({}; up to {} s)",
+                                self.source,
+                                e.message,
+                                UNREADABLE_FOR.as_secs()
+                            ));
+                            Instant::now()
+                        });
+                        match since.elapsed() > UNREADABLE_FOR {
+                            true => Err(format!("{} (unreadable for {} s)", e.message, UNREADABLE_FOR.as_secs())),
+                            false => Ok(None),
+                        }
                     }
-                    Err(_) => Ok(None),
+                }
+            }
+
+            /// Its first status, waiting up to [`UNREADABLE_FOR`] for it, so this tool may be started
+            /// before the nodes.
+            async fn first_look(&mut self, console: &Console, interrupted: &AtomicBool) -> Result<Value, String> {
+                loop {
+                    if let Some(v) = self.look(console).await? {
+                        return Ok(v);
+                    }
+                    nap(POLL, interrupted).await.map_err(|f| f.message)?;
                 }
             }
         }
@@ -1874,6 +1938,8 @@ mod processes {
             args.rate = w["rate"].as_u64().unwrap_or(0);
             args.entry_bytes = w["entry_bytes"].as_u64().unwrap_or(0) as usize;
             args.seed = w["seed"].as_u64().unwrap_or(0);
+            args.warmup = Duration::from_secs_f64(w["warmup_s"].as_f64().unwrap_or(0.0));
+            // Until the run is over (the progress bar's length); then what it took.
             args.duration = match args.rate {
                 0 => Duration::from_secs(30),
                 r => Duration::from_secs_f64(total as f64 / r as f64),
@@ -1888,10 +1954,59 @@ mod processes {
             Ok(total)
         }
 
-        pub async fn run(mut args: Args) -> Result<bool, Box<dyn std::error::Error>> {
-            let mut primary = Watched::new(args.attach_primary.as_deref().unwrap_or_default());
-            let mut replicas: Vec<Watched> = args.attach_replica.iter().map(|s| Watched::new(s)).collect();
-            let p = primary.first_look().await?;
+        pub async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
+            let primary = Source::parse(args.attach_primary.as_deref().unwrap_or_default())?;
+            let replicas = args.attach_replica.iter().map(|s| Source::parse(s)).collect::<Result<Vec<_>, _>>()?;
+            let watched = |source| Watched { source, failing_since: None };
+            let unclaimed = Leftovers { dir: None, report: claim_report_file(&args)? };
+            let console = Console::new(args.quiet, args.duration)?;
+            let interrupted = watch_signals(
+                &console,
+                "interrupted: no report; the attached nodes go on running (Ctrl-C again to quit at once)",
+                Some(Leftovers { dir: None, report: unclaimed.report.clone() }),
+            )?;
+            let result =
+                watch(args, watched(primary), replicas.into_iter().map(watched).collect(), &console, &interrupted)
+                    .await;
+            console.bar.finish_and_clear();
+            if result.is_err() {
+                unclaimed.remove();
+            }
+            if interrupted.load(Ordering::SeqCst) {
+                eprintln!("loadtest: interrupted: no report; the attached nodes go on running");
+                std::process::exit(130);
+            }
+            result
+        }
+
+        /// The primary's writer, as its status shows it.
+        struct WriterView {
+            written: u64,
+            elapsed: Duration,
+            done: bool,
+        }
+
+        impl WriterView {
+            fn of(p: &Value) -> WriterView {
+                let w = &p["writer"];
+                WriterView {
+                    written: w["written"].as_u64().unwrap_or(0),
+                    elapsed: Duration::from_secs_f64(w["elapsed_s"].as_f64().unwrap_or(0.0)),
+                    done: w["done"].as_bool().unwrap_or(false),
+                }
+            }
+        }
+
+        /// Follows the attached nodes through the writes and the catch-up after them, then
+        /// verifies and reports.
+        async fn watch(
+            mut args: Args,
+            mut primary: Watched,
+            mut replicas: Vec<Watched>,
+            console: &Console,
+            interrupted: &AtomicBool,
+        ) -> Result<bool, Box<dyn std::error::Error>> {
+            let p = primary.first_look(console, interrupted).await?;
             if p["role"] != "primary" || p["config"].is_null() {
                 return Err(format!(
                     "{}: not the status of a `primary` binary of this version (role {}, config {})",
@@ -1904,7 +2019,7 @@ mod processes {
             let total = adopt_settings(&mut args, &p, replicas.len())?;
             let mut names = Vec::new();
             for r in replicas.iter_mut() {
-                let v = r.first_look().await?;
+                let v = r.first_look(console, interrupted).await?;
                 let name = v["name"].as_str().unwrap_or_default().to_string();
                 if v["role"] != "replica" || name.is_empty() {
                     return Err(
@@ -1916,30 +2031,7 @@ mod processes {
                 }
                 names.push(name);
             }
-            let unclaimed = Leftovers { dir: None, report: claim_report_file(&args)? };
-            let result = watch(&args, primary, replicas, names, total, p).await;
-            if result.is_err() {
-                unclaimed.remove();
-            }
-            result
-        }
-
-        /// Follows the attached nodes through the writes and convergence, then verifies and reports.
-        async fn watch(
-            args: &Args,
-            mut primary: Watched,
-            mut replicas: Vec<Watched>,
-            names: Vec<String>,
-            total: u64,
-            p: Value,
-        ) -> Result<bool, Box<dyn std::error::Error>> {
-            let console = Console::new(args.quiet, args.duration)?;
-            let interrupted = watch_signals(
-                &console,
-                "interrupted: no report; the attached nodes go on running (their writer cannot be stopped from here)",
-                None,
-            )?;
-            let every = |v: &Value| Duration::from_millis(v["status_every_ms"].as_u64().unwrap_or(1000));
+            console.bar.set_length(args.duration.as_millis() as u64);
             println!(
                 "loadtest --attach: primary {} at {}: {} entries of {} bytes over {} spaces at {} entries/s, compression {}, sync {}, {}; replicas {}; the link is as deployed",
                 p["name"].as_str().unwrap_or("?"),
@@ -1953,158 +2045,215 @@ mod processes {
                 if args.single_stream { "all spaces on one multiplexed stream" } else { "one stream per space" },
                 names.iter().zip(&replicas).map(|(n, r)| format!("{n} at {}", r.source)).collect::<Vec<_>>().join(", "),
             );
-            let mut resolution = every(&p);
-            let sampled = sample(args, &mut primary, &names, &console, &interrupted).await;
+            let writer = follow_writer(&mut primary, console, interrupted).await?;
             console.bar.finish_and_clear();
-            let (lag_ms, write_time, writes_done) = sampled.map_err(|f| f.message)?;
+            if writer.written < total {
+                println!("the primary's writer stopped early, after {} of {total} entries", writer.written);
+            }
             println!(
-                "writes done after {:.1}s (by the primary's writer); waiting for convergence ...",
-                write_time.as_secs_f64()
+                "writes done after {:.1}s (by the primary's writer); waiting for the replicas to catch up ...",
+                writer.elapsed.as_secs_f64()
             );
-
-            // Convergence, on this tool's clock: from seeing the writer done to seeing every log equal.
-            let start = Instant::now();
-            let (after, p, rs) = loop {
-                nap(POLL, &interrupted).await.map_err(|f| f.message)?;
-                let Some(p) = primary.look().await.map_err(|f| f.message)? else { continue };
-                let mut rs = Vec::new();
-                for r in replicas.iter_mut() {
-                    rs.push(r.look().await.map_err(|f| f.message)?);
-                }
-                let plogs = logs(&p);
-                let same = rs.iter().all(|r| r.as_ref().is_some_and(|v| logs(v) == plogs));
-                if same && entries(&p) >= total {
-                    resolution = rs.iter().flatten().map(every).fold(resolution, Duration::max);
-                    break (Some(writes_done.elapsed()), p, rs);
-                }
-                if start.elapsed() > args.converge_timeout {
-                    break (None, p, rs);
-                }
-            };
-            let elapsed = write_time + writes_done.elapsed();
-            let settled = match after {
-                Some(_) => {
-                    let t = Instant::now();
-                    let mut last = p;
-                    loop {
-                        let behind: Vec<String> = names
-                            .iter()
-                            .filter(|n| !View::of(&last, n).is_some_and(|v| v.caught_up()))
-                            .map(|n| format!("{n} not caught up in the primary's view"))
-                            .collect();
-                        if behind.is_empty() || t.elapsed() >= SETTLE_TIMEOUT {
-                            break Settled { status: last, waited: t.elapsed(), behind };
-                        }
-                        nap(POLL, &interrupted).await.map_err(|f| f.message)?;
-                        if let Some(v) = primary.look().await.map_err(|f| f.message)? {
-                            last = v;
-                        }
-                    }
-                }
-                None => Settled::now(p),
-            };
-            let p = &settled.status;
+            let ended = converge(&args, &mut primary, &mut replicas, &names, console, interrupted).await?;
+            let p = &ended.primary;
+            // The primary's clock: from the end of the writes to its first status showing the
+            // replica caught up (the last replica's).
+            let caught_up = &p["writer"]["caught_up_ms"];
+            let after = names
+                .iter()
+                .map(|n| caught_up[n].as_u64().map(Duration::from_millis))
+                .collect::<Option<Vec<_>>>()
+                .map(|d| d.into_iter().max().unwrap_or_default())
+                .filter(|_| ended.differences.is_empty());
             let plogs = logs(p);
-            let mut differences = Vec::new();
+            let in_logs: u64 = plogs.iter().map(|l| l.1).sum();
             let mut outcomes = Vec::new();
-            for ((name, status), lag) in names.iter().zip(&rs).zip(&lag_ms) {
-                let rlogs = status.as_ref().map(logs).unwrap_or_default();
-                for pl in plogs.iter().filter(|pl| !rlogs.contains(pl)) {
-                    differences.push(format!("{name} {}: differs from the primary's {} {}", pl.0, pl.1, pl.2));
-                }
-                let held: u64 = rlogs.iter().map(|l| l.1).sum();
-                // The primary's own samples cover the whole run; this tool's only what it saw.
-                let (lag_ms, lag_source) = match Percentiles::from_json(&p["writer"]["lag_ms"][name]) {
-                    Some(l) => (l, format!(
-                        "sampled by the primary from its status every {} ms while its writer ran (its oldest unacknowledged entry)",
-                        p["status_every_ms"]
-                    )),
-                    None => (Percentiles::of(lag, 1.0), format!(
-                        "sampled from the primary's status every {} ms (its oldest unacknowledged entry)",
-                        POLL.as_millis()
-                    )),
-                };
+            for (name, status) in names.iter().zip(&ended.replicas) {
+                let missing = in_logs.saturating_sub(status.as_ref().map_or(0, entries));
+                let delivered = writer.written.saturating_sub(missing);
                 outcomes.push(ReplicaOutcome {
                     name: name.clone(),
-                    entries: held,
-                    payload_bytes: held * args.entry_bytes as u64,
-                    lag_ms,
-                    lag_source,
+                    entries: delivered,
+                    payload_bytes: delivered * args.entry_bytes as u64,
+                    lag_ms: Percentiles::from_json(&p["writer"]["lag_ms"][name]),
+                    lag_source: format!(
+                        "sampled by the primary from its status every {} ms, from the start of the writes until the replica caught up (its oldest unacknowledged entry)",
+                        p["status_every_ms"]
+                    ),
                     view: View::of(p, name),
                 });
             }
+            // Only for a converged run: otherwise the differences say more.
+            let behind: Vec<String> = names
+                .iter()
+                .filter(|_| ended.differences.is_empty())
+                .filter(|n| !View::of(p, n).is_some_and(|v| v.caught_up()))
+                .map(|n| match View::of(p, n) {
+                    Some(v) => format!("{n} {} ({} entries, {} ms behind)", v.state, v.lag_entries, v.lag_ms),
+                    None => format!("{n} unknown to the primary"),
+                })
+                .collect();
+            let resolution = Duration::from_millis(p["status_every_ms"].as_u64().unwrap_or(1000));
+            if args.rate == 0 {
+                args.duration = writer.elapsed;
+            }
             let outcome = Outcome {
                 mode: "attached",
-                interrupted: false,
-                differences,
+                interrupted: writer.written < total,
+                differences: ended.differences,
                 convergence: Convergence {
                     after,
-                    resolution: resolution + POLL,
-                    how: "read from the nodes' status every 100 ms, which they refresh every --status-every",
+                    resolution,
+                    how: "by the primary, from its status every --status-every",
                 },
-                entries_written: plogs.iter().map(|l| l.1).sum(),
-                write_time,
-                elapsed,
+                entries_written: writer.written,
+                write_time: writer.elapsed,
+                elapsed: writer.elapsed + after.unwrap_or(ended.waited),
                 append_us: Percentiles::from_json(&p["writer"]["append_latency_us"]),
                 cpu_seconds: None,
                 replicas: outcomes,
-                view_waited: settled.waited,
-                view_behind: settled.behind,
+                view_waited: Duration::ZERO,
+                view_behind: behind,
                 link_stats: netsim::LinkStats::default(),
                 imp: Impairment::default(),
                 min_compress_bytes: walship::codec::compression::DEFAULT_MIN_COMPRESS_BYTES,
             };
-            report(args, &outcome)
+            report(&args, &outcome)
         }
 
-        /// Samples the lag the primary reports for each replica until its writer is done; returns
-        /// the lag histograms (ms), the writer's own run time, and when it was seen done.
-        async fn sample(
+        /// Follows the primary's writer until it is done; fails if it fails, restarts or stalls.
+        async fn follow_writer(
+            primary: &mut Watched,
+            console: &Console,
+            interrupted: &AtomicBool,
+        ) -> Result<WriterView, String> {
+            let mut last = WriterView { written: 0, elapsed: Duration::ZERO, done: false };
+            let mut progress_at = Instant::now();
+            loop {
+                let Some(p) = primary.look(console).await? else {
+                    nap(POLL, interrupted).await.map_err(|f| f.message)?;
+                    continue;
+                };
+                let w = WriterView::of(&p);
+                if w.written < last.written || w.elapsed < last.elapsed {
+                    return Err(format!(
+                        "the primary restarted (its writer went from {} entries to {}): start the run again",
+                        last.written, w.written
+                    ));
+                }
+                if let Some(e) = p["writer"]["error"].as_str() {
+                    return Err(format!("the primary's writer failed after {} entries: {e}", w.written));
+                }
+                console.progress(w.elapsed, w.written, &View::all(&p));
+                if w.done {
+                    return Ok(w);
+                }
+                if w.written != last.written {
+                    progress_at = Instant::now();
+                } else if progress_at.elapsed() > WRITER_STALL {
+                    let waits = match p["writer"]["started"].as_bool() {
+                        Some(false) => format!(
+                            "; it has not started: it waits for {} connected replica(s)",
+                            p["writer"]["wait_for_replicas"].as_u64().unwrap_or(0)
+                        ),
+                        _ => String::new(),
+                    };
+                    return Err(format!(
+                        "the primary's writer has written nothing for {} s ({} entries so far{waits})",
+                        WRITER_STALL.as_secs(),
+                        w.written
+                    ));
+                }
+                last = w;
+                nap(POLL, interrupted).await.map_err(|f| f.message)?;
+            }
+        }
+
+        /// How the wait for the replicas ended.
+        struct Ended {
+            /// The primary's last status.
+            primary: Value,
+            /// Each replica's last status, if one was read.
+            replicas: Vec<Option<Value>>,
+            /// Why the logs are not verified, if they are not.
+            differences: Vec<String>,
+            /// How long this tool waited.
+            waited: Duration,
+        }
+
+        /// Waits until the primary has seen every replica caught up and every replica's logs equal
+        /// its own, or a replica reports an error, becomes unreadable, or `--converge-timeout`.
+        async fn converge(
             args: &Args,
             primary: &mut Watched,
+            replicas: &mut [Watched],
             names: &[String],
             console: &Console,
             interrupted: &AtomicBool,
-        ) -> Result<(Vec<Histogram<u64>>, Duration, Instant), Failure> {
-            let mut lag_ms: Vec<Histogram<u64>> =
-                names.iter().map(|_| Histogram::new_with_bounds(1, 3_600_000, 3)).collect::<Result<_, _>>()?;
-            let mut last_progress = (Instant::now(), u64::MAX);
+        ) -> Result<Ended, String> {
+            let start = Instant::now();
+            let mut last: Vec<Option<Value>> = vec![None; replicas.len()];
+            let mut p = Value::Null;
             loop {
-                nap(POLL, interrupted).await?;
-                let Some(p) = primary.look().await? else { continue };
-                let w = &p["writer"];
-                let written = w["written"].as_u64().unwrap_or(0);
-                let elapsed = Duration::from_secs_f64(w["elapsed_s"].as_f64().unwrap_or(0.0));
-                let views = View::all(&p);
-                if w["started"].as_bool().unwrap_or(false) && elapsed >= args.warmup {
-                    for (i, name) in names.iter().enumerate() {
-                        if let Some(v) = views.iter().find(|v| &v.name == name) {
-                            lag_ms[i].saturating_record(v.lag_ms.max(1));
+                nap(POLL, interrupted).await.map_err(|f| f.message)?;
+                if let Some(v) = primary.look(console).await? {
+                    p = v;
+                }
+                let mut fatal = Vec::new();
+                for (i, r) in replicas.iter_mut().enumerate() {
+                    match r.look(console).await {
+                        Ok(Some(v)) => last[i] = Some(v),
+                        Ok(None) => {}
+                        Err(e) => fatal.push(format!("{}: {e}", names[i])),
+                    }
+                }
+                // Errors that waiting will not cure: a space refused (diverged, truncated).
+                for (name, status) in names.iter().zip(&last) {
+                    let theirs = status.as_ref().map(|v| &v["spaces"]);
+                    let ours = p["replicas"].as_array().and_then(|a| a.iter().find(|r| r["name"] == name.as_str()));
+                    for space in theirs.and_then(Value::as_array).into_iter().flatten() {
+                        if let Some(e) = space["error"].as_str() {
+                            fatal.push(format!("{name} {}: {e}", space["space"].as_str().unwrap_or("?")));
+                        }
+                    }
+                    for space in ours.and_then(|r| r["spaces"].as_array()).into_iter().flatten() {
+                        if let Some(e) = space["error"].as_str() {
+                            fatal.push(format!(
+                                "{name} {} (the primary says): {e}",
+                                space["space"].as_str().unwrap_or("?")
+                            ));
                         }
                     }
                 }
-                console.progress(elapsed, written, &views);
-                if let Some(e) = w["error"].as_str() {
-                    return Err(format!("the primary's writer failed after {written} entries: {e}").into());
-                }
-                if w["done"].as_bool().unwrap_or(false) {
-                    return Ok((lag_ms, elapsed, Instant::now()));
-                }
-                if written != last_progress.1 {
-                    last_progress = (Instant::now(), written);
-                } else if last_progress.0.elapsed() > WRITER_STALL {
-                    return Err(format!(
-                        "the primary's writer has written nothing for {} s ({written} entries so far{})",
-                        WRITER_STALL.as_secs(),
-                        match w["started"].as_bool() {
-                            Some(false) => format!(
-                                "; it waits for {} connected replica(s)",
-                                w["wait_for_replicas"].as_u64().unwrap_or(0)
-                            ),
-                            _ => String::new(),
+                let plogs = logs(&p);
+                let caught_up = &p["writer"]["caught_up_ms"];
+                let done = names
+                    .iter()
+                    .zip(&last)
+                    .all(|(n, r)| caught_up[n].is_u64() && r.as_ref().is_some_and(|v| logs(v) == plogs));
+                let timed_out = start.elapsed() > args.converge_timeout;
+                if done || timed_out || !fatal.is_empty() {
+                    let mut differences = fatal;
+                    if !done {
+                        for (name, status) in names.iter().zip(&last) {
+                            let rlogs = status.as_ref().map(logs).unwrap_or_default();
+                            for pl in plogs.iter().filter(|pl| !rlogs.contains(pl)) {
+                                differences
+                                    .push(format!("{name} {}: differs from the primary's {} {}", pl.0, pl.1, pl.2));
+                            }
+                            if View::of(&p, name).is_none() {
+                                differences
+                                    .push(format!("{name} is unknown to the primary: a replica of another primary?"));
+                            } else if !caught_up[name].is_u64() {
+                                differences.push(format!("{name} never caught up in the primary's view"));
+                            }
                         }
-                    )
-                    .into());
+                        if timed_out {
+                            differences
+                                .push(format!("not converged after --converge-timeout {:?}", args.converge_timeout));
+                        }
+                    }
+                    return Ok(Ended { primary: p, replicas: last, differences, waited: start.elapsed() });
                 }
             }
         }

@@ -12,12 +12,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use walship::codec::Compression;
 use walship::config::{PrimaryConfig, ReplicaAddr};
+use walship::net::status::PrimaryStatus;
 use walship::net::tls::NodeIdentity;
 use walship::protocol::health::Health;
 use walship::{Epoch, Primary};
@@ -91,7 +93,7 @@ struct Args {
     /// Leave the built-in writer's appends of this first part of its run out of the append
     /// latency it reports (the status file's `writer.append_latency_us`).
     #[arg(long, default_value = "0s", value_parser = walship::netsim::parse_duration)]
-    warmup: std::time::Duration,
+    warmup: Duration,
 }
 
 fn parse_dial(s: &str) -> Result<ReplicaAddr, String> {
@@ -102,11 +104,7 @@ fn parse_dial(s: &str) -> Result<ReplicaAddr, String> {
 /// What the status file holds besides the primary's own status: the settings a load test reports
 /// (`config`), and the built-in writer's plan and progress with its append latency (`writer`,
 /// `null` without a writer). `loadtest --processes` and `--attach-primary` read both.
-fn extra(
-    args: &Args,
-    writer: Option<&common::WriterStats>,
-    lag_ms: &BTreeMap<String, Histogram<u64>>,
-) -> Vec<(&'static str, Value)> {
+fn extra(args: &Args, writer: Option<&common::WriterStats>, run: &RunRecord) -> Vec<(&'static str, Value)> {
     let config = json!({
         "compression": args.compression.to_string(),
         "sync": common::sync_flag(args.sync),
@@ -123,7 +121,8 @@ fn extra(
             json!({ "p50": us(0.5), "p99": us(0.99), "p999": us(0.999), "max": h.max() as f64 / 1e3, "count": h.len() })
         });
         let progress = |f: fn(&common::WriterStats) -> u64| writer.map_or(0, f);
-        let lag: serde_json::Map<String, Value> = lag_ms
+        let lag: serde_json::Map<String, Value> = run
+            .lag_ms
             .iter()
             .map(|(name, h)| {
                 let q = |q: f64| h.value_at_quantile(q);
@@ -147,16 +146,57 @@ fn extra(
             "error": writer.and_then(|w| w.error.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             "warmup_s": args.warmup.as_secs_f64(),
             "append_latency_us": latency,
-            // Sampled from this node's status every --status-every while the writer ran.
+            // Sampled from this node's status every --status-every, from the writer's start (after
+            // --warmup) until the replica caught up after the writes ended.
             "lag_ms": lag,
+            // Per replica: ms from the end of the writes to the first status showing it caught up.
+            "caught_up_ms": run.caught_up_ms,
         })
     });
     vec![("config", config), ("writer", writer.unwrap_or(Value::Null))]
 }
 
-/// Lag in ms, 1 ms to an hour.
-fn lag_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds")
+/// What this node records of its writer's run, for a load test attached to it (which may attach
+/// late): each replica's lag as every status shows it, and how long after the writes ended each
+/// replica was first seen caught up.
+#[derive(Default)]
+struct RunRecord {
+    /// Lag in ms per replica, from the writer's start (after `--warmup`) until it caught up.
+    lag_ms: BTreeMap<String, Histogram<u64>>,
+    /// When the writer was first seen done.
+    done_at: Option<Instant>,
+    caught_up_ms: BTreeMap<String, u64>,
+    /// Whether a writer failure was printed.
+    told_failure: bool,
+}
+
+impl RunRecord {
+    fn observe(&mut self, status: &PrimaryStatus, writer: &common::WriterStats, warmup: Duration) {
+        if writer.done.load(Ordering::Relaxed) {
+            self.done_at.get_or_insert_with(Instant::now);
+            if let (false, Some(e)) =
+                (self.told_failure, writer.error.lock().unwrap_or_else(|p| p.into_inner()).as_ref())
+            {
+                eprintln!("writer failed after {} entries: {e}", writer.written.load(Ordering::Relaxed));
+                self.told_failure = true;
+            }
+        }
+        let timed = writer.elapsed_us.load(Ordering::Relaxed) >= warmup.as_micros() as u64;
+        for r in &status.replicas {
+            if self.caught_up_ms.contains_key(&r.name) {
+                continue;
+            }
+            if let Some(done_at) = self.done_at.filter(|_| r.state == Health::Healthy && r.max_lag.entries == 0) {
+                self.caught_up_ms.insert(r.name.clone(), done_at.elapsed().as_millis() as u64);
+            } else if timed {
+                let h = self
+                    .lag_ms
+                    .entry(r.name.clone())
+                    .or_insert_with(|| Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds"));
+                h.saturating_record(r.max_lag.ms.max(1));
+            }
+        }
+    }
 }
 
 #[tokio::main]
@@ -168,6 +208,13 @@ async fn main() {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     args.report.check_status_file()?;
+    if let Some(f) = args.stop_writing_file.as_ref().filter(|f| f.exists()) {
+        return Err(format!(
+            "--stop-writing-file {} exists already (left by an earlier run?): the writer would never start; remove it",
+            f.display()
+        )
+        .into());
+    }
     let identity = NodeIdentity::load(&args.certs, &args.name)?;
     let mut config = PrimaryConfig::new(&args.name, args.listen, &args.data);
     config.epoch = Epoch(args.epoch);
@@ -201,9 +248,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         println!("the writer starts once {} replica(s) are connected", args.wait_for_replicas);
     }
     let mut writer: Option<common::Writer> = None;
-    // Each replica's lag (ms) as every status shows it while the writer runs, after --warmup:
-    // a load test attached to this node reads the whole run from it, however late it attached.
-    let mut lag_ms: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
+    let mut run = RunRecord::default();
 
     let mut last_written = 0;
     common::every_until_signal(args.report.status_every, |elapsed, new_second| {
@@ -220,16 +265,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 writer = Some(common::spawn_writer(plan, stop.clone()));
             }
         }
-        if let Some((w, _)) = writer.as_ref().filter(|(w, _)| !w.done.load(Ordering::Relaxed)) {
-            if w.elapsed_us.load(Ordering::Relaxed) >= args.warmup.as_micros() as u64 {
-                for r in &status.replicas {
-                    lag_ms.entry(r.name.clone()).or_insert_with(lag_histogram).saturating_record(r.max_lag.ms.max(1));
-                }
-            }
+        if let Some((w, _)) = &writer {
+            run.observe(&status, w, args.warmup);
         }
         reporter.publish(
             &status,
-            extra(&args, writer.as_ref().map(|(s, _)| &**s), &lag_ms),
+            extra(&args, writer.as_ref().map(|(s, _)| &**s), &run),
             status.spaces.len(),
             walship::net::metrics::record_primary,
         );
@@ -266,7 +307,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     primary.shutdown().await;
     reporter.publish(
         &status,
-        extra(&args, writer.as_deref(), &lag_ms),
+        extra(&args, writer.as_deref(), &run),
         status.spaces.len(),
         walship::net::metrics::record_primary,
     );

@@ -289,7 +289,7 @@ pub struct ReportFlags {
     #[arg(long, value_parser = parse_addr)]
     pub status_addr: Option<std::net::SocketAddr>,
     /// How often the status file is rewritten (the console line stays once a second).
-    #[arg(long, default_value = "1s", value_parser = walship::netsim::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = parse_period)]
     pub status_every: std::time::Duration,
     /// Serve Prometheus metrics on this address (http://ADDR/metrics), refreshed with the status.
     #[arg(long, value_parser = parse_addr)]
@@ -437,9 +437,20 @@ pub mod status_http {
         sock.shutdown().await
     }
 
+    /// Why a status could not be read.
+    #[derive(Debug)]
+    pub struct FetchError {
+        pub message: String,
+        /// Worth trying again: the node may not be up yet (no connection, no status yet, a
+        /// timeout); otherwise the address is not a status endpoint.
+        pub retry: bool,
+    }
+
     /// Reads the status document at `url` (`http://HOST:PORT`, or with a path; `/status` by default).
-    pub async fn fetch(url: &str) -> Result<serde_json::Value, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: not an http:// address"))?;
+    pub async fn fetch(url: &str) -> Result<serde_json::Value, FetchError> {
+        let fatal = |message: String| FetchError { message, retry: false };
+        let retry = |message: String| FetchError { message, retry: true };
+        let rest = url.strip_prefix("http://").ok_or_else(|| fatal(format!("{url}: not an http:// address")))?;
         let (host, path) = match rest.split_once('/') {
             Some((h, p)) if !p.is_empty() => (h, format!("/{p}")),
             Some((h, _)) => (h, "/status".to_string()),
@@ -455,18 +466,23 @@ pub mod status_http {
         };
         let response = tokio::time::timeout(CLIENT_TIMEOUT, exchange)
             .await
-            .map_err(|_| format!("{url}: no answer within {CLIENT_TIMEOUT:?}"))?
-            .map_err(|e| format!("{url}: {e}"))?;
-        let split =
-            response.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| format!("{url}: not an HTTP response"))?;
+            .map_err(|_| retry(format!("{url}: no answer within {CLIENT_TIMEOUT:?}")))?
+            .map_err(|e| retry(format!("{url}: {e}")))?;
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| fatal(format!("{url}: not an HTTP response")))?;
         let status_line = String::from_utf8_lossy(response[..split].split(|b| *b == b'\n').next().unwrap_or_default())
             .trim()
             .to_string();
         let body = &response[split + 4..];
-        if status_line.split_whitespace().nth(1) != Some("200") {
-            return Err(format!("{url}: {status_line}: {}", String::from_utf8_lossy(body).trim()));
+        match status_line.split_whitespace().nth(1) {
+            Some("200") => {}
+            // The node is up but has not published a status yet.
+            Some("503") => return Err(retry(format!("{url}: {status_line}"))),
+            _ => return Err(fatal(format!("{url}: {status_line}: {}", String::from_utf8_lossy(body).trim()))),
         }
-        serde_json::from_slice(body).map_err(|e| format!("{url}: not a status document: {e}"))
+        serde_json::from_slice(body).map_err(|e| fatal(format!("{url}: not a status document: {e}")))
     }
 }
 
@@ -480,6 +496,14 @@ pub fn serve_metrics(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::erro
     walship::net::metrics::describe();
     println!("metrics on http://{addr}/metrics");
     Ok(())
+}
+
+/// A duration that must not be zero (a period to repeat something at).
+pub fn parse_period(s: &str) -> Result<Duration, String> {
+    match netsim::parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: must be more than zero")),
+        d => Ok(d),
+    }
 }
 
 /// A socket address given as `IP:PORT` or `HOST:PORT` (resolved once, first address), for flags
