@@ -113,8 +113,9 @@ struct Args {
     /// Start no node: attach to a running `primary` binary, given as `http://HOST:PORT` (its
     /// `--status-addr`) or the path of its `--status-file`. Its built-in writer (`--spaces`,
     /// `--rate`, `--total`; `--wait-for-replicas N` to start it once the replicas are connected)
-    /// makes the load; this tool samples lag, waits for convergence, verifies and reports. The
-    /// link is whatever lies between the nodes: your own network, or a `lossy_link` you started.
+    /// makes the load; this tool follows it, waits for the replicas to converge, verifies and
+    /// reports (lag, append latency and convergence time as the primary recorded them). The link
+    /// is whatever lies between the nodes: your own network, or a `lossy_link` you started.
     #[arg(long, requires = "attach_replica", conflicts_with_all = ATTACH_CONFLICTS)]
     attach_primary: Option<String>,
     /// A running `replica` binary of that primary, the same way (repeat for each replica).
