@@ -1800,9 +1800,27 @@ mod processes {
         const UNREADABLE_FOR: Duration = Duration::from_secs(30);
         /// How long the primary's writer may take to start, or go without writing, before the run fails.
         const WRITER_STALL: Duration = Duration::from_secs(120);
+        /// How long after the writes a replica may stay unknown to the primary (still connecting).
+        const UNKNOWN_FOR: Duration = Duration::from_secs(10);
         /// A status file this much older than its node's `--status-every` (times 3) is stale: the
         /// node is not running.
         const STALE_GRACE: Duration = Duration::from_secs(2);
+
+        /// A duration in seconds from a status document; zero if missing, negative or absurd.
+        fn secs(v: &Value) -> Duration {
+            v.as_f64().and_then(|s| Duration::try_from_secs_f64(s).ok()).unwrap_or_default()
+        }
+
+        /// Fails if `p` comes from another run of the primary than `run_id` (it restarted).
+        fn same_run(p: &Value, run_id: &Value) -> Result<(), String> {
+            match &p["config"]["run_id"] == run_id {
+                true => Ok(()),
+                false => Err(format!(
+                    "the primary restarted (run {} became {}): start the run again",
+                    run_id, p["config"]["run_id"]
+                )),
+            }
+        }
 
         /// Where a node's status is read.
         enum Source {
@@ -1939,7 +1957,7 @@ mod processes {
             args.rate = w["rate"].as_u64().unwrap_or(0);
             args.entry_bytes = w["entry_bytes"].as_u64().unwrap_or(0) as usize;
             args.seed = w["seed"].as_u64().unwrap_or(0);
-            args.warmup = Duration::from_secs_f64(w["warmup_s"].as_f64().unwrap_or(0.0));
+            args.warmup = secs(&w["warmup_s"]);
             // Until the run is over (the progress bar's length); then what it took.
             args.duration = match args.rate {
                 0 => Duration::from_secs(30),
@@ -1950,7 +1968,7 @@ mod processes {
             args.congestion =
                 serde_json::from_value(c["congestion"].clone()).map_err(|e| format!("congestion: {e}"))?;
             args.initial_window = c["initial_window"].as_u64();
-            args.linger = c["linger_ms"].as_f64().map(|ms| Duration::from_secs_f64(ms / 1e3));
+            args.linger = c["linger_ms"].as_f64().map(|ms| secs(&json!(ms / 1e3)));
             args.single_stream = c["single_stream"].as_bool().unwrap_or(false);
             Ok(total)
         }
@@ -1973,7 +1991,7 @@ mod processes {
             if result.is_err() {
                 unclaimed.remove();
             }
-            if interrupted.load(Ordering::SeqCst) {
+            if result.is_err() && interrupted.load(Ordering::SeqCst) {
                 eprintln!("loadtest: interrupted: no report; the attached nodes go on running");
                 std::process::exit(130);
             }
@@ -1992,7 +2010,7 @@ mod processes {
                 let w = &p["writer"];
                 WriterView {
                     written: w["written"].as_u64().unwrap_or(0),
-                    elapsed: Duration::from_secs_f64(w["elapsed_s"].as_f64().unwrap_or(0.0)),
+                    elapsed: secs(&w["elapsed_s"]),
                     done: w["done"].as_bool().unwrap_or(false),
                 }
             }
@@ -2046,17 +2064,14 @@ mod processes {
                 if args.single_stream { "all spaces on one multiplexed stream" } else { "one stream per space" },
                 names.iter().zip(&replicas).map(|(n, r)| format!("{n} at {}", r.source)).collect::<Vec<_>>().join(", "),
             );
-            let writer = follow_writer(&mut primary, console, interrupted).await?;
+            let run_id = p["config"]["run_id"].clone();
+            follow_writer(&mut primary, &run_id, console, interrupted).await?;
             console.bar.finish_and_clear();
-            if writer.written < total {
-                println!("the primary's writer stopped early, after {} of {total} entries", writer.written);
-            }
-            println!(
-                "writes done after {:.1}s (by the primary's writer); waiting for the replicas to catch up ...",
-                writer.elapsed.as_secs_f64()
-            );
-            let ended = converge(&args, &mut primary, &mut replicas, &names, console, interrupted).await?;
+            println!("writes done (by the primary's writer); waiting for the replicas to catch up ...");
+            let ended = converge(&args, &mut primary, &run_id, &mut replicas, &names, console, interrupted).await?;
             let p = &ended.primary;
+            // The writer's final figures, from a status taken after it was done.
+            let writer = WriterView::of(p);
             // The primary's clock: from the end of the writes to its first status showing the
             // replica caught up (the last replica's).
             let caught_up = &p["writer"]["caught_up_ms"];
@@ -2125,9 +2140,10 @@ mod processes {
         /// Follows the primary's writer until it is done; fails if it fails, restarts or stalls.
         async fn follow_writer(
             primary: &mut Watched,
+            run_id: &Value,
             console: &Console,
             interrupted: &AtomicBool,
-        ) -> Result<WriterView, String> {
+        ) -> Result<(), String> {
             let mut last = WriterView { written: 0, elapsed: Duration::ZERO, done: false };
             let mut progress_at = Instant::now();
             loop {
@@ -2135,6 +2151,7 @@ mod processes {
                     nap(POLL, interrupted).await.map_err(|f| f.message)?;
                     continue;
                 };
+                same_run(&p, run_id)?;
                 let w = WriterView::of(&p);
                 if w.written < last.written || w.elapsed < last.elapsed {
                     return Err(format!(
@@ -2147,7 +2164,10 @@ mod processes {
                 }
                 console.progress(w.elapsed, w.written, &View::all(&p));
                 if w.done {
-                    return Ok(w);
+                    if w.written < p["writer"]["total"].as_u64().unwrap_or(0) {
+                        console.line(format!("the primary's writer stopped early, after {} entries", w.written));
+                    }
+                    return Ok(());
                 }
                 if w.written != last.written {
                     progress_at = Instant::now();
@@ -2184,9 +2204,11 @@ mod processes {
 
         /// Waits until the primary has seen every replica caught up and every replica's logs equal
         /// its own, or a replica reports an error, becomes unreadable, or `--converge-timeout`.
+        #[allow(clippy::too_many_arguments)]
         async fn converge(
             args: &Args,
             primary: &mut Watched,
+            run_id: &Value,
             replicas: &mut [Watched],
             names: &[String],
             console: &Console,
@@ -2198,9 +2220,16 @@ mod processes {
             loop {
                 nap(POLL, interrupted).await.map_err(|f| f.message)?;
                 if let Some(v) = primary.look(console).await? {
+                    same_run(&v, run_id)?;
                     p = v;
                 }
                 let mut fatal = Vec::new();
+                // A replica the primary has not heard of by now belongs to another primary.
+                if start.elapsed() > UNKNOWN_FOR {
+                    for name in names.iter().filter(|n| View::of(&p, n).is_none()) {
+                        fatal.push(format!("{name} is unknown to the primary: a replica of another primary?"));
+                    }
+                }
                 for (i, r) in replicas.iter_mut().enumerate() {
                     match r.look(console).await {
                         Ok(Some(v)) => last[i] = Some(v),
@@ -2242,10 +2271,7 @@ mod processes {
                                 differences
                                     .push(format!("{name} {}: differs from the primary's {} {}", pl.0, pl.1, pl.2));
                             }
-                            if View::of(&p, name).is_none() {
-                                differences
-                                    .push(format!("{name} is unknown to the primary: a replica of another primary?"));
-                            } else if !caught_up[name].is_u64() {
+                            if View::of(&p, name).is_some() && !caught_up[name].is_u64() {
                                 differences.push(format!("{name} never caught up in the primary's view"));
                             }
                         }

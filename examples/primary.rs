@@ -106,6 +106,7 @@ fn parse_dial(s: &str) -> Result<ReplicaAddr, String> {
 /// `null` without a writer). `loadtest --processes` and `--attach-primary` read both.
 fn extra(args: &Args, writer: Option<&common::WriterStats>, run: &RunRecord) -> Vec<(&'static str, Value)> {
     let config = json!({
+        "run_id": run.run_id,
         "compression": args.compression.to_string(),
         "sync": common::sync_flag(args.sync),
         "congestion": args.congestion,
@@ -120,6 +121,8 @@ fn extra(args: &Args, writer: Option<&common::WriterStats>, run: &RunRecord) -> 
             let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
             json!({ "p50": us(0.5), "p99": us(0.99), "p999": us(0.999), "max": h.max() as f64 / 1e3, "count": h.len() })
         });
+        // `done` first (Acquire): once true, the counts read after it are final.
+        let done = writer.is_some_and(|w| w.done.load(Ordering::Acquire));
         let progress = |f: fn(&common::WriterStats) -> u64| writer.map_or(0, f);
         let lag: serde_json::Map<String, Value> = run
             .lag_ms
@@ -142,7 +145,7 @@ fn extra(args: &Args, writer: Option<&common::WriterStats>, run: &RunRecord) -> 
             "started": writer.is_some(),
             "written": progress(|w| w.written.load(Ordering::Relaxed)),
             "elapsed_s": progress(|w| w.elapsed_us.load(Ordering::Relaxed)) as f64 / 1e6,
-            "done": writer.is_some_and(|w| w.done.load(Ordering::Relaxed)),
+            "done": done,
             "error": writer.and_then(|w| w.error.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             "warmup_s": args.warmup.as_secs_f64(),
             "append_latency_us": latency,
@@ -159,21 +162,39 @@ fn extra(args: &Args, writer: Option<&common::WriterStats>, run: &RunRecord) -> 
 /// What this node records of its writer's run, for a load test attached to it (which may attach
 /// late): each replica's lag as every status shows it, and how long after the writes ended each
 /// replica was first seen caught up.
-#[derive(Default)]
 struct RunRecord {
+    /// Tells this process's run from another's on the same address (a restarted node).
+    run_id: String,
     /// Lag in ms per replica, from the writer's start (after `--warmup`) until it caught up.
     lag_ms: BTreeMap<String, Histogram<u64>>,
-    /// When the writer was first seen done.
-    done_at: Option<Instant>,
+    /// Per replica: from the end of the writes to the first status showing it caught up.
     caught_up_ms: BTreeMap<String, u64>,
     /// Whether a writer failure was printed.
     told_failure: bool,
 }
 
 impl RunRecord {
-    fn observe(&mut self, status: &PrimaryStatus, writer: &common::WriterStats, warmup: Duration) {
-        if writer.done.load(Ordering::Relaxed) {
-            self.done_at.get_or_insert_with(Instant::now);
+    fn new() -> RunRecord {
+        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        RunRecord {
+            run_id: format!("{}-{}", std::process::id(), since_epoch.as_millis()),
+            lag_ms: BTreeMap::new(),
+            caught_up_ms: BTreeMap::new(),
+            told_failure: false,
+        }
+    }
+
+    /// Records what `status`, taken at `taken_at`, shows; `done` is the writer's state loaded
+    /// before it was taken (so a status counted as after the writes is after all of them).
+    fn observe(
+        &mut self,
+        status: &PrimaryStatus,
+        taken_at: Instant,
+        writer: &common::WriterStats,
+        done: bool,
+        warmup: Duration,
+    ) {
+        if done {
             if let (false, Some(e)) =
                 (self.told_failure, writer.error.lock().unwrap_or_else(|p| p.into_inner()).as_ref())
             {
@@ -186,8 +207,10 @@ impl RunRecord {
             if self.caught_up_ms.contains_key(&r.name) {
                 continue;
             }
-            if let Some(done_at) = self.done_at.filter(|_| r.state == Health::Healthy && r.max_lag.entries == 0) {
-                self.caught_up_ms.insert(r.name.clone(), done_at.elapsed().as_millis() as u64);
+            let finished = writer.finished_at.get().filter(|_| done);
+            if let Some(finished) = finished.filter(|_| r.state == Health::Healthy && r.max_lag.entries == 0) {
+                self.caught_up_ms
+                    .insert(r.name.clone(), taken_at.saturating_duration_since(*finished).as_millis() as u64);
             } else if timed {
                 let h = self
                     .lag_ms
@@ -248,7 +271,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         println!("the writer starts once {} replica(s) are connected", args.wait_for_replicas);
     }
     let mut writer: Option<common::Writer> = None;
-    let mut run = RunRecord::default();
+    let mut run = RunRecord::new();
 
     let mut last_written = 0;
     common::every_until_signal(args.report.status_every, |elapsed, new_second| {
@@ -258,7 +281,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 args.stop_writing_file.as_ref().map_or(String::new(), |f| f.display().to_string())
             );
         }
+        // The writer's state before the status, so that "done" covers every append it shows.
+        let done = writer.as_ref().is_some_and(|(w, _)| w.done.load(Ordering::Acquire));
         let status = primary.status();
+        let taken_at = Instant::now();
         let connected = status.replicas.iter().filter(|r| r.state != Health::Disconnected).count();
         if connected >= args.wait_for_replicas && !stop.load(Ordering::Relaxed) {
             if let Some(plan) = plan.take() {
@@ -266,7 +292,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         if let Some((w, _)) = &writer {
-            run.observe(&status, w, args.warmup);
+            run.observe(&status, taken_at, w, done, args.warmup);
         }
         reporter.publish(
             &status,
@@ -298,7 +324,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let writer = writer.map(|(stats, thread)| {
         match thread.join() {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => eprintln!("writer failed: {e}"),
+            // Told by `RunRecord::observe` already, unless it failed at the very end.
+            Ok(Err(e)) if !run.told_failure => eprintln!("writer failed: {e}"),
+            Ok(Err(_)) => {}
             Err(_) => eprintln!("writer thread panicked"),
         }
         stats

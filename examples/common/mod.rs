@@ -66,11 +66,16 @@ pub struct WriterStats {
     pub written: AtomicU64,
     /// Microseconds from the writer's start to its last append so far.
     pub elapsed_us: AtomicU64,
-    /// Set once the writer stops, whether it finished or failed.
+    /// Set (Release) once the writer stops, whether it finished or failed, after every other
+    /// field has its final value: a reader that sees it (Acquire) sees those.
     pub done: AtomicBool,
+    /// When the writer stopped.
+    pub finished_at: std::sync::OnceLock<Instant>,
     /// Why it stopped early, if an append failed.
     pub error: Mutex<Option<String>>,
-    /// Append latencies in nanoseconds, when the plan asked for them (`time_appends_after`).
+    /// Append latencies in nanoseconds, when the plan asked for them (`time_appends_after`):
+    /// the writer records into its own histogram and merges it in every [`MERGE_EVERY`], so a
+    /// reader never waits behind appends.
     pub append_ns: Option<Mutex<Histogram<u64>>>,
 }
 
@@ -119,7 +124,8 @@ pub fn spawn_writer(plan: WriterPlan, stop: Arc<AtomicBool>) -> Writer {
         if let Err(e) = &result {
             *s2.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
         }
-        s2.done.store(true, Ordering::Relaxed);
+        let _ = s2.finished_at.set(Instant::now());
+        s2.done.store(true, Ordering::Release);
         result
     });
     (stats, handle)
@@ -135,6 +141,8 @@ fn write(plan: WriterPlan, stop: &AtomicBool, stats: &WriterStats) -> Result<(),
         r => Duration::from_secs_f64(1.0 / r as f64).clamp(Duration::from_micros(200), Duration::from_millis(10)),
     };
     let mut gen = PayloadGen::new(seed, entry_bytes);
+    let mut local = stats.append_ns.as_ref().map(|_| append_histogram());
+    let mut last_merge = Instant::now();
     let start = Instant::now();
     let mut written = 0u64;
     let limit = total.unwrap_or(u64::MAX);
@@ -144,16 +152,13 @@ fn write(plan: WriterPlan, stop: &AtomicBool, stats: &WriterStats) -> Result<(),
             std::thread::sleep(nap);
             continue;
         }
-        // Write what is due in small bursts, checking the stop flag in between. The latency
-        // histogram is locked per burst, not per append (readers take a copy now and then).
-        let burst = (due - written).min(4096);
-        let mut hist = stats
-            .append_ns
-            .as_ref()
-            .filter(|_| start.elapsed() >= timed_from)
-            .map(|h| h.lock().unwrap_or_else(|p| p.into_inner()));
+        // Write what is due in bursts of at most BURST entries or BURST_TIME (a slow disk),
+        // publishing progress and checking the stop flag in between.
+        let burst_start = Instant::now();
+        let timed = local.as_mut().filter(|_| burst_start.duration_since(start) >= timed_from);
+        let mut hist = timed;
         let mut result = Ok(());
-        for _ in 0..burst {
+        for _ in 0..(due - written).min(BURST) {
             let wal = &spaces[(written % spaces.len() as u64) as usize];
             let payload = gen.next_payload();
             // Read the clock only when appends are timed (the demo does not time them).
@@ -166,13 +171,38 @@ fn write(plan: WriterPlan, stop: &AtomicBool, stats: &WriterStats) -> Result<(),
                 h.saturating_record(t.elapsed().as_nanos() as u64);
             }
             written += 1;
+            if burst_start.elapsed() >= BURST_TIME {
+                break;
+            }
         }
-        drop(hist);
+        if last_merge.elapsed() >= MERGE_EVERY || result.is_err() || written >= limit {
+            merge(&mut local, stats);
+            last_merge = Instant::now();
+        }
         stats.elapsed_us.store(start.elapsed().as_micros() as u64, Ordering::Relaxed);
         stats.written.store(written, Ordering::Relaxed);
         result?;
     }
+    merge(&mut local, stats);
     Ok(())
+}
+
+/// Most appends the built-in writer makes between looks at its stop flag and its rate.
+const BURST: u64 = 4096;
+/// Longest the built-in writer appends between looks at its stop flag (appends can be slow
+/// under `--sync always`).
+const BURST_TIME: Duration = Duration::from_millis(10);
+/// How often the built-in writer merges its append latencies into the shared histogram.
+pub const MERGE_EVERY: Duration = Duration::from_millis(50);
+
+/// Adds the writer's own latency histogram into the shared one and empties it.
+fn merge(local: &mut Option<Histogram<u64>>, stats: &WriterStats) {
+    if let (Some(l), Some(shared)) = (local.as_mut(), stats.append_ns.as_ref()) {
+        if !l.is_empty() {
+            let _ = shared.lock().unwrap_or_else(|p| p.into_inner()).add(&*l);
+            l.reset();
+        }
+    }
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.
@@ -205,6 +235,8 @@ pub async fn shutdown_signal() {
 pub async fn every_until_signal(period: Duration, mut tick: impl FnMut(Duration, bool)) {
     let started = Instant::now();
     let mut interval = tokio::time::interval(period);
+    // After a stall, one late tick rather than a burst of them (each records lag samples).
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let signal = shutdown_signal();
     tokio::pin!(signal);
     let mut second = None;
@@ -247,6 +279,15 @@ where
             std::process::exit(1);
         }
     }
+}
+
+/// Replaces `path` with `bytes` at once (a new file renamed over it): a reader sees the old
+/// version or the new one, never a mix.
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Writes a status file atomically, logging failures.
@@ -358,12 +399,18 @@ impl Reporter<'_> {
         let mut extra: std::collections::BTreeMap<_, _> = extra.into_iter().collect();
         // How stale a reader's copy can be.
         extra.insert("status_every_ms", serde_json::json!(self.flags.status_every.as_millis() as u64));
-        let json = WithExtra { status, extra };
-        write_status(&self.flags.status_file, &json);
-        if self.flags.status_addr.is_some() {
-            if let Ok(bytes) = serde_json::to_vec(&json) {
-                *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(bytes));
+        // Serialized once for both the file and the endpoint (a node with many spaces writes megabytes).
+        let bytes = match serde_json::to_vec_pretty(&WithExtra { status, extra }) {
+            Ok(b) => Arc::new(b),
+            Err(e) => return eprintln!("cannot serialize the status: {e}"),
+        };
+        if let Some(path) = &self.flags.status_file {
+            if let Err(e) = write_atomic(path, &bytes) {
+                eprintln!("cannot write status file {}: {e}", path.display());
             }
+        }
+        if self.flags.status_addr.is_some() {
+            *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes);
         }
         if self.flags.metrics_addr.is_some() {
             record(status, spaces <= self.flags.metrics_max_spaces);
@@ -388,16 +435,24 @@ pub mod status_http {
     const MAX_REQUEST: usize = 8 * 1024;
     /// Longest a client may take to send its request and read the answer.
     const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Longest a client may take to send its request.
+    const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Clients served at once.
+    const MAX_CLIENTS: usize = 32;
     /// Largest status document the reader accepts (a node with 100,000 spaces writes about 30 MB).
     const MAX_DOCUMENT: u64 = 512 * 1024 * 1024;
 
     pub async fn serve(listener: TcpListener, latest: Latest) {
+        // Clients served at once: idle connections must not take the file descriptors the WAL needs.
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
         loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
             match listener.accept().await {
                 Ok((mut sock, _)) => {
                     let latest = latest.clone();
                     tokio::spawn(async move {
                         let _ = tokio::time::timeout(CLIENT_TIMEOUT, answer(&mut sock, &latest)).await;
+                        drop(slot);
                     });
                 }
                 // Out of file descriptors, most likely: wait rather than spin.
@@ -409,13 +464,17 @@ pub mod status_http {
     async fn answer(sock: &mut TcpStream, latest: &Latest) -> std::io::Result<()> {
         let mut head = Vec::new();
         let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-            let n = sock.read(&mut buf).await?;
-            if n == 0 || head.len() + n > MAX_REQUEST {
-                break;
+        let read_head = async {
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+                let n = sock.read(&mut buf).await?;
+                if n == 0 || head.len() + n > MAX_REQUEST {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
             }
-            head.extend_from_slice(&buf[..n]);
-        }
+            Ok::<_, std::io::Error>(())
+        };
+        tokio::time::timeout(HEAD_TIMEOUT, read_head).await.map_err(|_| std::io::ErrorKind::TimedOut)??;
         let line = String::from_utf8_lossy(head.split(|b| *b == b'\n').next().unwrap_or_default()).into_owned();
         let mut words = line.split_whitespace();
         let path = match (words.next(), words.next()) {
@@ -456,6 +515,9 @@ pub mod status_http {
             Some((h, _)) => (h, "/status".to_string()),
             None => (rest, "/status".to_string()),
         };
+        if !host.rsplit_once(':').is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok()) {
+            return Err(fatal(format!("{url}: give the host and port, as http://HOST:PORT")));
+        }
         let exchange = async {
             let mut sock = TcpStream::connect(host).await?;
             let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
@@ -476,6 +538,13 @@ pub mod status_http {
             .trim()
             .to_string();
         let body = &response[split + 4..];
+        let head = String::from_utf8_lossy(&response[..split]).to_ascii_lowercase();
+        let length =
+            head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok());
+        if length.is_some_and(|n| body.len() < n) {
+            // Cut short: the node stopped mid-answer, or the link is slow.
+            return Err(retry(format!("{url}: answer cut short ({} of {} bytes)", body.len(), length.unwrap_or(0))));
+        }
         match status_line.split_whitespace().nth(1) {
             Some("200") => {}
             // The node is up but has not published a status yet.
