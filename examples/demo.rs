@@ -65,7 +65,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         seed: 7,
         time_appends_after: None,
     };
-    let (stats, writer) = common::spawn_writer(plan, stop);
+    let common::Writer { stats, thread: writer } = common::spawn_writer(plan, stop);
 
     let started = Instant::now();
     let mut converged_at = None;

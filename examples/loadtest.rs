@@ -1203,7 +1203,7 @@ async fn write_phase(
         seed: args.seed,
         time_appends_after: Some(args.warmup),
     };
-    let (writer_stats, writer) = common::spawn_writer(plan, stop.clone());
+    let common::Writer { stats: writer_stats, thread: writer } = common::spawn_writer(plan, stop.clone());
     let started = Instant::now();
     let mut partitioned = false;
     while started.elapsed() < args.duration && !interrupted.load(Ordering::SeqCst) {

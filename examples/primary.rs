@@ -282,7 +282,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         // The writer's state before the status, so that "done" covers every append it shows.
-        let done = writer.as_ref().is_some_and(|(w, _)| w.done.load(Ordering::Acquire));
+        let done = writer.as_ref().is_some_and(|w| w.stats.done.load(Ordering::Acquire));
         let status = primary.status();
         let taken_at = Instant::now();
         let connected = status.replicas.iter().filter(|r| r.state != Health::Disconnected).count();
@@ -291,19 +291,19 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 writer = Some(common::spawn_writer(plan, stop.clone()));
             }
         }
-        if let Some((w, _)) = &writer {
-            run.observe(&status, taken_at, w, done, args.warmup);
+        if let Some(w) = &writer {
+            run.observe(&status, taken_at, &w.stats, done, args.warmup);
         }
         reporter.publish(
             &status,
-            extra(&args, writer.as_ref().map(|(s, _)| &**s), &run),
+            extra(&args, writer.as_ref().map(|w| &*w.stats), &run),
             status.spaces.len(),
             walship::net::metrics::record_primary,
         );
         if !new_second {
             return;
         }
-        let written = writer.as_ref().map_or(0, |(s, _)| s.written.load(Ordering::Relaxed));
+        let written = writer.as_ref().map_or(0, |w| w.stats.written.load(Ordering::Relaxed));
         let replicas: Vec<String> = status
             .replicas
             .iter()
@@ -321,7 +321,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     })
     .await;
     stop.store(true, Ordering::Relaxed);
-    let writer = writer.map(|(stats, thread)| {
+    let writer = writer.map(|common::Writer { stats, thread }| {
         match thread.join() {
             Ok(Ok(_)) => {}
             // Told by `RunRecord::observe` already, unless it failed at the very end.

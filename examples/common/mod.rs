@@ -108,8 +108,13 @@ pub fn append_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds")
 }
 
-/// A running built-in writer: its counters, and its thread (which ends with the first append error).
-pub type Writer = (Arc<WriterStats>, std::thread::JoinHandle<Result<(), String>>);
+/// A running built-in writer.
+pub struct Writer {
+    /// Its counters, read while it runs.
+    pub stats: Arc<WriterStats>,
+    /// Its thread, which ends at the plan's total, at the stop flag, or with the first append error.
+    pub thread: std::thread::JoinHandle<Result<(), String>>,
+}
 
 /// Writes `plan` on its own thread (the write path never waits for replication) until its total
 /// or until `stop` is set.
@@ -128,7 +133,7 @@ pub fn spawn_writer(plan: WriterPlan, stop: Arc<AtomicBool>) -> Writer {
         s2.done.store(true, Ordering::Release);
         result
     });
-    (stats, handle)
+    Writer { stats, thread: handle }
 }
 
 /// The body of [`spawn_writer`]'s thread: writes until the plan's total, `stop`, or an append error.
