@@ -2284,5 +2284,35 @@ mod processes {
                 }
             }
         }
+
+        #[cfg(test)]
+        mod tests {
+            use super::*;
+
+            #[test]
+            fn status_sources_are_http_addresses_or_files() {
+                assert!(matches!(Source::parse("http://10.0.0.1:7401"), Ok(Source::Http(_))));
+                assert!(matches!(Source::parse("/var/tmp/p.json"), Ok(Source::File(_))));
+                assert!(matches!(Source::parse("p.json"), Ok(Source::File(_))));
+                let e = Source::parse("10.0.0.1:7401").err().unwrap_or_default();
+                assert!(e.contains("http://10.0.0.1:7401"), "{e}");
+                assert!(Source::parse("https://10.0.0.1:7401").is_err());
+            }
+
+            #[test]
+            fn odd_numbers_in_a_status_read_as_zero() {
+                assert_eq!(secs(&json!(-1.0)), Duration::ZERO);
+                assert_eq!(secs(&json!(1e300)), Duration::ZERO);
+                assert_eq!(secs(&json!("x")), Duration::ZERO);
+                assert_eq!(secs(&json!(1.5)), Duration::from_millis(1500));
+            }
+
+            #[test]
+            fn a_new_run_id_is_a_restart() {
+                let p = json!({ "config": { "run_id": "1-2" } });
+                assert!(same_run(&p, &json!("1-2")).is_ok());
+                assert!(same_run(&p, &json!("1-3")).is_err());
+            }
+        }
     }
 }

@@ -655,3 +655,116 @@ impl ImpairmentFlags {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn a_period_must_be_more_than_zero() {
+        assert!(parse_period("0s").is_err());
+        assert!(parse_period("0ms").is_err());
+        assert_eq!(parse_period("100ms"), Ok(Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn the_writer_counts_and_times_every_append_of_its_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let space = SpaceId::new("space-000").unwrap();
+        let wal = SpaceWal::open(dir.path(), space, walship::wal::WalConfig::default()).unwrap();
+        let plan = WriterPlan {
+            spaces: vec![wal.clone()],
+            epoch: Epoch(1),
+            rate: 0,
+            entry_bytes: 64,
+            total: Some(10_000),
+            seed: 7,
+            time_appends_after: Some(Duration::ZERO),
+        };
+        let Writer { stats, thread } = spawn_writer(plan, Arc::new(AtomicBool::new(false)));
+        thread.join().unwrap().unwrap();
+        assert!(stats.done.load(Ordering::Acquire));
+        assert!(stats.finished_at.get().is_some());
+        assert_eq!(stats.written.load(Ordering::Relaxed), 10_000);
+        assert_eq!(stats.append_latencies().unwrap().len(), 10_000);
+        assert!(stats.error.lock().unwrap().is_none());
+        assert_eq!(wal.last_seq().0, 10_000);
+    }
+
+    #[test]
+    fn a_failed_append_is_kept_as_the_writer_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let space = SpaceId::new("space-000").unwrap();
+        let config = walship::wal::WalConfig { max_entry_bytes: 32, ..walship::wal::WalConfig::default() };
+        let wal = SpaceWal::open(dir.path(), space, config).unwrap();
+        let plan = WriterPlan {
+            spaces: vec![wal],
+            epoch: Epoch(1),
+            rate: 0,
+            entry_bytes: 64,
+            total: Some(10),
+            seed: 7,
+            time_appends_after: None,
+        };
+        let Writer { stats, thread } = spawn_writer(plan, Arc::new(AtomicBool::new(false)));
+        assert!(thread.join().unwrap().is_err());
+        assert!(stats.done.load(Ordering::Acquire));
+        assert_eq!(stats.written.load(Ordering::Relaxed), 0);
+        assert!(stats.error.lock().unwrap().is_some());
+    }
+
+    async fn server() -> (String, status_http::Latest) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let latest: status_http::Latest = Arc::new(Mutex::new(None));
+        tokio::spawn(status_http::serve(listener, latest.clone()));
+        (url, latest)
+    }
+
+    #[tokio::test]
+    async fn the_status_endpoint_serves_what_was_published_and_nothing_else() {
+        let (url, latest) = server().await;
+        let e = status_http::fetch(&url).await.unwrap_err();
+        assert!(e.retry, "before the first status: try again ({})", e.message);
+        *latest.lock().unwrap() = Some(Arc::new(br#"{"role":"primary","n":1}"#.to_vec()));
+        let v = status_http::fetch(&url).await.unwrap();
+        assert_eq!(v["role"], "primary");
+        assert_eq!(status_http::fetch(&format!("{url}/status")).await.unwrap()["n"], 1);
+        let e = status_http::fetch(&format!("{url}/metrics")).await.unwrap_err();
+        assert!(!e.retry && e.message.contains("404"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn a_request_split_across_writes_is_answered() {
+        let (url, latest) = server().await;
+        *latest.lock().unwrap() = Some(Arc::new(b"{}".to_vec()));
+        let mut sock = tokio::net::TcpStream::connect(url.trim_start_matches("http://")).await.unwrap();
+        sock.write_all(b"GET /sta").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        sock.write_all(b"tus HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        sock.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\n{}"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn addresses_without_a_port_and_cut_short_answers_are_told_apart() {
+        let e = status_http::fetch("http://127.0.0.1").await.unwrap_err();
+        assert!(!e.retry, "no port: fatal ({})", e.message);
+        let e = status_http::fetch("https://127.0.0.1:1").await.unwrap_err();
+        assert!(!e.retry, "not http: fatal ({})", e.message);
+        // A server that stops mid-answer: worth another try.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = sock.read(&mut buf).await;
+            let _ = sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"role\":").await;
+        });
+        let e = status_http::fetch(&url).await.unwrap_err();
+        assert!(e.retry && e.message.contains("cut short"), "{}", e.message);
+    }
+}
