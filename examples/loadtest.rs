@@ -2316,3 +2316,33 @@ mod processes {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every id in `ATTACH_CONFLICTS` names a flag (clap checks that only in debug builds).
+    #[test]
+    fn attach_conflicts_name_flags() {
+        use clap::CommandFactory;
+        let cmd = Args::command();
+        let ids: Vec<&str> = cmd.get_arguments().map(|a| a.get_id().as_str()).collect();
+        for id in ATTACH_CONFLICTS {
+            assert!(ids.contains(&id), "{id} is not a flag of loadtest");
+        }
+    }
+
+    #[test]
+    fn attach_mode_refuses_what_the_primary_decides() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["loadtest", "--attach-primary", "http://h:1", "--attach-replica", "http://h:2"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv)
+        };
+        assert!(parse(&[]).is_ok());
+        for flag in [["--rate", "5"], ["--warmup", "1s"], ["--loss", "1%"], ["--spaces", "3"]] {
+            assert!(parse(&flag).is_err(), "{flag:?} accepted");
+        }
+        assert!(parse(&["--converge-timeout", "5s", "--quiet"]).is_ok());
+    }
+}
