@@ -1758,10 +1758,16 @@ mod processes {
                 name: r.name.clone(),
                 entries: held,
                 payload_bytes: held * args.entry_bytes as u64,
-                lag_ms: Some(Percentiles::of(lag, 1.0)),
+                // The primary's own record runs on until the replica caught up after the writes;
+                // this tool's samples stop with the writes.
+                lag_ms: Percentiles::from_json(&p["writer"]["lag_ms"][&r.name]).or(Some(Percentiles::of(lag, 1.0))),
                 lag_source: format!(
-                    "sampled from the primary's status every {} ms (its oldest unacknowledged entry)",
-                    STATUS_EVERY.as_millis()
+                    "sampled from the primary's status every {} ms, {} (its oldest unacknowledged entry)",
+                    STATUS_EVERY.as_millis(),
+                    match p["writer"]["lag_ms"][&r.name].is_object() {
+                        true => "until the replica caught up after the writes",
+                        false => "while the writer ran",
+                    }
                 ),
                 view: View::of(p, &r.name),
             });

@@ -198,14 +198,15 @@ async fn a_held_space_does_not_block_the_others() {
         v.spaces.iter().any(|s| s.space == spaces[0] && s.durable.0 > s.applied.0)
     })
     .await;
+    // The replica's last acks for the other spaces may still be on their way.
+    wait_for("the primary to see the other spaces caught up", || {
+        let view = primary.status().replicas.remove(0);
+        view.spaces.iter().filter(|s| s.space != spaces[0]).all(|s| s.lag.entries == 0)
+    })
+    .await;
     let view = primary.status().replicas.remove(0);
-    for s in &view.spaces {
-        if s.space == spaces[0] {
-            assert!(s.applied.0 < 20_000);
-        } else {
-            assert_eq!(s.lag.entries, 0, "space {} should be caught up", s.space);
-        }
-    }
+    let held = view.spaces.iter().find(|s| s.space == spaces[0]).expect("the held space in the primary's view");
+    assert!(held.applied.0 < 20_000, "the held space must not count as applied");
     release_tx.send_replace(true);
     converge(&primary, &[&r1]).await;
     wait_for("all applied", || r1.status().spaces.iter().all(|s| s.applied_seq.0 == 20_000)).await;
@@ -302,8 +303,16 @@ async fn when_both_sides_dial_one_connection_stays() {
     converge(&primary, &[&replica]).await;
     let view = primary.status().replicas.into_iter().find(|r| r.name == "replica-1").unwrap();
     assert!(view.reconnects <= 1, "{} reconnects: the two dials displaced each other", view.reconnects);
+    // On a loaded machine a connection may be handed over at this moment (a late heartbeat): the
+    // state must settle on connected, not stay on the error of whichever dial lost.
+    let settled = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while replica.status().connection != ConnectionState::Connected {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     let status = replica.status();
-    assert_eq!(status.connection, ConnectionState::Connected, "last error {:?}", status.last_error);
+    assert!(settled.is_ok(), "replica {:?}, last error {:?}", status.connection, status.last_error);
     replica.shutdown().await;
     primary.shutdown().await;
 }
