@@ -79,6 +79,22 @@ fn collect_control(mut recv: quinn::RecvStream) -> Arc<Mutex<Vec<ControlMessage>
     out
 }
 
+/// A replica that a hand-driven primary has welcomed with `spaces` at `epoch`. What the replica
+/// sends on its control stream is collected in `ctl`; `keep` holds the primary's endpoint and
+/// control stream open (bind it to a named variable, not `_`).
+struct Welcomed {
+    replica: Replica,
+    conn: quinn::Connection,
+    ctl: Arc<Mutex<Vec<ControlMessage>>>,
+    keep: (quinn::Endpoint, quinn::SendStream),
+}
+
+async fn welcomed(c: &Cluster, epoch: u64, spaces: &[SpaceId]) -> Welcomed {
+    let HandDrivenPrimary { replica, endpoint, conn, mut send, recv } = hand_driven_primary(c, |_| {}).await;
+    send_welcome(&mut send, epoch, spaces).await;
+    Welcomed { replica, conn, ctl: collect_control(recv), keep: (endpoint, send) }
+}
+
 fn log_of(r: &Replica, s: &SpaceId) -> Vec<Entry> {
     r.space(s)
         .map(|w| if w.last_seq() == Seq(0) { vec![] } else { w.read_from(Seq(1), usize::MAX, usize::MAX).unwrap() })
@@ -122,10 +138,8 @@ impl ApplyHook for RecHook {
 async fn hostile_primary_epoch_going_backwards_mid_session_is_refused() {
     let _shared = MEMORY.read().await;
     let c = Cluster::new();
-    let HandDrivenPrimary { replica, endpoint: _ep, conn, mut send, recv } = hand_driven_primary(&c, |_| {}).await;
     let s = sid("s");
-    send_welcome(&mut send, 2, std::slice::from_ref(&s)).await;
-    let ctl = collect_control(recv);
+    let Welcomed { replica, conn, ctl, keep: _keep } = welcomed(&c, 2, std::slice::from_ref(&s)).await;
     let mut st = open_space_stream(&conn, &s, 1).await;
     st.write_all(&mk_frame(&s, &mk_entries(1, 3, 2, "e2"))).await.unwrap();
     st.write_all(&mk_frame(&s, &mk_entries(4, 3, 1, "e1"))).await.unwrap();
@@ -156,10 +170,8 @@ async fn hostile_primary_epoch_going_backwards_mid_session_is_refused() {
 async fn hostile_primary_wholly_held_batch_with_other_contents_is_reported() {
     let _shared = MEMORY.read().await;
     let c = Cluster::new();
-    let HandDrivenPrimary { replica, endpoint: _ep, conn, mut send, recv } = hand_driven_primary(&c, |_| {}).await;
     let s = sid("s");
-    send_welcome(&mut send, 1, std::slice::from_ref(&s)).await;
-    let ctl = collect_control(recv);
+    let Welcomed { replica, conn, ctl, keep: _keep } = welcomed(&c, 1, std::slice::from_ref(&s)).await;
     let mut st = open_space_stream(&conn, &s, 1).await;
     st.write_all(&mk_frame(&s, &mk_entries(1, 5, 1, "A"))).await.unwrap();
     st.finish().unwrap();
@@ -188,10 +200,8 @@ async fn hostile_primary_wholly_held_batch_with_other_contents_is_reported() {
 async fn hostile_primary_overlapping_batch_with_other_contents_is_reported_diverged() {
     let _shared = MEMORY.read().await;
     let c = Cluster::new();
-    let HandDrivenPrimary { replica, endpoint: _ep, conn, mut send, recv } = hand_driven_primary(&c, |_| {}).await;
     let s = sid("s");
-    send_welcome(&mut send, 1, std::slice::from_ref(&s)).await;
-    let ctl = collect_control(recv);
+    let Welcomed { replica, conn, ctl, keep: _keep } = welcomed(&c, 1, std::slice::from_ref(&s)).await;
     let mut st = open_space_stream(&conn, &s, 1).await;
     st.write_all(&mk_frame(&s, &mk_entries(1, 5, 1, "A"))).await.unwrap();
     st.write_all(&mk_frame(&s, &mk_entries(3, 6, 1, "B"))).await.unwrap();
@@ -212,10 +222,8 @@ async fn hostile_primary_overlapping_batch_with_other_contents_is_reported_diver
 async fn hostile_primary_frames_of_another_space_are_refused() {
     let _shared = MEMORY.read().await;
     let c = Cluster::new();
-    let HandDrivenPrimary { replica, endpoint: _ep, conn, mut send, recv } = hand_driven_primary(&c, |_| {}).await;
     let (a, b) = (sid("a"), sid("b"));
-    send_welcome(&mut send, 1, &[a.clone(), b.clone()]).await;
-    let ctl = collect_control(recv);
+    let Welcomed { replica, conn, ctl, keep: _keep } = welcomed(&c, 1, &[a.clone(), b.clone()]).await;
     // Stream header says a, frames are tagged b.
     let mut st = open_space_stream(&conn, &a, 1).await;
     st.write_all(&mk_frame(&b, &mk_entries(1, 4, 1, "b"))).await.unwrap();
@@ -241,10 +249,8 @@ async fn hostile_primary_frames_of_another_space_are_refused() {
 async fn hostile_primary_reset_mid_frame_leaves_no_partial_entry_and_frees_assembly() {
     let _shared = MEMORY.read().await;
     let c = Cluster::new();
-    let HandDrivenPrimary { replica, endpoint: _ep, conn, mut send, recv } = hand_driven_primary(&c, |_| {}).await;
     let s = sid("s");
-    send_welcome(&mut send, 1, std::slice::from_ref(&s)).await;
-    let _ctl = collect_control(recv);
+    let Welcomed { replica, conn, ctl: _ctl, keep: _keep } = welcomed(&c, 1, std::slice::from_ref(&s)).await;
     let big: Vec<Entry> =
         (1..=4u64).map(|q| Entry::new(Seq(q), Epoch(1), q, 1, Bytes::from(vec![q as u8; 300_000]))).collect();
     let frame = mk_frame(&s, &big);
