@@ -454,13 +454,7 @@ async fn applied_positions_acked_during_the_handshake_reach_the_primary() {
         per_call: Duration::from_millis(2),
         rec: rec.clone(),
     };
-    let r = Replica::start_with_hook(
-        c.replica_config("replica-1", p.local_addr()),
-        c.ca.issue("replica-1").unwrap(),
-        Some(Arc::new(hook)),
-    )
-    .await
-    .unwrap();
+    let r = c.replica_with_hook("replica-1", p.local_addr(), Arc::new(hook)).await;
     converge(&p, &[&r]).await;
     wait_for("durable 3 everywhere on the primary's view", || {
         p.status()
@@ -509,13 +503,7 @@ async fn a_diverged_replica_never_counts_toward_wait_durable() {
     let rec = Arc::new(Recording::default());
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let hook = SerialHook { lock: Default::default(), gate: gate.clone(), per_call: Duration::ZERO, rec: rec.clone() };
-    let r = Replica::start_with_hook(
-        c.replica_config("replica-1", primary.local_addr()),
-        c.ca.issue("replica-1").unwrap(),
-        Some(Arc::new(hook)),
-    )
-    .await
-    .unwrap();
+    let r = c.replica_with_hook("replica-1", primary.local_addr(), Arc::new(hook)).await;
     let sp = spaces(1);
     write(&primary, &sp, 10).await;
     converge(&primary, &[&r]).await;

@@ -172,9 +172,7 @@ async fn a_suffix_truncation_rolls_the_hook_back_and_it_sees_the_new_entries() {
     let addr = primary.local_addr();
     let told = Arc::new(Mutex::new(Vec::new()));
     let hook = Arc::new(Recorder(told.clone()));
-    let r = Replica::start_with_hook(c.replica_config("replica-1", addr), c.ca.issue("replica-1").unwrap(), Some(hook))
-        .await
-        .unwrap();
+    let r = c.replica_with_hook("replica-1", addr, hook).await;
     let sp = spaces(1);
     write(&primary, &sp, 10).await;
     wait_for("10 applied", || told.lock().unwrap().len() == 10).await;
@@ -214,9 +212,7 @@ async fn a_suffix_truncation_right_after_a_restart_still_rolls_the_hook_back() {
     let primary = restart_with_a_new_tail(&c, addr, &sp[0]).await;
     let told = Arc::new(Mutex::new(Vec::new()));
     let hook = Arc::new(Recorder(told.clone()));
-    let r = Replica::start_with_hook(c.replica_config("replica-1", addr), c.ca.issue("replica-1").unwrap(), Some(hook))
-        .await
-        .unwrap();
+    let r = c.replica_with_hook("replica-1", addr, hook).await;
     // At start the hook's state is the log's (the server rebuilt it): cut at once.
     r.space(&sp[0]).unwrap().truncate_suffix(Seq(5)).unwrap();
     r.disconnect();

@@ -320,13 +320,7 @@ async fn a_panicking_apply_hook_is_reported_and_its_entries_come_again() {
     let s = spaces(1);
     write(&p, &s, 100).await;
     let hook = Arc::new(PanicsOnce { panicked: AtomicBool::new(false), seen: Mutex::new(Vec::new()) });
-    let r = Replica::start_with_hook(
-        c.replica_config("replica-1", p.local_addr()),
-        c.ca.issue("replica-1").unwrap(),
-        Some(hook.clone()),
-    )
-    .await
-    .unwrap();
+    let r = c.replica_with_hook("replica-1", p.local_addr(), hook.clone()).await;
     wait_for("the panic in the space's status", || {
         r.status().spaces.iter().any(|x| x.error.as_deref().is_some_and(|e| e.contains("apply hook panicked")))
     })
@@ -398,13 +392,7 @@ async fn a_cut_under_a_call_that_panicked_partway_is_told_to_the_hook() {
         truncations: Mutex::new(Vec::new()),
         gate: tokio::sync::Semaphore::new(0),
     });
-    let r = Replica::start_with_hook(
-        c.replica_config("replica-1", p.local_addr()),
-        c.ca.issue("replica-1").unwrap(),
-        Some(hook.clone()),
-    )
-    .await
-    .unwrap();
+    let r = c.replica_with_hook("replica-1", p.local_addr(), hook.clone()).await;
     wait_for("the panic in the space's status", || {
         r.status().spaces.iter().any(|x| x.error.as_deref().is_some_and(|e| e.contains("apply hook panicked")))
     })

@@ -175,13 +175,7 @@ async fn a_held_space_does_not_block_the_others() {
     let spaces = spaces(4);
     let (release_tx, release_rx) = watch::channel(false);
     let hook = Arc::new(HoldSpace { held: spaces[0].clone(), release: release_rx });
-    let r1 = Replica::start_with_hook(
-        c.replica_config("replica-1", primary.local_addr()),
-        c.ca.issue("replica-1").unwrap(),
-        Some(hook),
-    )
-    .await
-    .unwrap();
+    let r1 = c.replica_with_hook("replica-1", primary.local_addr(), hook).await;
     // Enough data that the held space's stream fills its windows.
     write(&primary, &spaces, 20_000).await;
     wait_for("the other spaces to catch up while one is held", || {
@@ -510,13 +504,13 @@ async fn the_apply_hook_sees_every_entry_once_across_disconnects() {
     let primary = c.primary().await;
     let applied = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
-    let r = Replica::start_with_hook(
-        c.replica_config("replica-1", primary.local_addr()),
-        c.ca.issue("replica-1").unwrap(),
-        Some(Arc::new(SlowHook { applied: applied.clone(), started: tx })),
-    )
-    .await
-    .unwrap();
+    let r = c
+        .replica_with_hook(
+            "replica-1",
+            primary.local_addr(),
+            Arc::new(SlowHook { applied: applied.clone(), started: tx }),
+        )
+        .await;
     let sp = spaces(1);
     write(&primary, &sp, 10).await;
     started.recv().await.unwrap();

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -64,6 +65,18 @@ impl Cluster {
 
     pub async fn replica(&self, name: &str, primary: SocketAddr) -> Replica {
         Replica::start(self.replica_config(name, primary), self.ca.issue(name).unwrap()).await.unwrap()
+    }
+
+    /// A replica of `primary` handing its entries to `hook`.
+    pub async fn replica_with_hook(
+        &self,
+        name: &str,
+        primary: SocketAddr,
+        hook: Arc<dyn walship::ApplyHook>,
+    ) -> Replica {
+        Replica::start_with_hook(self.replica_config(name, primary), self.ca.issue(name).unwrap(), Some(hook))
+            .await
+            .unwrap()
     }
 }
 
