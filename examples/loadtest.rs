@@ -1633,8 +1633,7 @@ mod processes {
         interrupted: &AtomicBool,
     ) -> Result<Sampled, Failure> {
         let names: Vec<String> = nodes.replicas.iter().map(|r| r.name.clone()).collect();
-        let mut lag_ms: Vec<Histogram<u64>> =
-            names.iter().map(|_| Histogram::new_with_bounds(1, 3_600_000, 3)).collect::<Result<_, _>>()?;
+        let mut lag_ms: Vec<Histogram<u64>> = names.iter().map(|_| common::lag_histogram()).collect();
         let started = Instant::now();
         let mut partitioned = false;
         // Since when the primary was told to stop writing, and what it had written at the last look.

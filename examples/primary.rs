@@ -117,24 +117,15 @@ fn extra(args: &Args, writer: Option<&common::WriterStats>, run: &RunRecord) -> 
     // The plan from the start (so an attached load test knows it before the writer starts),
     // progress once it runs.
     let writer = (args.spaces > 0).then(|| {
-        let latency = writer.and_then(|w| w.append_latencies()).filter(|h| !h.is_empty()).map(|h| {
-            let us = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
-            json!({ "p50": us(0.5), "p99": us(0.99), "p999": us(0.999), "max": h.max() as f64 / 1e3, "count": h.len() })
-        });
+        let latency = writer
+            .and_then(|w| w.append_latencies())
+            .filter(|h| !h.is_empty())
+            .map(|h| common::percentiles_json(&h, 1e3));
         // `done` first (Acquire): once true, the counts read after it are final.
         let done = writer.is_some_and(|w| w.done.load(Ordering::Acquire));
         let progress = |f: fn(&common::WriterStats) -> u64| writer.map_or(0, f);
-        let lag: serde_json::Map<String, Value> = run
-            .lag_ms
-            .iter()
-            .map(|(name, h)| {
-                let q = |q: f64| h.value_at_quantile(q);
-                (
-                    name.clone(),
-                    json!({ "p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": h.max(), "samples": h.len() }),
-                )
-            })
-            .collect();
+        let lag: serde_json::Map<String, Value> =
+            run.lag_ms.iter().map(|(name, h)| (name.clone(), common::percentiles_json(h, 1.0))).collect();
         json!({
             "spaces": args.spaces,
             "rate": args.rate,
@@ -212,10 +203,7 @@ impl RunRecord {
                 self.caught_up_ms
                     .insert(r.name.clone(), taken_at.saturating_duration_since(*finished).as_millis() as u64);
             } else if timed {
-                let h = self
-                    .lag_ms
-                    .entry(r.name.clone())
-                    .or_insert_with(|| Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds"));
+                let h = self.lag_ms.entry(r.name.clone()).or_insert_with(common::lag_histogram);
                 h.saturating_record(r.max_lag.ms.max(1));
             }
         }

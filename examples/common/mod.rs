@@ -103,6 +103,18 @@ pub struct WriterPlan {
     pub time_appends_after: Option<Duration>,
 }
 
+/// Lags in milliseconds (1 ms to an hour, 3 significant digits).
+pub fn lag_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds")
+}
+
+/// `p50`, `p99`, `p999`, `max` of `h` divided by `unit` (ns recorded, µs reported: 1e3), and
+/// `count`: the shape the status and the load-test report share.
+pub fn percentiles_json(h: &Histogram<u64>, unit: f64) -> serde_json::Value {
+    let q = |q: f64| h.value_at_quantile(q) as f64 / unit;
+    serde_json::json!({ "p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": h.max() as f64 / unit, "count": h.len() })
+}
+
 /// Append latencies in nanoseconds (1 ns to 60 s, 3 significant digits).
 pub fn append_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds")
@@ -285,15 +297,6 @@ where
     }
 }
 
-/// Replaces `path` with `bytes` at once (a new file renamed over it): a reader sees the old
-/// version or the new one, never a mix.
-fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
-}
-
 /// Sets up logging from RUST_LOG (default: warnings and walship info).
 pub fn init_tracing() {
     init_tracing_with("warn,walship=info")
@@ -400,7 +403,7 @@ impl Reporter<'_> {
             Err(e) => return eprintln!("cannot serialize the status: {e}"),
         };
         if let Some(path) = &self.flags.status_file {
-            if let Err(e) = write_atomic(path, &bytes) {
+            if let Err(e) = walship::net::status::write_atomic(path, &bytes) {
                 eprintln!("cannot write status file {}: {e}", path.display());
             }
         }

@@ -261,14 +261,19 @@ impl ReplicaStatus {
     }
 }
 
-/// Writes `value` as pretty JSON to `path` atomically (a temporary file in the same folder, then a
-/// rename), so a reader never sees a half-written status.
+/// Writes `value` as pretty JSON to `path` atomically (see [`write_atomic`]), so a reader never
+/// sees a half-written status.
 pub fn write_json_atomic(path: &std::path::Path, value: &impl Serialize) -> std::io::Result<()> {
-    let json = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    write_atomic(path, &serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)
+}
+
+/// Replaces `path` with `bytes` at once: a temporary file in the same folder, then a rename, so a
+/// reader sees the old version or the new one, never a mix.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
-    std::fs::write(&tmp, json)?;
+    std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
 }
 
