@@ -56,7 +56,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     let total = if args.rate == 0 { 1_000_000 } else { total };
     println!("writing {total} entries of {} bytes over {} spaces ...", args.entry_bytes, args.spaces);
     let stop = Arc::new(AtomicBool::new(false));
-    let plan = common::WriterPlan {
+    let plan = common::writer::WriterPlan {
         spaces,
         epoch: Epoch(1),
         rate: args.rate,
@@ -65,7 +65,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         seed: 7,
         time_appends_after: None,
     };
-    let common::Writer { stats, thread: writer } = common::spawn_writer(plan, stop);
+    let common::writer::Writer { stats, thread: writer } = common::writer::spawn_writer(plan, stop);
 
     let started = Instant::now();
     let mut converged_at = None;

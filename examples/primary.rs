@@ -68,7 +68,7 @@ struct Args {
     #[arg(long, value_parser = parse_dial)]
     dial: Vec<ReplicaAddr>,
     #[command(flatten)]
-    report: common::ReportFlags,
+    report: common::report::ReportFlags,
     /// Congestion controller: bbr, cubic or newreno.
     #[arg(long, default_value = "bbr")]
     congestion: walship::net::endpoint::CongestionControl,
@@ -104,7 +104,7 @@ fn parse_dial(s: &str) -> Result<ReplicaAddr, String> {
 /// What the status file holds besides the primary's own status: the settings a load test reports
 /// (`config`), and the built-in writer's plan and progress with its append latency (`writer`,
 /// `null` without a writer). `loadtest --processes` and `--attach-primary` read both.
-fn extra(args: &Args, writer: Option<&common::WriterStats>, run: &RunRecord) -> Vec<(&'static str, Value)> {
+fn extra(args: &Args, writer: Option<&common::writer::WriterStats>, run: &RunRecord) -> Vec<(&'static str, Value)> {
     let config = json!({
         "run_id": run.run_id,
         "compression": args.compression.to_string(),
@@ -123,7 +123,7 @@ fn extra(args: &Args, writer: Option<&common::WriterStats>, run: &RunRecord) -> 
             .map(|h| common::percentiles_json(&h, 1e3));
         // `done` first (Acquire): once true, the counts read after it are final.
         let done = writer.is_some_and(|w| w.done.load(Ordering::Acquire));
-        let progress = |f: fn(&common::WriterStats) -> u64| writer.map_or(0, f);
+        let progress = |f: fn(&common::writer::WriterStats) -> u64| writer.map_or(0, f);
         let lag: serde_json::Map<String, Value> =
             run.lag_ms.iter().map(|(name, h)| (name.clone(), common::percentiles_json(h, 1.0))).collect();
         json!({
@@ -181,7 +181,7 @@ impl RunRecord {
         &mut self,
         status: &PrimaryStatus,
         taken_at: Instant,
-        writer: &common::WriterStats,
+        writer: &common::writer::WriterStats,
         done: bool,
         warmup: Duration,
     ) {
@@ -243,7 +243,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut plan = match args.spaces {
         0 => None,
-        n => Some(common::WriterPlan {
+        n => Some(common::writer::WriterPlan {
             spaces: common::space_names(n).iter().map(|s| primary.space(s)).collect::<Result<Vec<_>, _>>()?,
             epoch: Epoch(args.epoch),
             rate: args.rate,
@@ -258,7 +258,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if plan.is_some() && args.wait_for_replicas > 0 {
         println!("the writer starts once {} replica(s) are connected", args.wait_for_replicas);
     }
-    let mut writer: Option<common::Writer> = None;
+    let mut writer: Option<common::writer::Writer> = None;
     let mut run = RunRecord::new();
 
     let mut last_written = 0;
@@ -276,7 +276,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let connected = status.replicas.iter().filter(|r| r.state != Health::Disconnected).count();
         if connected >= args.wait_for_replicas && !stop.load(Ordering::Relaxed) {
             if let Some(plan) = plan.take() {
-                writer = Some(common::spawn_writer(plan, stop.clone()));
+                writer = Some(common::writer::spawn_writer(plan, stop.clone()));
             }
         }
         if let Some(w) = &writer {
@@ -309,7 +309,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     })
     .await;
     stop.store(true, Ordering::Relaxed);
-    let writer = writer.map(|common::Writer { stats, thread }| {
+    let writer = writer.map(|common::writer::Writer { stats, thread }| {
         match thread.join() {
             Ok(Ok(_)) => {}
             // Told by `RunRecord::observe` already, unless it failed at the very end.

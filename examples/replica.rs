@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, default_value = "bbr")]
     congestion: walship::net::endpoint::CongestionControl,
     #[command(flatten)]
-    report: common::ReportFlags,
+    report: common::report::ReportFlags,
 }
 
 #[tokio::main]

@@ -179,7 +179,7 @@ async fn write_phase(
     for lag in &c.lags {
         lag.timed_from_us.store(timed_from_us, Ordering::Relaxed);
     }
-    let plan = common::WriterPlan {
+    let plan = common::writer::WriterPlan {
         spaces,
         epoch: Epoch(1),
         rate: args.rate,
@@ -188,7 +188,8 @@ async fn write_phase(
         seed: args.seed,
         time_appends_after: Some(args.warmup),
     };
-    let common::Writer { stats: writer_stats, thread: writer } = common::spawn_writer(plan, stop.clone());
+    let common::writer::Writer { stats: writer_stats, thread: writer } =
+        common::writer::spawn_writer(plan, stop.clone());
     let started = Instant::now();
     let mut partitioned = false;
     while started.elapsed() < args.duration && !interrupted.load(Ordering::SeqCst) {
@@ -204,7 +205,7 @@ async fn write_phase(
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().map_err(|_| "writer panicked")??;
-    let append_ns = writer_stats.append_latencies().unwrap_or_else(common::append_histogram);
+    let append_ns = writer_stats.append_latencies().unwrap_or_else(common::writer::append_histogram);
     let time = started.elapsed();
     console.bar.finish_and_clear();
     Ok(Written { entries: writer_stats.written.load(Ordering::Relaxed), time, started, append_ns })
