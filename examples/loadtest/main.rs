@@ -92,6 +92,15 @@ struct Args {
     /// of payload go uncompressed, so at low rates per space this is what lets compression work.
     #[arg(long, value_parser = netsim::parse_duration)]
     linger: Option<Duration>,
+    /// With --processes: kill `replica-1` with SIGKILL this long after the start (a crash: no
+    /// shutdown, nothing flushed or said to the primary), then start it again over its data after
+    /// --crash-for. It must resume where its log ends, with nothing lost or repeated; the run
+    /// verifies as usual. (In process, `tests/chaos.rs` restarts nodes the same way.)
+    #[arg(long, value_parser = netsim::parse_duration, requires = "processes")]
+    crash_replica_at: Option<Duration>,
+    /// ... and keep it down for this long.
+    #[arg(long, default_value = "1s", value_parser = netsim::parse_duration)]
+    crash_for: Duration,
     /// Multiplex every space onto one stream (head-of-line comparison).
     #[arg(long)]
     single_stream: bool,
@@ -129,7 +138,7 @@ struct Args {
 }
 
 /// What the nodes' own settings decide when attached to running nodes: refused rather than ignored.
-const ATTACH_CONFLICTS: [&str; 25] = [
+const ATTACH_CONFLICTS: [&str; 27] = [
     "replicas",
     "warmup",
     "spaces",
@@ -147,6 +156,8 @@ const ATTACH_CONFLICTS: [&str; 25] = [
     "link_rate",
     "partition_at",
     "partition_for",
+    "crash_replica_at",
+    "crash_for",
     "link",
     "congestion",
     "initial_window",
@@ -183,6 +194,14 @@ fn check_args(args: &Args) -> Result<(), String> {
         if at >= args.duration || args.partition_for.is_zero() {
             return Err(format!(
                 "--partition-at {at:?} must be before the end of --duration {:?}, with a non-zero --partition-for",
+                args.duration
+            ));
+        }
+    }
+    if let Some(at) = args.crash_replica_at {
+        if at >= args.duration {
+            return Err(format!(
+                "--crash-replica-at {at:?} must be before the end of --duration {:?}: the crash is part of the write phase",
                 args.duration
             ));
         }

@@ -30,6 +30,10 @@ struct Node {
     child: Child,
     status: PathBuf,
     log: PathBuf,
+    /// How it was started, to start it again after a crash (`--crash-replica-at`).
+    command: Vec<String>,
+    /// Killed on purpose and not started again yet.
+    down: bool,
 }
 
 impl Drop for Node {
@@ -51,8 +55,36 @@ impl Drop for Node {
 }
 
 impl Node {
+    /// Starts `command` (the binary, then its flags) as node `name`, its output appended to `log`.
+    fn spawn(name: &str, command: Vec<String>, status: PathBuf, log: PathBuf) -> std::io::Result<Node> {
+        let child = Node::start(&command, &log)?;
+        Ok(Node { name: name.to_string(), child, status, log, command, down: false })
+    }
+
+    fn start(command: &[String], log: &Path) -> std::io::Result<Child> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        Command::new(&command[0]).args(&command[1..]).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).spawn()
+    }
+
+    /// Kills the process with SIGKILL: no shutdown runs, nothing is flushed or said to its peer.
+    fn crash(&mut self) -> std::io::Result<()> {
+        self.down = true;
+        self.child.kill()?;
+        self.child.wait().map(drop)
+    }
+
+    /// Starts it again as before, over the same data folder.
+    fn restart(&mut self) -> std::io::Result<()> {
+        self.child = Node::start(&self.command, &self.log)?;
+        self.down = false;
+        Ok(())
+    }
+
     /// An error naming this node if its process has exited: nothing will change any more.
     fn check_running(&mut self) -> Result<(), Failure> {
+        if self.down {
+            return Ok(());
+        }
         let message = match self.child.try_wait() {
             Ok(None) => return Ok(()),
             Ok(Some(status)) => format!("{} exited early ({status})", self.name),
@@ -223,18 +255,21 @@ fn spawn_nodes(args: &Args, imp: Impairment, bin_dir: &Path, dir: &Path) -> Resu
     let sync = common::sync_flag(args.sync);
     let spawn = |name: &str, bin: &str, extra: Vec<String>| -> std::io::Result<Node> {
         let status = dir.join(format!("{name}.json"));
-        let log_path = dir.join(format!("{name}.log"));
-        let log = std::fs::File::create(&log_path)?;
-        let mut cmd = Command::new(bin_dir.join(bin));
-        cmd.args(["--data", &dir.join(name).to_string_lossy(), "--certs", &certs.to_string_lossy()])
-            .args(["--name", name, "--status-file", &status.to_string_lossy(), "--sync", &sync])
-            .args(["--status-every", &format!("{}ms", STATUS_EVERY.as_millis())])
-            .args(["--congestion", &congestion])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        Ok(Node { name: name.to_string(), child: cmd.spawn()?, status, log: log_path })
+        let log = dir.join(format!("{name}.log"));
+        let mut command = vec![bin_dir.join(bin).to_string_lossy().into_owned()];
+        for (flag, value) in [
+            ("--data", dir.join(name).to_string_lossy().into_owned()),
+            ("--certs", certs.to_string_lossy().into_owned()),
+            ("--name", name.to_string()),
+            ("--status-file", status.to_string_lossy().into_owned()),
+            ("--sync", sync.clone()),
+            ("--status-every", format!("{}ms", STATUS_EVERY.as_millis())),
+            ("--congestion", congestion.clone()),
+        ] {
+            command.extend([flag.to_string(), value]);
+        }
+        command.extend(extra);
+        Node::spawn(name, command, status, log)
     };
     let stop_writing_file = dir.join("stop-writing");
     let mut pextra: Vec<String> = [
@@ -284,10 +319,9 @@ struct Sampled {
     writes_done: SystemTime,
 }
 
-/// Samples the primary's status until its writer has written everything, showing progress and
-/// following `--partition-at`.
 /// Samples the primary's status until its writer has written everything, or stopped after
-/// `stop_writing` was set (which then sets `nodes.total` to what it wrote).
+/// `stop_writing` was set (which then sets `nodes.total` to what it wrote), showing progress and
+/// following `--partition-at` and `--crash-replica-at`.
 async fn sample_writes(
     args: &Args,
     nodes: &mut Nodes,
@@ -299,6 +333,7 @@ async fn sample_writes(
     let mut lag_ms: Vec<Histogram<u64>> = names.iter().map(|_| common::lag_histogram()).collect();
     let started = Instant::now();
     let mut partitioned = false;
+    let mut crash = Crash::Before;
     // Since when the primary was told to stop writing, and what it had written at the last look.
     let mut stopping: Option<(Instant, u64)> = None;
     let writes_done = loop {
@@ -310,6 +345,9 @@ async fn sample_writes(
         }
         let el = started.elapsed();
         if let Some(line) = nodes.link.follow_partition(args, el, &mut partitioned) {
+            console.line(line);
+        }
+        if let Some(line) = follow_crash(args, el, &mut nodes.replicas[0], &mut crash)? {
             console.line(line);
         }
         let Some((p, mtime)) = nodes.primary.status() else { continue };
@@ -346,7 +384,48 @@ async fn sample_writes(
     if partitioned {
         nodes.link.partition(false);
     }
-    Ok(Sampled { lag_ms, started, write_time: started.elapsed(), writes_done })
+    let write_time = started.elapsed();
+    // A crash that outlasts the writes: the replica stays down for its --crash-for all the same.
+    while crash == Crash::Down {
+        nap(STATUS_EVERY, interrupted).await?;
+        if let Some(line) = follow_crash(args, started.elapsed(), &mut nodes.replicas[0], &mut crash)? {
+            console.line(line);
+        }
+    }
+    Ok(Sampled { lag_ms, started, write_time, writes_done })
+}
+
+/// Where `--crash-replica-at` stands.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Crash {
+    Before,
+    Down,
+    Done,
+}
+
+/// Kills `replica` (SIGKILL) at `--crash-replica-at` and starts it again `--crash-for` later;
+/// returns the line to print when it did either.
+fn follow_crash(
+    args: &Args,
+    elapsed: Duration,
+    replica: &mut Node,
+    crash: &mut Crash,
+) -> Result<Option<String>, Failure> {
+    let Some(at) = args.crash_replica_at else { return Ok(None) };
+    let when = format!("[{:>6.1}s]", elapsed.as_secs_f64());
+    match *crash {
+        Crash::Before if elapsed >= at => {
+            replica.crash()?;
+            *crash = Crash::Down;
+            Ok(Some(format!("{when} {} killed (SIGKILL); restarting it in {:?}", replica.name, args.crash_for)))
+        }
+        Crash::Down if elapsed >= at + args.crash_for => {
+            replica.restart()?;
+            *crash = Crash::Done;
+            Ok(Some(format!("{when} {} restarted over its data", replica.name)))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Waits until every replica's status file shows the primary's logs. The time is measured

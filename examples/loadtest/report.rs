@@ -311,6 +311,8 @@ pub fn report_json(args: &Args, o: &Outcome) -> Value {
             "seed": args.seed, "congestion": args.congestion, "initial_window": args.initial_window,
             "sync": sync_name(args.sync), "compression": args.compression.to_string(),
             "linger_ms": args.linger.map(|d| d.as_secs_f64() * 1e3), "processes": args.processes,
+            "crash_replica_at_s": args.crash_replica_at.map(|d| d.as_secs_f64()),
+            "crash_for_s": args.crash_replica_at.map(|_| args.crash_for.as_secs_f64()),
         },
         "elapsed_s": secs,
         "system": system_json(),
@@ -332,7 +334,7 @@ pub fn banner(args: &Args, imp: &Impairment) -> String {
         args.link_mode(),
         imp,
         args.seed
-    )
+    ) + &args.crash_replica_at.map_or(String::new(), |at| format!(", replica-1 killed at {at:?} for {:?}", args.crash_for))
 }
 
 fn print_summary(args: &Args, o: &Outcome, report: &Value) {
@@ -409,6 +411,13 @@ fn print_summary(args: &Args, o: &Outcome, report: &Value) {
             Some(d) => format!("{:.0} ms after writes stopped ({})", d.as_secs_f64() * 1e3, c.how),
         }
     );
+    if let Some(at) = args.crash_replica_at {
+        println!(
+            "crash:             replica-1 killed (SIGKILL) at {:.1}s, started again {:.1}s later over its data",
+            at.as_secs_f64(),
+            args.crash_for.as_secs_f64()
+        );
+    }
     match o.mode {
         "attached" => println!("link:              as deployed between the nodes (not simulated by this tool)"),
         _ => println!("link:              {} [{}]: {}", args.link_mode(), o.imp, o.link_stats),
