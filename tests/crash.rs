@@ -252,3 +252,51 @@ async fn a_primary_cut_back_during_a_session_makes_the_replica_re_handshake() {
     r.shutdown().await;
     primary.shutdown().await;
 }
+
+/// A segment file holding only its header, as a crash right after a roll leaves it.
+fn header_only_segment(dir: &std::path::Path, first_seq: Seq, base_digest: u64) {
+    use walship::wal::{segment_file_name, SEGMENT_HEADER_LEN, SEGMENT_MAGIC, SEGMENT_VERSION};
+    let mut b = [0u8; SEGMENT_HEADER_LEN as usize];
+    b[0..8].copy_from_slice(&SEGMENT_MAGIC);
+    b[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    b[16..24].copy_from_slice(&first_seq.0.to_le_bytes());
+    b[24..32].copy_from_slice(&base_digest.to_le_bytes());
+    let crc = crc32c::crc32c(&b[0..32]);
+    b[32..36].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(dir.join(segment_file_name(first_seq)), b).unwrap();
+}
+
+/// A replica that crashed right after rolling a segment, then had its older segments removed by
+/// retention, still knows its last epoch when it restarts: the primary takes it back instead of
+/// refusing its space as diverged ("epoch 0 on the replica").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_retained_down_to_an_empty_segment_resumes_after_a_restart() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let mut cfg = c.replica_config("replica-1", primary.local_addr());
+    cfg.wal.segment_bytes = 512;
+    let r = Replica::start(cfg.clone(), c.ca.issue("replica-1").unwrap()).await.unwrap();
+    let sp = spaces(1);
+    write(&primary, &sp, 30).await;
+    wait_for("the replica to hold 30 entries", || identical(&primary, &r)).await;
+    let digest = r.space(&sp[0]).unwrap().digest();
+    r.shutdown().await;
+    header_only_segment(&c.path("replica-1").join(sp[0].as_str()), Seq(31), digest.0);
+    {
+        let store = WalStore::open(&c.path("replica-1"), cfg.wal.clone()).unwrap();
+        let wal = store.space(&sp[0]).unwrap();
+        assert_eq!(wal.last_seq(), Seq(30));
+        wal.truncate_prefix(Seq(30)).unwrap();
+    }
+    let r = Replica::start(cfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
+    write(&primary, &sp, 5).await;
+    wait_for("the replica to take the 5 new entries, or an error", || {
+        identical(&primary, &r) || r.status().spaces.iter().any(|s| s.error.is_some())
+    })
+    .await;
+    let status = r.status();
+    assert!(status.spaces.iter().all(|s| s.error.is_none()), "{:?}", status.spaces);
+    assert!(identical(&primary, &r));
+    r.shutdown().await;
+    primary.shutdown().await;
+}

@@ -449,4 +449,33 @@ mod tests {
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), segs.len(), "leftover .tmp deleted");
         assert_eq!(wal.append(Epoch(1), 1, payload(21)).unwrap(), last_seq.next());
     }
+
+    /// A crash right after a roll (or a failed first write) leaves a header-only active segment;
+    /// retention afterwards must not delete the records that tell the last epoch on reopen.
+    #[test]
+    fn the_last_epoch_survives_retention_behind_an_empty_active_segment() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("s");
+        let cfg = config().sync(SyncPolicy::Always).segment_bytes(200);
+        let (last, digest) = {
+            let wal = SpaceWal::open(root.path(), space(), cfg.clone()).unwrap();
+            for i in 1..=20 {
+                wal.append(Epoch(3), 1, payload(i)).unwrap();
+            }
+            (wal.last_seq(), wal.digest())
+        };
+        let next = SegmentHeader { first_seq: last.next(), base_digest: digest };
+        create_segment(&dir, &dir.join(segment_file_name(next.first_seq)), &next, true).unwrap();
+        {
+            let wal = SpaceWal::open(root.path(), space(), cfg.clone()).unwrap();
+            assert_eq!((wal.last_seq(), wal.last_epoch()), (last, Epoch(3)));
+            let first = wal.truncate_prefix(last).unwrap();
+            assert!(first <= last, "the newest segment holding an entry stays (first {first})");
+        }
+        let wal = SpaceWal::open(root.path(), space(), cfg).unwrap();
+        assert_eq!((wal.last_seq(), wal.digest(), wal.last_epoch()), (last, digest, Epoch(3)));
+        let deposed = crate::entry::Entry::new(last.next(), Epoch(1), 0, 1, payload(99));
+        let err = wal.append_replicated(&[deposed]).unwrap_err();
+        assert!(matches!(err, WalError::EpochBackwards { .. }), "{err}");
+    }
 }

@@ -442,14 +442,20 @@ impl SpaceWal {
     }
 
     /// Retention: deletes the oldest segments whose entries are all `<= upto` (whole segments only; never
-    /// the active one). Returns the new first sequence. The digest is unchanged.
+    /// the active one, nor the newest segment holding an entry). Returns the new first sequence. The
+    /// digest is unchanged.
+    ///
+    /// The active segment is empty right after a roll whose first record never got written (a
+    /// crash, a failed write): the last sealed segment then stays, since its records are all that
+    /// tells the log's last epoch after a restart.
     pub fn truncate_prefix(&self, upto: Seq) -> Result<Seq, WalError> {
         let _retention = self.inner.retention.lock().unwrap_or_else(PoisonError::into_inner);
         let (doomed, first) = {
             let mut st = self.inner.lock();
             let mut doomed = Vec::new();
             while let Some(seg) = st.sealed.pop_front() {
-                if seg.last_seq > upto {
+                let holds_last_entry = st.sealed.is_empty() && st.active.entries() == 0;
+                if seg.last_seq > upto || holds_last_entry {
                     st.sealed.push_front(seg);
                     break;
                 }
