@@ -478,4 +478,18 @@ mod tests {
         let err = wal.append_replicated(&[deposed]).unwrap_err();
         assert!(matches!(err, WalError::EpochBackwards { .. }), "{err}");
     }
+
+    /// A last segment whose size reads a terabyte (a damaged inode, a sparse extension) is cut
+    /// back like any torn tail, in bounded memory: the search for intact entries after the damage
+    /// reads windows and skips holes.
+    #[test]
+    fn a_last_segment_extended_to_a_terabyte_is_cut_back() {
+        let root = tempfile::tempdir().unwrap();
+        let seg = one_segment(root.path(), 5);
+        let len = std::fs::metadata(&seg).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&seg).unwrap().set_len(1 << 40).unwrap();
+        let wal = SpaceWal::open(root.path(), space(), config()).unwrap();
+        assert_eq!(wal.last_seq(), Seq(5));
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), len);
+    }
 }

@@ -10,7 +10,7 @@ use std::io;
 
 use bytes::Bytes;
 
-use crate::entry::Entry;
+use crate::entry::{entry_crc, Entry};
 use crate::types::Seq;
 
 use super::fs::read_exact_at;
@@ -135,6 +135,9 @@ impl<'f> Scanner<'f> {
     }
 }
 
+/// Bytes [`find_intact_record`] reads at a time: its memory stays bounded whatever the file's size.
+const SEARCH_WINDOW: usize = 4 * 1024 * 1024;
+
 /// The first intact record (complete, checksum valid) at or after `from` in `[from, end)` whose
 /// sequence is at least `min_seq`, found by trying every byte offset; its length may exceed the
 /// configured `max_entry_bytes` (an entry written under a larger limit is intact, not damage).
@@ -144,35 +147,85 @@ impl<'f> Scanner<'f> {
 /// Only candidates whose sequence could be there (at most one record per
 /// [`RECORD_HEADER_LEN`] bytes after `min_seq`) get their checksum computed: inside random payload
 /// bytes almost no offset passes, so the search costs one pass over the range, not a checksum per
-/// byte. Reads the range in one buffer: only damaged last segments are searched.
+/// byte. The range is read [`SEARCH_WINDOW`] bytes at a time, and holes (a file extended without
+/// being written, which reads as zeros) are skipped: a damaged size of a terabyte costs neither a
+/// terabyte of memory nor a pass over it.
 pub(crate) fn find_intact_record(file: &File, from: u64, end: u64, min_seq: Seq) -> io::Result<Option<(u64, Seq)>> {
-    let Ok(len) = usize::try_from(end.saturating_sub(from)) else { return Ok(None) };
-    let mut buf = vec![0u8; len];
-    read_exact_at(file, &mut buf, from)?;
-    let buf = Bytes::from(buf);
-    let max_seq = Seq(min_seq.0.saturating_add((len / RECORD_HEADER_LEN) as u64));
-    let mut at = 0usize;
-    while at + RECORD_HEADER_LEN <= buf.len() {
-        let mut fixed = [0u8; RECORD_HEADER_LEN];
-        fixed.copy_from_slice(&buf[at..at + RECORD_HEADER_LEN]);
-        let h = RecordHeader::decode(&fixed);
-        let payload_end = at as u64 + RECORD_HEADER_LEN as u64 + u64::from(h.len);
-        if (min_seq..=max_seq).contains(&h.seq) && payload_end <= buf.len() as u64 {
-            let entry = Entry {
-                seq: h.seq,
-                epoch: h.epoch,
-                timestamp_us: h.timestamp_us,
-                kind: h.kind,
-                payload: buf.slice(at + RECORD_HEADER_LEN..payload_end as usize),
-                crc: h.crc,
+    let max_seq = Seq(min_seq.0.saturating_add(end.saturating_sub(from) / RECORD_HEADER_LEN as u64));
+    let mut buf = Vec::new();
+    let mut start = from;
+    while start.saturating_add(RECORD_HEADER_LEN as u64) <= end {
+        match next_data(file, start) {
+            // A header may begin in the hole's last bytes and hold its sequence in the data.
+            Some(data) => start = start.max(data.saturating_sub(RECORD_HEADER_LEN as u64)),
+            None => return Ok(None),
+        }
+        // The window's candidates start in its first SEARCH_WINDOW bytes; it reads one header more.
+        let len = (end - start).min((SEARCH_WINDOW + RECORD_HEADER_LEN - 1) as u64) as usize;
+        if len < RECORD_HEADER_LEN {
+            break;
+        }
+        buf.resize(len, 0);
+        read_exact_at(file, &mut buf, start)?;
+        for at in 0..(len - RECORD_HEADER_LEN + 1).min(SEARCH_WINDOW) {
+            let mut fixed = [0u8; RECORD_HEADER_LEN];
+            fixed.copy_from_slice(&buf[at..at + RECORD_HEADER_LEN]);
+            let h = RecordHeader::decode(&fixed);
+            let offset = start + at as u64;
+            let payload_at = offset + RECORD_HEADER_LEN as u64;
+            if !(min_seq..=max_seq).contains(&h.seq) || payload_at + u64::from(h.len) > end {
+                continue;
+            }
+            let head = entry_crc(h.seq, h.epoch, h.timestamp_us, h.kind, &[]);
+            let crc = match buf.get(at + RECORD_HEADER_LEN..at + RECORD_HEADER_LEN + h.len as usize) {
+                Some(payload) => crc32c::crc32c_append(head, payload),
+                None => crc_of_file_range(file, head, payload_at, u64::from(h.len))?,
             };
-            if entry.verify() {
-                return Ok(Some((from + at as u64, h.seq)));
+            if crc == h.crc {
+                return Ok(Some((offset, h.seq)));
             }
         }
-        at += 1;
+        start += SEARCH_WINDOW as u64;
     }
     Ok(None)
+}
+
+/// `crc` extended over `len` bytes of `file` at `at`, read a window at a time.
+fn crc_of_file_range(file: &File, mut crc: u32, mut at: u64, mut len: u64) -> io::Result<u32> {
+    let mut buf = vec![0u8; (len as usize).min(SEARCH_WINDOW)];
+    while len > 0 {
+        let n = (len as usize).min(buf.len());
+        read_exact_at(file, &mut buf[..n], at)?;
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        at += n as u64;
+        len -= n as u64;
+    }
+    Ok(crc)
+}
+
+/// The first offset at or after `at` that is not in a hole, `None` if only holes follow; `at`
+/// itself where the file system cannot tell.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn next_data(file: &File, at: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let Ok(offset) = libc::off_t::try_from(at) else { return Some(at) };
+    // SAFETY: the descriptor is open for the lifetime of `file`; lseek reads no memory of ours.
+    // Reads elsewhere are positioned (pread), so moving the file offset disturbs nothing.
+    let found = unsafe { libc::lseek(file.as_raw_fd(), offset, libc::SEEK_DATA) };
+    if found >= 0 {
+        return Some(found as u64);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENXIO) => None,
+        // No SEEK_DATA here (EINVAL): search every byte.
+        _ => Some(at),
+    }
+}
+
+/// Without `SEEK_DATA`, every byte is searched.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn next_data(_file: &File, at: u64) -> Option<u64> {
+    Some(at)
 }
 
 /// Checks a record read from disk is the entry expected at `expected`: right sequence, valid checksum.
@@ -272,5 +325,34 @@ mod tests {
         assert!(check_record(&e, Seq(5)).is_err());
         let bad = Entry { crc: e.crc ^ 1, ..e };
         assert!(check_record(&bad, Seq(4)).unwrap_err().contains("checksum"));
+    }
+
+    #[test]
+    fn finds_a_record_straddling_a_search_window() {
+        let mut junk = vec![0xa5u8; SEARCH_WINDOW - 10];
+        let e = Entry::new(Seq(7), Epoch(1), 0, 2, Bytes::from(vec![9u8; 100]));
+        encode_record(&mut junk, &e);
+        let (f, _) = file_with(&[], &junk);
+        let end = junk.len() as u64;
+        assert_eq!(find_intact_record(f.as_file(), 0, end, Seq(7)).unwrap(), Some((SEARCH_WINDOW as u64 - 10, Seq(7))));
+        assert_eq!(find_intact_record(f.as_file(), 0, end, Seq(8)).unwrap(), None, "below min_seq");
+        assert_eq!(find_intact_record(f.as_file(), 0, end - 1, Seq(7)).unwrap(), None, "cut short");
+    }
+
+    /// A segment whose size was damaged to a terabyte (a hole): searched in bounded memory and
+    /// without reading the hole.
+    #[test]
+    fn skips_holes_and_finds_what_follows_them() {
+        let es = entries(3);
+        let (f, good) = file_with(&es, &[]);
+        let far = 1u64 << 39;
+        let mut rec = Vec::new();
+        encode_record(&mut rec, &Entry::new(Seq(9), Epoch(1), 0, 2, Bytes::from_static(b"after the hole")));
+        crate::wal::fs::write_all_at(f.as_file(), &rec, far).unwrap();
+        f.as_file().set_len(1 << 40).unwrap();
+        assert_eq!(find_intact_record(f.as_file(), good, 1 << 40, Seq(4)).unwrap(), Some((far, Seq(9))));
+        f.as_file().set_len(far).unwrap();
+        f.as_file().set_len(1 << 40).unwrap();
+        assert_eq!(find_intact_record(f.as_file(), good, 1 << 40, Seq(4)).unwrap(), None);
     }
 }
