@@ -8,7 +8,10 @@
 //!   fsynced, and a warning logged; unless intact entries follow the damage: then
 //!   `RecoveryMode::TolerateTornTail` cuts there (and logs an error) and `AbsoluteConsistency`
 //!   refuses with [`WalError::Corruption`];
-//! - damage anywhere else (a sealed segment, any header) is [`WalError::Corruption`], never skipped;
+//! - damage anywhere else (a sealed segment, any header) is [`WalError::Corruption`], never skipped,
+//!   with one exception under `SyncPolicy::Never`, which orders no writes: a sealed segment
+//!   followed only by segments holding no entry (a crash right after a roll) is the log's tail,
+//!   so those segments are deleted and its damage is cut as a torn tail;
 //! - a last segment shorter than a header is a torn creation: it is deleted.
 
 use std::fs::File;
@@ -17,7 +20,7 @@ use std::path::{Path, PathBuf};
 use crate::entry::LogDigest;
 use crate::types::{Epoch, Seq};
 
-use super::config::{RecoveryMode, WalConfig};
+use super::config::{RecoveryMode, SyncPolicy, WalConfig};
 use super::error::{IoContext, WalError};
 use super::fs::{create_segment, open_rw, read_exact_at, sync_dir};
 use super::scan::{check_record, find_intact_record, Scan, Scanner};
@@ -52,8 +55,8 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
     let mut active = None;
     let count = names.len();
 
-    for (i, (name_seq, path)) in names.into_iter().enumerate() {
-        let is_last = i + 1 == count;
+    for (i, (name_seq, path)) in names.iter().cloned().enumerate() {
+        let mut is_last = i + 1 == count;
         let file = open_rw(&path)?;
         let file_len = file.metadata().ctx("stat segment", &path)?.len();
 
@@ -131,7 +134,19 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
 
         if let Some((offset, reason)) = damage {
             if !is_last {
-                return Err(WalError::corruption(&seg.path, offset, format!("{reason} (in a sealed segment)")));
+                if !(config.sync == SyncPolicy::Never && hold_no_entry(&names[i + 1..])?) {
+                    return Err(WalError::corruption(&seg.path, offset, format!("{reason} (in a sealed segment)")));
+                }
+                // Under `Never` nothing orders the writes: a crash right after a roll can leave the
+                // sealed segment short of its last records and the new one without any. The log
+                // ends here; the later segments go first, so that the cut below never leaves a
+                // segment that does not continue it.
+                for (_, later) in names[i + 1..].iter().rev() {
+                    tracing::warn!(file = %later.display(), "WAL: deleting a segment with no entry after a torn sealed segment");
+                    std::fs::remove_file(later).ctx("delete empty segment", later)?;
+                }
+                sync_dir(dir)?;
+                is_last = true;
             }
             // Intact entries after the damage: a crash that wrote pages out of order, or bytes
             // corrupted in place (see `RecoveryMode`). An intact entry right here, the one expected,
@@ -176,6 +191,8 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
         }
         if is_last {
             active = Some(file);
+            segments.push(seg);
+            break;
         }
         segments.push(seg);
     }
@@ -197,6 +214,21 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
     tail.end_run(super::tail::Payloads::MayShare);
     tail.own_payloads();
     Ok(Recovered { last_seq: active.last_seq, sealed: segments, active, active_file, last_epoch, digest, tail })
+}
+
+/// Whether none of `segments` holds an intact entry: each is shorter than a header, or has no
+/// intact record (of the sequences its name allows) after it.
+fn hold_no_entry(segments: &[(Seq, PathBuf)]) -> Result<bool, WalError> {
+    for (first_seq, path) in segments {
+        let file = File::open(path).ctx("open segment", path)?;
+        let len = file.metadata().ctx("stat segment", path)?.len();
+        if len > SEGMENT_HEADER_LEN
+            && find_intact_record(&file, SEGMENT_HEADER_LEN, len, *first_seq).ctx("search", path)?.is_some()
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Segment files of `dir` in sequence order. Deletes leftover `.tmp` files of cut segment creations.
@@ -491,5 +523,52 @@ mod tests {
         let wal = SpaceWal::open(root.path(), space(), config()).unwrap();
         assert_eq!(wal.last_seq(), Seq(5));
         assert_eq!(std::fs::metadata(&seg).unwrap().len(), len);
+    }
+
+    /// Under `SyncPolicy::Never` a crash right after a roll can leave the sealed segment short of
+    /// its last records and the new segment empty or header-only: the log ends in the sealed
+    /// segment, cut like a torn tail. Under a syncing policy, or with an entry in a later
+    /// segment, the same damage stays corruption.
+    #[test]
+    fn a_torn_sealed_segment_followed_only_by_empty_ones_is_the_tail_under_never() {
+        let setup = |root: &Path, next_len: usize| {
+            let (dir, segs) = multi_segment_log(root);
+            let wal = SpaceWal::open(root, space(), config()).unwrap();
+            let (last, digest) = (wal.last_seq(), wal.digest());
+            let entries = wal.read_from(Seq(1), 100, usize::MAX).unwrap();
+            drop(wal);
+            let next = dir.join(segment_file_name(last.next()));
+            let header = SegmentHeader { first_seq: last.next(), base_digest: digest }.encode();
+            std::fs::write(&next, &header[..next_len]).unwrap();
+            let sealed = segs.last().unwrap().clone();
+            let len = std::fs::metadata(&sealed).unwrap().len();
+            std::fs::OpenOptions::new().write(true).open(&sealed).unwrap().set_len(len - 5).unwrap();
+            (dir, segs, entries, next)
+        };
+        for next_len in [0, SEGMENT_HEADER_LEN as usize] {
+            let root = tempfile::tempdir().unwrap();
+            let (dir, segs, entries, next) = setup(root.path(), next_len);
+            let wal = SpaceWal::open(root.path(), space(), config().segment_bytes(200)).unwrap();
+            let last = entries.last().unwrap().seq;
+            assert_eq!(wal.last_seq(), Seq(last.0 - 1), "next segment of {next_len} bytes");
+            assert_eq!(wal.read_from(Seq(1), 100, usize::MAX).unwrap()[..], entries[..entries.len() - 1]);
+            assert!(!next.exists());
+            assert_eq!(segment_files(&dir), segs);
+            assert_eq!(wal.append(Epoch(1), 1, payload(99)).unwrap(), last);
+        }
+        // Under a syncing policy the sealed segment was fsynced before the next was created.
+        let root = tempfile::tempdir().unwrap();
+        let (_, segs, _, _) = setup(root.path(), 0);
+        let err = SpaceWal::open(root.path(), space(), config().sync(SyncPolicy::Always)).unwrap_err();
+        assert!(matches!(&err, WalError::Corruption { file, .. } if file == segs.last().unwrap()), "{err}");
+        // An entry in the later segment: the damage is in the middle of the log.
+        let root = tempfile::tempdir().unwrap();
+        let (_, segs, entries, next) = setup(root.path(), SEGMENT_HEADER_LEN as usize);
+        let mut rec = Vec::new();
+        let e = crate::entry::Entry::new(entries.last().unwrap().seq.next(), Epoch(1), 0, 1, payload(21));
+        crate::wal::segment::encode_record(&mut rec, &e);
+        std::io::Write::write_all(&mut std::fs::OpenOptions::new().append(true).open(&next).unwrap(), &rec).unwrap();
+        let err = SpaceWal::open(root.path(), space(), config()).unwrap_err();
+        assert!(matches!(&err, WalError::Corruption { file, .. } if file == segs.last().unwrap()), "{err}");
     }
 }
