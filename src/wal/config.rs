@@ -16,8 +16,9 @@ pub enum SyncPolicy {
     /// A zero interval is treated as 1 ms.
     Interval(Duration),
     /// No fsync at all (the OS writes back when it wants); `durable_seq` follows `last_seq`.
-    /// A power loss can lose any amount of recent entries, and may leave a sealed segment short, which
-    /// recovery then reports as corruption rather than guessing.
+    /// A power loss can lose any amount of recent entries, and may leave a sealed segment short:
+    /// recovery cuts it as the log's tail if no later segment holds an entry, and reports
+    /// corruption otherwise rather than guessing.
     Never,
 }
 

@@ -133,20 +133,13 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
         };
 
         if let Some((offset, reason)) = damage {
-            if !is_last {
-                if !(config.sync == SyncPolicy::Never && hold_no_entry(&names[i + 1..])?) {
-                    return Err(WalError::corruption(&seg.path, offset, format!("{reason} (in a sealed segment)")));
-                }
-                // Under `Never` nothing orders the writes: a crash right after a roll can leave the
-                // sealed segment short of its last records and the new one without any. The log
-                // ends here; the later segments go first, so that the cut below never leaves a
-                // segment that does not continue it.
-                for (_, later) in names[i + 1..].iter().rev() {
-                    tracing::warn!(file = %later.display(), "WAL: deleting a segment with no entry after a torn sealed segment");
-                    std::fs::remove_file(later).ctx("delete empty segment", later)?;
-                }
-                sync_dir(dir)?;
-                is_last = true;
+            // Under `Never` nothing orders the writes: a crash right after a roll can leave the
+            // sealed segment short of its last records and the later one(s) without any. The log
+            // then ends here, and the later segments are deleted before the cut below (and only
+            // once nothing below refuses the open, which must leave the files alone).
+            let tail_of_the_log = is_last || (config.sync == SyncPolicy::Never && hold_no_entry(&names[i + 1..])?);
+            if !tail_of_the_log {
+                return Err(WalError::corruption(&seg.path, offset, format!("{reason} (in a sealed segment)")));
             }
             // Intact entries after the damage: a crash that wrote pages out of order, or bytes
             // corrupted in place (see `RecoveryMode`). An intact entry right here, the one expected,
@@ -177,6 +170,15 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
                     %reason,
                     "WAL: damage with intact entries after it; cutting them too (RecoveryMode::TolerateTornTail)"
                 );
+            }
+            if !is_last {
+                // Newest first, so that a crash midway leaves a log that still chains.
+                for (_, later) in names[i + 1..].iter().rev() {
+                    tracing::warn!(file = %later.display(), "WAL: deleting a segment with no entry after a torn sealed segment");
+                    std::fs::remove_file(later).ctx("delete empty segment", later)?;
+                }
+                sync_dir(dir)?;
+                is_last = true;
             }
             tracing::warn!(
                 file = %seg.path.display(),
@@ -531,7 +533,7 @@ mod tests {
     /// segment, the same damage stays corruption.
     #[test]
     fn a_torn_sealed_segment_followed_only_by_empty_ones_is_the_tail_under_never() {
-        let setup = |root: &Path, next_len: usize| {
+        let setup = |root: &Path, next_len: usize, cut: u64| {
             let (dir, segs) = multi_segment_log(root);
             let wal = SpaceWal::open(root, space(), config()).unwrap();
             let (last, digest) = (wal.last_seq(), wal.digest());
@@ -542,12 +544,12 @@ mod tests {
             std::fs::write(&next, &header[..next_len]).unwrap();
             let sealed = segs.last().unwrap().clone();
             let len = std::fs::metadata(&sealed).unwrap().len();
-            std::fs::OpenOptions::new().write(true).open(&sealed).unwrap().set_len(len - 5).unwrap();
+            std::fs::OpenOptions::new().write(true).open(&sealed).unwrap().set_len(len - cut).unwrap();
             (dir, segs, entries, next)
         };
         for next_len in [0, SEGMENT_HEADER_LEN as usize] {
             let root = tempfile::tempdir().unwrap();
-            let (dir, segs, entries, next) = setup(root.path(), next_len);
+            let (dir, segs, entries, next) = setup(root.path(), next_len, 5);
             let wal = SpaceWal::open(root.path(), space(), config().segment_bytes(200)).unwrap();
             let last = entries.last().unwrap().seq;
             assert_eq!(wal.last_seq(), Seq(last.0 - 1), "next segment of {next_len} bytes");
@@ -558,17 +560,57 @@ mod tests {
         }
         // Under a syncing policy the sealed segment was fsynced before the next was created.
         let root = tempfile::tempdir().unwrap();
-        let (_, segs, _, _) = setup(root.path(), 0);
+        let (_, segs, _, _) = setup(root.path(), 0, 5);
         let err = SpaceWal::open(root.path(), space(), config().sync(SyncPolicy::Always)).unwrap_err();
         assert!(matches!(&err, WalError::Corruption { file, .. } if file == segs.last().unwrap()), "{err}");
         // An entry in the later segment: the damage is in the middle of the log.
         let root = tempfile::tempdir().unwrap();
-        let (_, segs, entries, next) = setup(root.path(), SEGMENT_HEADER_LEN as usize);
+        let (_, segs, entries, next) = setup(root.path(), SEGMENT_HEADER_LEN as usize, 5);
         let mut rec = Vec::new();
         let e = crate::entry::Entry::new(entries.last().unwrap().seq.next(), Epoch(1), 0, 1, payload(21));
         crate::wal::segment::encode_record(&mut rec, &e);
         std::io::Write::write_all(&mut std::fs::OpenOptions::new().append(true).open(&next).unwrap(), &rec).unwrap();
         let err = SpaceWal::open(root.path(), space(), config()).unwrap_err();
         assert!(matches!(&err, WalError::Corruption { file, .. } if file == segs.last().unwrap()), "{err}");
+        // Damage with an intact entry after it in the sealed segment, refused by the mode: the
+        // empty later segment is left alone with everything else.
+        let root = tempfile::tempdir().unwrap();
+        let (_, segs, _, next) = setup(root.path(), SEGMENT_HEADER_LEN as usize, 0);
+        let sealed = segs.last().unwrap();
+        let mut bytes = std::fs::read(sealed).unwrap();
+        bytes[SEGMENT_HEADER_LEN as usize + 40] ^= 0x40;
+        std::fs::write(sealed, &bytes).unwrap();
+        let strict = config().recovery(RecoveryMode::AbsoluteConsistency);
+        let err = SpaceWal::open(root.path(), space(), strict).unwrap_err();
+        assert!(matches!(&err, WalError::Corruption { file, .. } if file == sealed), "{err}");
+        assert!(next.exists(), "a refused open deleted {}", next.display());
+    }
+
+    /// The same under `Interval`, with the active segment's first entry written but not yet
+    /// fsynced: a power loss can take it, so retention keeps the sealed segment until it is durable.
+    #[test]
+    fn retention_keeps_the_last_epoch_until_the_active_segment_holds_a_durable_entry() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("s");
+        let cfg = config().sync(SyncPolicy::Interval(std::time::Duration::from_secs(3600))).segment_bytes(200);
+        let wal = SpaceWal::open(root.path(), space(), cfg.clone()).unwrap();
+        let mut i = 0;
+        let last = loop {
+            i += 1;
+            let before = segment_files(&dir).len();
+            let seq = wal.append(Epoch(3), 1, payload(i)).unwrap();
+            if before > 0 && segment_files(&dir).len() > before {
+                break seq;
+            }
+        };
+        assert!(wal.durable_seq() < last, "the roll fsynced the sealed segment only");
+        wal.truncate_prefix(last).unwrap();
+        // A power loss now: the active segment's unsynced record is gone.
+        let lost = root.path().join("after-power-loss");
+        copy_dir(&dir, &lost.join("s"));
+        let active = segment_files(&lost.join("s")).pop().unwrap();
+        std::fs::OpenOptions::new().write(true).open(&active).unwrap().set_len(SEGMENT_HEADER_LEN).unwrap();
+        let reopened = SpaceWal::open(&lost, space(), cfg).unwrap();
+        assert_eq!((reopened.last_seq(), reopened.last_epoch()), (Seq(last.0 - 1), Epoch(3)));
     }
 }

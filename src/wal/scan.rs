@@ -157,6 +157,8 @@ pub(crate) fn find_intact_record(file: &File, from: u64, end: u64, min_seq: Seq)
     while start.saturating_add(RECORD_HEADER_LEN as u64) <= end {
         match next_data(file, start) {
             // A header may begin in the hole's last bytes and hold its sequence in the data.
+            // Only a hole is left in the range, and zeros never verify.
+            Some(data) if data >= end => return Ok(None),
             Some(data) => start = start.max(data.saturating_sub(RECORD_HEADER_LEN as u64)),
             None => return Ok(None),
         }
@@ -351,6 +353,8 @@ mod tests {
         crate::wal::fs::write_all_at(f.as_file(), &rec, far).unwrap();
         f.as_file().set_len(1 << 40).unwrap();
         assert_eq!(find_intact_record(f.as_file(), good, 1 << 40, Seq(4)).unwrap(), Some((far, Seq(9))));
+        // A range that ends in the hole, with data after it.
+        assert_eq!(find_intact_record(f.as_file(), good + 7, 8 << 20, Seq(4)).unwrap(), None);
         f.as_file().set_len(far).unwrap();
         f.as_file().set_len(1 << 40).unwrap();
         assert_eq!(find_intact_record(f.as_file(), good, 1 << 40, Seq(4)).unwrap(), None);

@@ -446,15 +446,17 @@ impl SpaceWal {
     /// digest is unchanged.
     ///
     /// The active segment is empty right after a roll whose first record never got written (a
-    /// crash, a failed write): the last sealed segment then stays, since its records are all that
-    /// tells the log's last epoch after a restart.
+    /// crash, a failed write), and may lose what it holds to a power loss until it is fsynced: until
+    /// the active segment holds a durable entry, the last sealed segment stays, since its records
+    /// are all that tells the log's last epoch after a restart.
     pub fn truncate_prefix(&self, upto: Seq) -> Result<Seq, WalError> {
         let _retention = self.inner.retention.lock().unwrap_or_else(PoisonError::into_inner);
         let (doomed, first) = {
             let mut st = self.inner.lock();
             let mut doomed = Vec::new();
             while let Some(seg) = st.sealed.pop_front() {
-                let holds_last_entry = st.sealed.is_empty() && st.active.entries() == 0;
+                // Written is not enough: an entry not yet fsynced in the active segment may be lost.
+                let holds_last_entry = st.sealed.is_empty() && self.inner.durability.durable() < st.active.first_seq;
                 if seg.last_seq > upto || holds_last_entry {
                     st.sealed.push_front(seg);
                     break;
