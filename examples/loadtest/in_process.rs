@@ -326,6 +326,7 @@ pub async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         link_stats: c.link.stats(),
         imp,
         min_compress_bytes: c.min_compress_bytes,
+        crash: None,
     };
     let verified = report(&args, &outcome)?;
     for r in c.replicas {

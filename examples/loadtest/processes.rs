@@ -1,5 +1,6 @@
 //! `--processes`: the same load test against the example binaries running as separate processes.
 
+use std::ffi::OsString;
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use walship::netsim::Impairment;
 
 use crate::console::{watch_signals_twice, Console, Leftovers};
 use crate::link::{start_forwarder, Link};
-use crate::report::{banner, report, Convergence, Outcome, Percentiles, ReplicaOutcome};
+use crate::report::{banner, report, Convergence, CrashReport, Outcome, Percentiles, ReplicaOutcome};
 use crate::view::{settle_view, Settled, View};
 use crate::{check_args, claim_report_file, common, Args};
 
@@ -30,8 +31,9 @@ struct Node {
     child: Child,
     status: PathBuf,
     log: PathBuf,
-    /// How it was started, to start it again after a crash (`--crash-replica-at`).
-    command: Vec<String>,
+    /// How it was started (the binary, then its flags), to start it again after a crash
+    /// (`--crash-replica-at`).
+    command: Vec<OsString>,
     /// Killed on purpose and not started again yet.
     down: bool,
 }
@@ -56,21 +58,30 @@ impl Drop for Node {
 
 impl Node {
     /// Starts `command` (the binary, then its flags) as node `name`, its output appended to `log`.
-    fn spawn(name: &str, command: Vec<String>, status: PathBuf, log: PathBuf) -> std::io::Result<Node> {
+    fn spawn(name: &str, command: Vec<OsString>, status: PathBuf, log: PathBuf) -> std::io::Result<Node> {
         let child = Node::start(&command, &log)?;
         Ok(Node { name: name.to_string(), child, status, log, command, down: false })
     }
 
-    fn start(command: &[String], log: &Path) -> std::io::Result<Child> {
+    fn start(command: &[OsString], log: &Path) -> std::io::Result<Child> {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-        Command::new(&command[0]).args(&command[1..]).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).spawn()
+        let mut cmd = Command::new(&command[0]);
+        cmd.args(&command[1..]).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+        // A process group of its own: a terminal's Ctrl-C goes to this tool alone, which stops
+        // the writer and still converges, verifies and reports; the nodes are stopped by pid.
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd.spawn()
     }
 
     /// Kills the process with SIGKILL: no shutdown runs, nothing is flushed or said to its peer.
-    fn crash(&mut self) -> std::io::Result<()> {
+    /// A process that already exited on its own is a failure, not the crash.
+    fn crash(&mut self) -> Result<(), Failure> {
+        self.check_running()?;
         self.down = true;
         self.child.kill()?;
-        self.child.wait().map(drop)
+        self.child.wait()?;
+        Ok(())
     }
 
     /// Starts it again as before, over the same data folder.
@@ -256,19 +267,19 @@ fn spawn_nodes(args: &Args, imp: Impairment, bin_dir: &Path, dir: &Path) -> Resu
     let spawn = |name: &str, bin: &str, extra: Vec<String>| -> std::io::Result<Node> {
         let status = dir.join(format!("{name}.json"));
         let log = dir.join(format!("{name}.log"));
-        let mut command = vec![bin_dir.join(bin).to_string_lossy().into_owned()];
+        let mut command = vec![bin_dir.join(bin).into_os_string()];
         for (flag, value) in [
-            ("--data", dir.join(name).to_string_lossy().into_owned()),
-            ("--certs", certs.to_string_lossy().into_owned()),
-            ("--name", name.to_string()),
-            ("--status-file", status.to_string_lossy().into_owned()),
-            ("--sync", sync.clone()),
-            ("--status-every", format!("{}ms", STATUS_EVERY.as_millis())),
-            ("--congestion", congestion.clone()),
+            ("--data", dir.join(name).into_os_string()),
+            ("--certs", certs.clone().into_os_string()),
+            ("--name", name.into()),
+            ("--status-file", status.clone().into_os_string()),
+            ("--sync", sync.clone().into()),
+            ("--status-every", format!("{}ms", STATUS_EVERY.as_millis()).into()),
+            ("--congestion", congestion.clone().into()),
         ] {
-            command.extend([flag.to_string(), value]);
+            command.extend([flag.into(), value]);
         }
-        command.extend(extra);
+        command.extend(extra.into_iter().map(OsString::from));
         Node::spawn(name, command, status, log)
     };
     let stop_writing_file = dir.join("stop-writing");
@@ -317,6 +328,7 @@ struct Sampled {
     started: Instant,
     write_time: Duration,
     writes_done: SystemTime,
+    crash: Option<CrashReport>,
 }
 
 /// Samples the primary's status until its writer has written everything, or stopped after
@@ -386,21 +398,35 @@ async fn sample_writes(
     }
     let write_time = started.elapsed();
     // A crash that outlasts the writes: the replica stays down for its --crash-for all the same.
-    while crash == Crash::Down {
+    while matches!(crash, Crash::Down { .. }) {
         nap(STATUS_EVERY, interrupted).await?;
+        nodes.check_running()?;
         if let Some(line) = follow_crash(args, started.elapsed(), &mut nodes.replicas[0], &mut crash)? {
             console.line(line);
         }
     }
-    Ok(Sampled { lag_ms, started, write_time, writes_done })
+    Ok(Sampled { lag_ms, started, write_time, writes_done, crash: crash.report(args) })
 }
 
-/// Where `--crash-replica-at` stands.
+/// Where `--crash-replica-at` stands, with the times (since the start) it happened at.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Crash {
     Before,
-    Down,
-    Done,
+    Down { killed_at: Duration },
+    Done { killed_at: Duration, restarted_at: Duration },
+}
+
+impl Crash {
+    /// What happened, for the report: `None` if no crash was asked for.
+    fn report(self, args: &Args) -> Option<CrashReport> {
+        args.crash_replica_at?;
+        let (killed_at, restarted_at) = match self {
+            Crash::Before => (None, None),
+            Crash::Down { killed_at } => (Some(killed_at), None),
+            Crash::Done { killed_at, restarted_at } => (Some(killed_at), Some(restarted_at)),
+        };
+        Some(CrashReport { node: "replica-1".into(), killed_at, restarted_at })
+    }
 }
 
 /// Kills `replica` (SIGKILL) at `--crash-replica-at` and starts it again `--crash-for` later;
@@ -416,12 +442,12 @@ fn follow_crash(
     match *crash {
         Crash::Before if elapsed >= at => {
             replica.crash()?;
-            *crash = Crash::Down;
+            *crash = Crash::Down { killed_at: elapsed };
             Ok(Some(format!("{when} {} killed (SIGKILL); restarting it in {:?}", replica.name, args.crash_for)))
         }
-        Crash::Down if elapsed >= at + args.crash_for => {
+        Crash::Down { killed_at } if elapsed >= killed_at + args.crash_for => {
             replica.restart()?;
-            *crash = Crash::Done;
+            *crash = Crash::Done { killed_at, restarted_at: elapsed };
             Ok(Some(format!("{when} {} restarted over its data", replica.name)))
         }
         _ => Ok(None),
@@ -525,7 +551,40 @@ async fn run_nodes(
         link_stats: nodes.link.stats(),
         imp,
         min_compress_bytes: walship::codec::compression::DEFAULT_MIN_COMPRESS_BYTES,
+        crash: sampled.crash,
     })
 }
 
 pub mod attach;
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// The crash follows the flags' times: killed (SIGKILL, reaped) at T, started again D later,
+    /// and reported as it happened.
+    #[test]
+    fn a_crash_kills_at_its_time_and_restarts_after_its_downtime() {
+        let args =
+            Args::try_parse_from(["loadtest", "--processes", "--crash-replica-at", "1s", "--crash-for", "2s"]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let sleep = vec![OsString::from("sleep"), OsString::from("30")];
+        let mut node = Node::spawn("replica-1", sleep, dir.path().join("s.json"), dir.path().join("log")).unwrap();
+        let first_pid = node.child.id();
+        let mut crash = Crash::Before;
+        let at = |s: f64| Duration::from_secs_f64(s);
+        assert!(follow_crash(&args, at(0.5), &mut node, &mut crash).ok().unwrap().is_none());
+        assert!(follow_crash(&args, at(1.1), &mut node, &mut crash).ok().unwrap().unwrap().contains("killed"));
+        assert_eq!(crash, Crash::Down { killed_at: at(1.1) });
+        assert!(node.down && node.check_running().is_ok(), "down on purpose is not a failure");
+        assert!(follow_crash(&args, at(3.0), &mut node, &mut crash).ok().unwrap().is_none());
+        assert!(follow_crash(&args, at(3.1), &mut node, &mut crash).ok().unwrap().unwrap().contains("restarted"));
+        assert_ne!(node.child.id(), first_pid);
+        assert!(!node.down && node.check_running().is_ok());
+        let report = crash.report(&args).unwrap();
+        assert_eq!((report.killed_at, report.restarted_at), (Some(at(1.1)), Some(at(3.1))));
+        assert!(Crash::Before.report(&args).unwrap().killed_at.is_none(), "not reached: said so");
+    }
+}

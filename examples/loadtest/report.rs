@@ -142,6 +142,16 @@ pub struct Outcome {
     pub imp: Impairment,
     /// Batches with less payload than this go uncompressed.
     pub min_compress_bytes: usize,
+    /// What `--crash-replica-at` did (`--processes` only).
+    pub crash: Option<CrashReport>,
+}
+
+/// When a node was killed and started again, in time since the start of the writes; `None` for
+/// what did not happen (the writes ended first).
+pub struct CrashReport {
+    pub node: String,
+    pub killed_at: Option<Duration>,
+    pub restarted_at: Option<Duration>,
 }
 
 impl Outcome {
@@ -314,6 +324,11 @@ pub fn report_json(args: &Args, o: &Outcome) -> Value {
             "crash_replica_at_s": args.crash_replica_at.map(|d| d.as_secs_f64()),
             "crash_for_s": args.crash_replica_at.map(|_| args.crash_for.as_secs_f64()),
         },
+        "crash": o.crash.as_ref().map(|c| json!({
+            "node": c.node,
+            "killed_at_s": c.killed_at.map(|d| d.as_secs_f64()),
+            "restarted_at_s": c.restarted_at.map(|d| d.as_secs_f64()),
+        })),
         "elapsed_s": secs,
         "system": system_json(),
     })
@@ -411,12 +426,18 @@ fn print_summary(args: &Args, o: &Outcome, report: &Value) {
             Some(d) => format!("{:.0} ms after writes stopped ({})", d.as_secs_f64() * 1e3, c.how),
         }
     );
-    if let Some(at) = args.crash_replica_at {
-        println!(
-            "crash:             replica-1 killed (SIGKILL) at {:.1}s, started again {:.1}s later over its data",
-            at.as_secs_f64(),
-            args.crash_for.as_secs_f64()
-        );
+    if let Some(c) = &o.crash {
+        let secs = |d: Duration| d.as_secs_f64();
+        match (c.killed_at, c.restarted_at) {
+            (Some(k), Some(r)) => println!(
+                "crash:             {} killed (SIGKILL) at {:.1}s, started again over its data at {:.1}s ({:.1}s down)",
+                c.node,
+                secs(k),
+                secs(r),
+                secs(r.saturating_sub(k))
+            ),
+            _ => println!("crash:             not made: the writes ended before --crash-replica-at"),
+        }
     }
     match o.mode {
         "attached" => println!("link:              as deployed between the nodes (not simulated by this tool)"),

@@ -342,6 +342,7 @@ async fn watch(
         link_stats: netsim::LinkStats::default(),
         imp: Impairment::default(),
         min_compress_bytes: walship::codec::compression::DEFAULT_MIN_COMPRESS_BYTES,
+        crash: None,
     };
     report(&args, &outcome)
 }
