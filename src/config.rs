@@ -216,7 +216,8 @@ impl ReplicaConfig {
             primary_name: primary_name.into(),
             listen: None,
             data_dir: data_dir.into(),
-            wal: WalConfig::default(),
+            // A damaged space is fetched again from the primary rather than keeping the node down.
+            wal: WalConfig::default().damaged_space(crate::wal::DamagedSpace::SetAside),
             heartbeat: HeartbeatConfig::default(),
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),

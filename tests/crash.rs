@@ -300,3 +300,59 @@ async fn a_replica_retained_down_to_an_empty_segment_resumes_after_a_restart() {
     r.shutdown().await;
     primary.shutdown().await;
 }
+
+/// [`Recorder`] that also notes the space.
+struct SpaceRecorder(Arc<Mutex<Vec<(SpaceId, Told)>>>);
+
+impl ApplyHook for SpaceRecorder {
+    fn apply<'a>(&'a self, space: &'a SpaceId, entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        let mut told = self.0.lock().unwrap();
+        told.extend(entries.iter().map(|e| (space.clone(), Told::Applied(e.seq.0, e.payload.clone()))));
+        Box::pin(async {})
+    }
+
+    fn truncated<'a>(&'a self, space: &'a SpaceId, after: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        self.0.lock().unwrap().push((space.clone(), Told::Truncated(after.0)));
+        Box::pin(async {})
+    }
+}
+
+/// A replica whose log of one space is found damaged at start (a flipped byte in a sealed
+/// segment) still starts: that space is set aside, its hook state reset (`truncated(0)`), and it is
+/// fetched again from the primary, every entry applied once; the other space is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_a_damaged_space_sets_it_aside_and_fetches_it_again() {
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let mut cfg = c.replica_config("replica-1", primary.local_addr());
+    cfg.wal.segment_bytes = 512;
+    let sp = spaces(2);
+    let r = Replica::start(cfg.clone(), c.ca.issue("replica-1").unwrap()).await.unwrap();
+    write(&primary, &sp, 40).await;
+    wait_for("the replica to hold everything", || identical(&primary, &r)).await;
+    r.shutdown().await;
+    let damaged_dir = c.path("replica-1").join(sp[1].as_str());
+    let mut segs: Vec<_> = std::fs::read_dir(&damaged_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    segs.sort();
+    let mut bytes = std::fs::read(&segs[0]).unwrap();
+    bytes[80] ^= 0x40;
+    std::fs::write(&segs[0], &bytes).unwrap();
+
+    let told = Arc::new(Mutex::new(Vec::new()));
+    let hook = Arc::new(SpaceRecorder(told.clone()));
+    let r = Replica::start_with_hook(cfg, c.ca.issue("replica-1").unwrap(), Some(hook)).await.unwrap();
+    let status = r.status();
+    assert_eq!(status.set_aside.len(), 1, "{:?}", status.set_aside);
+    assert_eq!(status.set_aside[0].space, sp[1]);
+    assert!(status.set_aside[0].moved_to.join(segs[0].file_name().unwrap()).exists(), "kept for an operator");
+    wait_for("the damaged space fetched again and applied", || {
+        identical(&primary, &r) && told.lock().unwrap().len() == 41
+    })
+    .await;
+    let told = told.lock().unwrap().clone();
+    assert_eq!(told[0], (sp[1].clone(), Told::Truncated(0)), "the hook's state starts from nothing first");
+    let again: Vec<_> = (1..=40).map(|i| (sp[1].clone(), Told::Applied(i, payload(&sp[1], i)))).collect();
+    assert_eq!(told[1..], again[..], "every entry of the damaged space once, in order; nothing of the other");
+    r.shutdown().await;
+    primary.shutdown().await;
+}

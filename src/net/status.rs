@@ -252,6 +252,10 @@ pub struct ReplicaStatus {
     pub assembling_bytes: u64,
     /// Every space.
     pub spaces: Vec<ReplicaSpace>,
+    /// Spaces whose log was found damaged at start and set aside (moved, kept for an operator):
+    /// each started again empty and is fetched again from the primary
+    /// ([`DamagedSpace::SetAside`](crate::wal::DamagedSpace::SetAside)).
+    pub set_aside: Vec<crate::wal::SetAsideSpace>,
 }
 
 impl ReplicaStatus {

@@ -41,6 +41,21 @@ pub enum RecoveryMode {
     AbsoluteConsistency,
 }
 
+/// What [`WalStore::open`](super::WalStore::open) does with a space whose log fails recovery as
+/// damaged ([`WalError::Corruption`](super::WalError::Corruption)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DamagedSpace {
+    /// The store does not open, and says which file is damaged where: an operator decides. Right
+    /// where the log is the only copy (a primary).
+    #[default]
+    Refuse,
+    /// The space's folder is moved to `<root>/damaged+spaces/<space>.<unix ms>` (kept for an operator)
+    /// and the space starts again empty, listed by [`WalStore::set_aside`](super::WalStore::set_aside);
+    /// the other spaces open as usual. Right for a replica, which fetches the space again from its
+    /// primary ([`ReplicaConfig::new`](crate::config::ReplicaConfig::new) chooses it).
+    SetAside,
+}
+
 /// Settings of a [`SpaceWal`](super::SpaceWal) (all spaces of a [`WalStore`](super::WalStore) share one).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WalConfig {
@@ -70,6 +85,9 @@ pub struct WalConfig {
     /// Damage followed by intact entries in the last segment: cut or refuse. Default
     /// [`RecoveryMode::TolerateTornTail`].
     pub recovery: RecoveryMode,
+    /// A space that fails recovery as damaged: refuse to open the store, or set it aside. Default
+    /// [`DamagedSpace::Refuse`].
+    pub damaged_space: DamagedSpace,
 }
 
 impl Default for WalConfig {
@@ -82,6 +100,7 @@ impl Default for WalConfig {
             store_tail_max_bytes: 512 * 1024 * 1024,
             max_entry_bytes: 16 * 1024 * 1024,
             recovery: RecoveryMode::TolerateTornTail,
+            damaged_space: DamagedSpace::Refuse,
         }
     }
 }
@@ -117,6 +136,12 @@ impl WalConfig {
         self
     }
 
+    /// Sets [`WalConfig::damaged_space`].
+    pub fn damaged_space(mut self, policy: DamagedSpace) -> Self {
+        self.damaged_space = policy;
+        self
+    }
+
     /// Sets [`WalConfig::max_entry_bytes`].
     pub fn max_entry_bytes(mut self, bytes: u32) -> Self {
         self.max_entry_bytes = bytes;
@@ -148,7 +173,8 @@ mod tests {
             .tail_max_entries(3)
             .store_tail_max_bytes(5)
             .max_entry_bytes(4)
-            .recovery(RecoveryMode::AbsoluteConsistency);
+            .recovery(RecoveryMode::AbsoluteConsistency)
+            .damaged_space(DamagedSpace::SetAside);
         assert_eq!(
             c,
             WalConfig {
@@ -159,6 +185,7 @@ mod tests {
                 store_tail_max_bytes: 5,
                 max_entry_bytes: 4,
                 recovery: RecoveryMode::AbsoluteConsistency,
+                damaged_space: DamagedSpace::SetAside,
             }
         );
         assert!(c.fsyncs());

@@ -28,10 +28,10 @@ mod tail;
 #[cfg(test)]
 mod test_files;
 
-pub use config::{RecoveryMode, SyncPolicy, WalConfig};
+pub use config::{DamagedSpace, RecoveryMode, SyncPolicy, WalConfig};
 pub use error::WalError;
 pub use segment::{
     parse_segment_name, segment_file_name, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, SEGMENT_MAGIC, SEGMENT_VERSION,
 };
 pub use space::{ReplicatedAppend, SpaceWal};
-pub use store::WalStore;
+pub use store::{SetAsideSpace, WalStore};

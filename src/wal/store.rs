@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use crate::types::SpaceId;
 
-use super::config::{SyncPolicy, WalConfig};
+use super::config::{DamagedSpace, SyncPolicy, WalConfig};
 use super::error::{IoContext, WalError};
 use super::fs::sync_dir;
 use super::space::SpaceWal;
@@ -37,9 +37,25 @@ struct StoreInner {
     tail_budget: Arc<TailBudget>,
     spaces: Mutex<Spaces>,
     count: watch::Sender<usize>,
+    /// Spaces found damaged at open and set aside ([`DamagedSpace::SetAside`]).
+    set_aside: Vec<SetAsideSpace>,
     /// The root folder, locked: a second store over it (which would create the same new spaces) fails.
     _root_lock: std::fs::File,
 }
+
+/// A space whose log failed recovery as damaged and was moved aside ([`DamagedSpace::SetAside`]);
+/// the store holds an empty log of it instead.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SetAsideSpace {
+    pub space: SpaceId,
+    /// Where its folder went, files untouched.
+    pub moved_to: PathBuf,
+    /// Why recovery refused it.
+    pub reason: String,
+}
+
+/// Folder of the root where damaged spaces are moved; not a valid space id (`+`), so never opened as one.
+const SET_ASIDE_FOLDER: &str = "damaged+spaces";
 
 /// The open spaces, by id and in the order they were opened (so a watcher can take just the new ones).
 #[derive(Default)]
@@ -73,6 +89,7 @@ impl WalStore {
         };
         let tail_budget = TailBudget::new(config.store_tail_max_bytes);
         let mut spaces = Spaces::default();
+        let mut set_aside = Vec::new();
         for entry in std::fs::read_dir(root).ctx("list", root)? {
             let entry = entry.ctx("list", root)?;
             if !entry.file_type().ctx("stat", &entry.path())?.is_dir() {
@@ -82,7 +99,16 @@ impl WalStore {
                 tracing::debug!(path = %entry.path().display(), "WAL store: ignoring a folder that is not a space id");
                 continue;
             };
-            spaces.insert(SpaceWal::open_with(root, id, config.clone(), syncer.as_ref(), &tail_budget)?);
+            let wal = match SpaceWal::open_with(root, id.clone(), config.clone(), syncer.as_ref(), &tail_budget) {
+                Err(damage @ WalError::Corruption { .. }) if config.damaged_space == DamagedSpace::SetAside => {
+                    let moved_to = move_aside(root, &id)?;
+                    tracing::error!(space = %id, error = %damage, moved_to = %moved_to.display(), "WAL store: damaged space set aside; it starts again empty");
+                    set_aside.push(SetAsideSpace { space: id.clone(), moved_to, reason: damage.to_string() });
+                    SpaceWal::open_with(root, id, config.clone(), syncer.as_ref(), &tail_budget)?
+                }
+                opened => opened?,
+            };
+            spaces.insert(wal);
         }
         // The space folders' entries in the root: a previous run under `Never` may have created
         // them without syncing it (each space syncs its own folder on open).
@@ -99,6 +125,7 @@ impl WalStore {
                 tail_budget,
                 spaces: Mutex::new(spaces),
                 count,
+                set_aside,
                 _root_lock: root_lock,
             }),
         })
@@ -169,6 +196,12 @@ impl WalStore {
         self.lock().opened.get(seen..).map(<[SpaceWal]>::to_vec).unwrap_or_default()
     }
 
+    /// The spaces found damaged when the store opened and set aside ([`DamagedSpace::SetAside`]):
+    /// each now holds an empty log, to be filled again (a replica fetches it from its primary).
+    pub fn set_aside(&self) -> &[SetAsideSpace] {
+        &self.inner.set_aside
+    }
+
     /// The root folder.
     pub fn root(&self) -> &Path {
         &self.inner.root
@@ -178,6 +211,19 @@ impl WalStore {
     pub fn subscribe_spaces(&self) -> watch::Receiver<usize> {
         self.inner.count.subscribe()
     }
+}
+
+/// Moves the folder of `id` to `<root>/damaged+spaces/<id>.<unix ms>`, durably, and returns where.
+fn move_aside(root: &Path, id: &SpaceId) -> Result<PathBuf, WalError> {
+    let aside = root.join(SET_ASIDE_FOLDER);
+    std::fs::create_dir_all(&aside).ctx("create", &aside)?;
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let to = aside.join(format!("{id}.{ms}"));
+    let from = root.join(id.as_str());
+    std::fs::rename(&from, &to).ctx("move damaged space to", &to)?;
+    sync_dir(&aside)?;
+    sync_dir(root)?;
+    Ok(to)
 }
 
 #[cfg(test)]
@@ -317,5 +363,44 @@ mod tests {
         let Err(err) = WalStore::open(&file, WalConfig::default()) else { panic!("a file is not a WAL folder") };
         assert!(matches!(err, WalError::NotAFolder { .. }), "{err}");
         assert!(err.to_string().contains("give the path of a folder"), "{err}");
+    }
+
+    /// A space whose log fails recovery as damaged stops the store from opening (the default), or
+    /// is moved aside with its files untouched and starts again empty while the others open.
+    #[test]
+    fn a_damaged_space_is_refused_or_set_aside() {
+        let root = tempfile::tempdir().unwrap();
+        let config = WalConfig::default().sync(SyncPolicy::Never).segment_bytes(200);
+        {
+            let store = WalStore::open(root.path(), config.clone()).unwrap();
+            for name in ["good", "bad"] {
+                let wal = store.space(&id(name)).unwrap();
+                for i in 0..20u64 {
+                    wal.append(Epoch(1), 1, Bytes::from(format!("{name}-{i}"))).unwrap();
+                }
+            }
+        }
+        let first = crate::wal::test_files::segment_files(&root.path().join("bad")).remove(0);
+        let mut bytes = std::fs::read(&first).unwrap();
+        bytes[60] ^= 0x40; // a payload byte of the first record of a sealed segment
+        std::fs::write(&first, &bytes).unwrap();
+
+        let err = WalStore::open(root.path(), config.clone()).unwrap_err();
+        assert!(matches!(&err, WalError::Corruption { file, .. } if file == &first), "{err}");
+        assert!(first.exists(), "refusing touches nothing");
+
+        let store = WalStore::open(root.path(), config.clone().damaged_space(DamagedSpace::SetAside)).unwrap();
+        assert_eq!(store.get(&id("good")).unwrap().last_seq(), Seq(20));
+        assert_eq!(store.get(&id("bad")).unwrap().last_seq(), Seq(0), "starts again empty");
+        let [aside] = store.set_aside() else { panic!("{:?}", store.set_aside()) };
+        assert_eq!(aside.space, id("bad"));
+        assert!(aside.reason.contains("checksum"), "{}", aside.reason);
+        assert!(aside.moved_to.starts_with(root.path().join(SET_ASIDE_FOLDER)));
+        assert_eq!(std::fs::read(aside.moved_to.join(first.file_name().unwrap())).unwrap(), bytes, "kept as found");
+        drop(store);
+        // The set-aside folder is not a space; the new log of `bad` opens as any other.
+        let store = WalStore::open(root.path(), config).unwrap();
+        assert_eq!(store.spaces().len(), 2);
+        assert!(store.set_aside().is_empty());
     }
 }

@@ -44,6 +44,10 @@ pub trait ApplyHook: Send + Sync + 'static {
     /// come to [`ApplyHook::apply`] from then on, the new ones at the old sequences included. The default
     /// does nothing, which is right only for a server that never truncates a running replica's
     /// spaces.
+    ///
+    /// Also called at start with `after = Seq(0)` for each space whose log was found damaged and
+    /// set aside ([`crate::wal::DamagedSpace::SetAside`], a replica's default): its log starts
+    /// again empty and every entry comes again from the primary, so the state starts from nothing.
     fn truncated<'a>(&'a self, space: &'a SpaceId, after: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         let _ = (space, after);
         Box::pin(async {})

@@ -135,6 +135,13 @@ impl Replica {
         for wal in store.spaces() {
             spaces.insert(wal.space().clone(), Arc::new(SpaceState::new(wal)));
         }
+        // The hook's state of a space set aside as damaged holds entries its log no longer has:
+        // it starts again from nothing, as the log is fetched again.
+        if let Some(hook) = &hook {
+            for s in store.set_aside() {
+                hook.truncated(&s.space, Seq::ZERO).await;
+            }
+        }
         let (new_appliers, appliers_rx) = mpsc::unbounded_channel();
         if hook.is_some() {
             for s in spaces.values() {
@@ -217,6 +224,7 @@ impl Replica {
             reconnects: link.connections.saturating_sub(1),
             last_error: link.last_error.clone(),
             assembling_bytes: link.assembly.as_ref().map_or(0, |a| a.used() as u64),
+            set_aside: self.shared.store.set_aside().to_vec(),
             spaces: states
                 .iter()
                 .map(|s| {
