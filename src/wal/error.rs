@@ -34,6 +34,20 @@ pub enum WalError {
         /// What is wrong.
         reason: String,
     },
+    /// An intact entry on disk is longer than [`WalConfig::max_entry_bytes`](super::WalConfig::max_entry_bytes):
+    /// the limit was lowered below what was written. A configuration mistake, not damage: nothing
+    /// is cut or set aside.
+    #[error("WAL segment {} holds entry {seq} at byte {offset}, intact but longer than max_entry_bytes ({max}): the limit was lowered below what was written; raise it back and reopen", file.display())]
+    EntryOverLimit {
+        /// The segment holding it.
+        file: PathBuf,
+        /// Where its record starts.
+        offset: u64,
+        /// The entry.
+        seq: Seq,
+        /// The configured limit.
+        max: u32,
+    },
     /// A replicated entry does not follow the log: entries before it are missing.
     #[error("space {space}: expected entry {expected} next but got {got}; send the entries from {expected} first")]
     Gap {

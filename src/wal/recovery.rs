@@ -133,6 +133,20 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
         };
 
         if let Some((offset, reason)) = damage {
+            // Intact entries after the damage: a crash that wrote pages out of order, or bytes
+            // corrupted in place (see `RecoveryMode`). An intact entry right here, the one expected,
+            // is neither: it is longer than `max_entry_bytes`, a configuration mistake, in any segment.
+            let expected = seg.last_seq.next();
+            let intact =
+                find_intact_record(&file, offset, file_len, expected).ctx("search after damage in", &seg.path)?;
+            if intact == Some((offset, expected)) {
+                return Err(WalError::EntryOverLimit {
+                    file: seg.path.clone(),
+                    offset,
+                    seq: expected,
+                    max: config.max_entry_bytes,
+                });
+            }
             // Under `Never` nothing orders the writes: a crash right after a roll can leave the
             // sealed segment short of its last records and the later one(s) without any. The log
             // then ends here, and the later segments are deleted before the cut below (and only
@@ -141,20 +155,7 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
             if !tail_of_the_log {
                 return Err(WalError::corruption(&seg.path, offset, format!("{reason} (in a sealed segment)")));
             }
-            // Intact entries after the damage: a crash that wrote pages out of order, or bytes
-            // corrupted in place (see `RecoveryMode`). An intact entry right here, the one expected,
-            // is neither: it is longer than `max_entry_bytes`, a configuration mistake.
-            let expected = seg.last_seq.next();
-            if let Some((at, seq)) =
-                find_intact_record(&file, offset, file_len, expected).ctx("search after damage in", &seg.path)?
-            {
-                if (at, seq) == (offset, expected) {
-                    return Err(WalError::corruption(
-                        &seg.path,
-                        offset,
-                        format!("{reason}: entry {seq} is intact but longer than max_entry_bytes; was the limit lowered? raise it back"),
-                    ));
-                }
+            if let Some((at, seq)) = intact {
                 if config.recovery == RecoveryMode::AbsoluteConsistency {
                     return Err(WalError::corruption(
                         &seg.path,
@@ -320,12 +321,21 @@ mod tests {
         one_segment(root.path(), 10);
         for mode in [RecoveryMode::TolerateTornTail, RecoveryMode::AbsoluteConsistency] {
             match SpaceWal::open(root.path(), space(), config().max_entry_bytes(4).recovery(mode)) {
-                Err(WalError::Corruption { reason, .. }) => assert!(reason.contains("max_entry_bytes"), "{reason}"),
-                other => panic!("{mode:?}: expected Corruption, got {:?}", other.map(|w| w.last_seq())),
+                Err(e @ WalError::EntryOverLimit { seq: Seq(1), .. }) => {
+                    assert!(e.to_string().contains("raise it back"), "{e}")
+                }
+                other => panic!("{mode:?}: expected EntryOverLimit, got {:?}", other.map(|w| w.last_seq())),
             }
         }
         // Nothing was cut: with the limit back, all ten entries are there.
         assert_eq!(SpaceWal::open(root.path(), space(), config()).unwrap().last_seq(), Seq(10));
+        // The same in a sealed segment: a configuration mistake there too, not corruption.
+        let root = tempfile::tempdir().unwrap();
+        let (_, segs) = multi_segment_log(root.path());
+        match SpaceWal::open(root.path(), space(), config().max_entry_bytes(4)) {
+            Err(WalError::EntryOverLimit { file, seq: Seq(1), .. }) => assert_eq!(file, segs[0]),
+            other => panic!("expected EntryOverLimit, got {:?}", other.map(|w| w.last_seq())),
+        }
     }
 
     #[test]

@@ -397,7 +397,11 @@ mod tests {
         assert!(aside.reason.contains("checksum"), "{}", aside.reason);
         assert!(aside.moved_to.starts_with(root.path().join(SET_ASIDE_FOLDER)));
         assert_eq!(std::fs::read(aside.moved_to.join(first.file_name().unwrap())).unwrap(), bytes, "kept as found");
+        // A lowered max_entry_bytes is a configuration mistake, not damage: nothing is set aside.
         drop(store);
+        let lowered = config.clone().damaged_space(DamagedSpace::SetAside).max_entry_bytes(3);
+        let err = WalStore::open(root.path(), lowered).unwrap_err();
+        assert!(matches!(err, WalError::EntryOverLimit { .. }), "{err}");
         // The set-aside folder is not a space; the new log of `bad` opens as any other.
         let store = WalStore::open(root.path(), config).unwrap();
         assert_eq!(store.spaces().len(), 2);
