@@ -48,6 +48,17 @@ pub enum WalError {
         /// The configured limit.
         max: u32,
     },
+    /// A segment was written in another format version (by another release of walship): not
+    /// damage, so it is never cut or set aside.
+    #[error("WAL segment {} is in format version {version}; this build reads only version {supported}: run the release that wrote it (or a newer one)", file.display())]
+    UnsupportedVersion {
+        /// The segment.
+        file: PathBuf,
+        /// Its format version.
+        version: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
     /// A replicated entry does not follow the log: entries before it are missing.
     #[error("space {space}: expected entry {expected} next but got {got}; send the entries from {expected} first")]
     Gap {

@@ -24,7 +24,9 @@ use super::config::{RecoveryMode, SyncPolicy, WalConfig};
 use super::error::{IoContext, WalError};
 use super::fs::{create_segment, open_rw, read_exact_at, sync_dir};
 use super::scan::{check_record, find_intact_record, Scan, Scanner};
-use super::segment::{parse_segment_name, segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
+use super::segment::{
+    parse_segment_name, segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN, SEGMENT_VERSION,
+};
 use super::tail::MemTail;
 
 /// Bytes read per system call while scanning segments.
@@ -80,6 +82,9 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
 
         let mut raw = [0u8; SEGMENT_HEADER_LEN as usize];
         read_exact_at(&file, &mut raw, 0).ctx("read segment header", &path)?;
+        if let Some(version) = SegmentHeader::other_version(&raw) {
+            return Err(WalError::UnsupportedVersion { file: path, version, supported: SEGMENT_VERSION });
+        }
         let header = SegmentHeader::decode(&raw).map_err(|reason| WalError::corruption(&path, 0, reason))?;
         if header.first_seq != name_seq {
             return Err(WalError::corruption(

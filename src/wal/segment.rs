@@ -62,6 +62,14 @@ impl SegmentHeader {
         b
     }
 
+    /// The format version of a valid header of another version than this build's (written by
+    /// another release): not damage, so recovery says so apart from corruption.
+    pub fn other_version(b: &[u8; SEGMENT_HEADER_LEN as usize]) -> Option<u32> {
+        let valid = b[0..8] == SEGMENT_MAGIC && u32_at(b, 32) == crc32c::crc32c(&b[0..32]);
+        let version = u32_at(b, 8);
+        (valid && version != SEGMENT_VERSION).then_some(version)
+    }
+
     /// Parses and checks a header; the error is the reason it is not one.
     pub fn decode(b: &[u8; SEGMENT_HEADER_LEN as usize]) -> Result<SegmentHeader, String> {
         if b[0..8] != SEGMENT_MAGIC {

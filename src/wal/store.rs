@@ -402,6 +402,20 @@ mod tests {
         let lowered = config.clone().damaged_space(DamagedSpace::SetAside).max_entry_bytes(3);
         let err = WalStore::open(root.path(), lowered).unwrap_err();
         assert!(matches!(err, WalError::EntryOverLimit { .. }), "{err}");
+        // Nor is a segment of another format version (another release wrote it).
+        let good_first = crate::wal::test_files::segment_files(&root.path().join("good")).remove(0);
+        let original = std::fs::read(&good_first).unwrap();
+        let mut newer = original.clone();
+        newer[8..12].copy_from_slice(&(crate::wal::SEGMENT_VERSION + 1).to_le_bytes());
+        let crc = crc32c::crc32c(&newer[0..32]);
+        newer[32..36].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&good_first, &newer).unwrap();
+        let err = WalStore::open(root.path(), config.clone().damaged_space(DamagedSpace::SetAside)).unwrap_err();
+        assert!(
+            matches!(err, WalError::UnsupportedVersion { version, .. } if version == crate::wal::SEGMENT_VERSION + 1),
+            "{err}"
+        );
+        std::fs::write(&good_first, &original).unwrap();
         // The set-aside folder is not a space; the new log of `bad` opens as any other.
         let store = WalStore::open(root.path(), config).unwrap();
         assert_eq!(store.spaces().len(), 2);
