@@ -159,6 +159,12 @@ impl PrimaryConfig {
         }
         check_heartbeat(&self.heartbeat)?;
         check_entry_fits(&self.wal, &self.limits)?;
+        if self.wal.damaged_space == crate::wal::DamagedSpace::SetAside {
+            return Err(ConfigError(
+                "wal.damaged_space SetAside is for replicas: a primary's log is the only copy, so a damaged space must stop it (DamagedSpace::Refuse) for an operator to restore"
+                    .into(),
+            ));
+        }
         if self.epoch.0 == 0 {
             return Err(ConfigError("epoch must be at least 1".into()));
         }
@@ -278,6 +284,10 @@ mod tests {
         assert!(p.validate().is_err());
         let mut r = ReplicaConfig::new("r", addr, "p", "/tmp/y");
         r.validate().unwrap();
+        // A replica's WAL settings (damaged spaces set aside) are refused for a primary.
+        let mut promoted = PrimaryConfig::new("p", addr, "/tmp/x");
+        promoted.wal = r.wal.clone();
+        assert!(promoted.validate().unwrap_err().0.contains("SetAside is for replicas"));
         r.primary = None;
         assert!(r.validate().is_err());
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use walship::config::ReplicaConfig;
 use walship::entry::Entry;
 use walship::net::status::ConnectionState;
 use walship::wal::{SyncPolicy, WalStore};
@@ -317,13 +318,25 @@ impl ApplyHook for SpaceRecorder {
     }
 }
 
-/// A replica whose log of one space is found damaged at start (a flipped byte in a sealed
-/// segment) still starts: that space is set aside, its hook state reset (`truncated(0)`), and it is
-/// fetched again from the primary, every entry applied once; the other space is untouched.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_with_a_damaged_space_sets_it_aside_and_fetches_it_again() {
-    let c = Cluster::new();
-    let primary = c.primary().await;
+/// Flips a byte in the first record of the first (sealed) segment of `space` on replica-1.
+fn damage_first_segment(c: &Cluster, space: &SpaceId) -> std::path::PathBuf {
+    let dir = c.path("replica-1").join(space.as_str());
+    let mut segs: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    segs.sort();
+    let mut bytes = std::fs::read(&segs[0]).unwrap();
+    bytes[80] ^= 0x40;
+    std::fs::write(&segs[0], &bytes).unwrap();
+    segs.swap_remove(0)
+}
+
+/// A primary and replica-1 (512-byte segments) holding 40 entries of each of two spaces.
+async fn two_spaces_replicated(
+    c: &Cluster,
+    primary_wal: walship::wal::WalConfig,
+) -> (Primary, ReplicaConfig, Vec<SpaceId>) {
+    let mut pcfg = c.primary_config("127.0.0.1:0".parse().unwrap());
+    pcfg.wal = primary_wal;
+    let primary = Primary::start(pcfg, c.ca.issue("primary").unwrap()).await.unwrap();
     let mut cfg = c.replica_config("replica-1", primary.local_addr());
     cfg.wal.segment_bytes = 512;
     let sp = spaces(2);
@@ -331,12 +344,18 @@ async fn a_replica_with_a_damaged_space_sets_it_aside_and_fetches_it_again() {
     write(&primary, &sp, 40).await;
     wait_for("the replica to hold everything", || identical(&primary, &r)).await;
     r.shutdown().await;
-    let damaged_dir = c.path("replica-1").join(sp[1].as_str());
-    let mut segs: Vec<_> = std::fs::read_dir(&damaged_dir).unwrap().map(|e| e.unwrap().path()).collect();
-    segs.sort();
-    let mut bytes = std::fs::read(&segs[0]).unwrap();
-    bytes[80] ^= 0x40;
-    std::fs::write(&segs[0], &bytes).unwrap();
+    (primary, cfg, sp)
+}
+
+/// A replica whose log of one space is found damaged at start (a flipped byte in a sealed
+/// segment) still starts: that space is set aside, fetched again from the primary, and its hook
+/// state reset (`truncated(0)`) just before every entry is applied again once; the other space is
+/// untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_a_damaged_space_sets_it_aside_and_fetches_it_again() {
+    let c = Cluster::new();
+    let (primary, cfg, sp) = two_spaces_replicated(&c, c.primary_config("127.0.0.1:0".parse().unwrap()).wal).await;
+    let damaged = damage_first_segment(&c, &sp[1]);
 
     let told = Arc::new(Mutex::new(Vec::new()));
     let hook = Arc::new(SpaceRecorder(told.clone()));
@@ -344,7 +363,7 @@ async fn a_replica_with_a_damaged_space_sets_it_aside_and_fetches_it_again() {
     let status = r.status();
     assert_eq!(status.set_aside.len(), 1, "{:?}", status.set_aside);
     assert_eq!(status.set_aside[0].space, sp[1]);
-    assert!(status.set_aside[0].moved_to.join(segs[0].file_name().unwrap()).exists(), "kept for an operator");
+    assert!(status.set_aside[0].moved_to.join(damaged.file_name().unwrap()).exists(), "kept for an operator");
     wait_for("the damaged space fetched again and applied", || {
         identical(&primary, &r) && told.lock().unwrap().len() == 41
     })
@@ -355,4 +374,94 @@ async fn a_replica_with_a_damaged_space_sets_it_aside_and_fetches_it_again() {
     assert_eq!(told[1..], again[..], "every entry of the damaged space once, in order; nothing of the other");
     r.shutdown().await;
     primary.shutdown().await;
+}
+
+/// A crash after the space was set aside but before the hook was told (here: the store opened
+/// and closed without a replica), or after part of it was fetched again: the reset is still
+/// pending at the next start, and the hook still gets it, then every entry from 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_reset_survives_a_restart() {
+    let c = Cluster::new();
+    let (primary, cfg, sp) = two_spaces_replicated(&c, c.primary_config("127.0.0.1:0".parse().unwrap()).wal).await;
+    damage_first_segment(&c, &sp[1]);
+    // Set aside, then "crash": refilled partly by hand, as a fetch cut short would leave it.
+    {
+        let store = WalStore::open(&c.path("replica-1"), cfg.wal.clone()).unwrap();
+        assert_eq!(store.set_aside().len(), 1);
+        let held = primary.space(&sp[1]).unwrap().read_from(Seq(1), 10, usize::MAX).unwrap();
+        store.space(&sp[1]).unwrap().append_replicated(&held).unwrap();
+    }
+    let told = Arc::new(Mutex::new(Vec::new()));
+    let hook = Arc::new(SpaceRecorder(told.clone()));
+    let r = Replica::start_with_hook(cfg, c.ca.issue("replica-1").unwrap(), Some(hook)).await.unwrap();
+    assert_eq!(r.status().set_aside.len(), 1, "still pending");
+    wait_for("the rest fetched and everything applied", || identical(&primary, &r) && told.lock().unwrap().len() == 41)
+        .await;
+    let told = told.lock().unwrap().clone();
+    assert_eq!(told[0], (sp[1].clone(), Told::Truncated(0)));
+    let again: Vec<_> = (1..=40).map(|i| (sp[1].clone(), Told::Applied(i, payload(&sp[1], i)))).collect();
+    assert_eq!(told[1..], again[..], "the ten fetched before the restart too");
+    r.shutdown().await;
+    // Told once: no longer pending.
+    let store =
+        WalStore::open(&c.path("replica-1"), ReplicaConfig::new("x", primary.local_addr(), "p", "/").wal).unwrap();
+    assert!(store.set_aside().is_empty());
+    drop(store);
+    primary.shutdown().await;
+}
+
+/// A primary whose retention removed entry 1 cannot fill a set-aside space again: the hook's
+/// state is then left as it was (no reset), and the space says why it stays empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_aside_space_the_primary_cannot_refill_keeps_the_hook_state() {
+    let c = Cluster::new();
+    let mut pwal = c.primary_config("127.0.0.1:0".parse().unwrap()).wal;
+    pwal.segment_bytes = 512;
+    let (primary, cfg, sp) = two_spaces_replicated(&c, pwal).await;
+    primary.space(&sp[1]).unwrap().truncate_prefix(Seq(30)).unwrap();
+    assert!(primary.space(&sp[1]).unwrap().first_seq() > Seq(1));
+    damage_first_segment(&c, &sp[1]);
+    let told = Arc::new(Mutex::new(Vec::new()));
+    let hook = Arc::new(SpaceRecorder(told.clone()));
+    let r = Replica::start_with_hook(cfg, c.ca.issue("replica-1").unwrap(), Some(hook)).await.unwrap();
+    wait_for("the space to say it cannot be refilled", || {
+        r.status()
+            .spaces
+            .iter()
+            .any(|s| s.log.space == sp[1] && s.error.as_deref().is_some_and(|e| e.contains("Truncated")))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(told.lock().unwrap().is_empty(), "{:?}", told.lock().unwrap());
+    assert_eq!(r.status().set_aside.len(), 1);
+    r.shutdown().await;
+    primary.shutdown().await;
+}
+
+/// The epoch fence outlives the logs that carried it: a replica that accepted an epoch-2 primary
+/// (before any entry of it arrived) refuses a deposed epoch-1 primary after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_epoch_fences_deposed_primaries_after_a_restart() {
+    let c = Cluster::new();
+    let mut pcfg = c.primary_config("127.0.0.1:0".parse().unwrap());
+    pcfg.epoch = walship::Epoch(2);
+    let primary = Primary::start(pcfg.clone(), c.ca.issue("primary").unwrap()).await.unwrap();
+    let addr = primary.local_addr();
+    let r = c.replica("replica-1", addr).await;
+    wait_for("connected at epoch 2", || r.status().connection == ConnectionState::Connected).await;
+    assert_eq!(r.status().epoch, walship::Epoch(2));
+    r.shutdown().await;
+    primary.shutdown().await;
+    // A deposed primary at epoch 1, with a log of its own, at the same address.
+    let deposed = c.primary_at(addr).await;
+    write(&deposed, &spaces(1), 5).await;
+    let r = c.replica("replica-1", addr).await;
+    wait_for("the deposed primary to be refused", || {
+        r.status().last_error.as_deref().is_some_and(|e| e.contains("epoch"))
+    })
+    .await;
+    assert_ne!(r.status().connection, ConnectionState::Connected);
+    assert!(r.status().spaces.iter().all(|s| s.log.last_seq == Seq(0)), "nothing of it taken in");
+    r.shutdown().await;
+    deposed.shutdown().await;
 }

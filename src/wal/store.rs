@@ -37,14 +37,18 @@ struct StoreInner {
     tail_budget: Arc<TailBudget>,
     spaces: Mutex<Spaces>,
     count: watch::Sender<usize>,
-    /// Spaces found damaged at open and set aside ([`DamagedSpace::SetAside`]).
+    /// Spaces set aside ([`DamagedSpace::SetAside`]) whose reset is still pending, as their
+    /// markers said when the store opened.
     set_aside: Vec<SetAsideSpace>,
     /// The root folder, locked: a second store over it (which would create the same new spaces) fails.
     _root_lock: std::fs::File,
 }
 
 /// A space whose log failed recovery as damaged and was moved aside ([`DamagedSpace::SetAside`]);
-/// the store holds an empty log of it instead.
+/// the store holds an empty log of it instead. A marker file (`damaged+spaces/<space>.<ms>.reset`,
+/// written before the move) keeps it listed across restarts until [`WalStore::reset_done`]: whoever
+/// built state from the old log must start that state again from nothing, and a crash must not
+/// make it forget.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct SetAsideSpace {
     pub space: SpaceId,
@@ -89,7 +93,6 @@ impl WalStore {
         };
         let tail_budget = TailBudget::new(config.store_tail_max_bytes);
         let mut spaces = Spaces::default();
-        let mut set_aside = Vec::new();
         for entry in std::fs::read_dir(root).ctx("list", root)? {
             let entry = entry.ctx("list", root)?;
             if !entry.file_type().ctx("stat", &entry.path())?.is_dir() {
@@ -101,9 +104,8 @@ impl WalStore {
             };
             let wal = match SpaceWal::open_with(root, id.clone(), config.clone(), syncer.as_ref(), &tail_budget) {
                 Err(damage @ WalError::Corruption { .. }) if config.damaged_space == DamagedSpace::SetAside => {
-                    let moved_to = move_aside(root, &id)?;
+                    let moved_to = move_aside(root, &id, &damage.to_string())?;
                     tracing::error!(space = %id, error = %damage, moved_to = %moved_to.display(), "WAL store: damaged space set aside; it starts again empty");
-                    set_aside.push(SetAsideSpace { space: id.clone(), moved_to, reason: damage.to_string() });
                     SpaceWal::open_with(root, id, config.clone(), syncer.as_ref(), &tail_budget)?
                 }
                 opened => opened?,
@@ -115,6 +117,7 @@ impl WalStore {
         if config.fsyncs() {
             sync_dir(root)?;
         }
+        let set_aside = pending_resets(root)?;
         tracing::info!(root = %root.display(), spaces = spaces.opened.len(), "WAL store opened");
         let count = watch::Sender::new(spaces.opened.len());
         Ok(WalStore {
@@ -196,10 +199,25 @@ impl WalStore {
         self.lock().opened.get(seen..).map(<[SpaceWal]>::to_vec).unwrap_or_default()
     }
 
-    /// The spaces found damaged when the store opened and set aside ([`DamagedSpace::SetAside`]):
-    /// each now holds an empty log, to be filled again (a replica fetches it from its primary).
+    /// The spaces set aside as damaged ([`DamagedSpace::SetAside`]), at this open or an earlier
+    /// one, whose reset was not yet [done](WalStore::reset_done) when the store opened: each holds
+    /// an empty log, to be filled again (a replica fetches it from its primary).
     pub fn set_aside(&self) -> &[SetAsideSpace] {
         &self.inner.set_aside
+    }
+
+    /// Records, durably, that what was built from the set-aside log of `space` was started again
+    /// from nothing: its markers are removed, so the next open no longer lists it.
+    pub fn reset_done(&self, space: &SpaceId) -> Result<(), WalError> {
+        let aside = self.inner.root.join(SET_ASIDE_FOLDER);
+        let markers: Vec<_> = list_markers(&aside)?.into_iter().filter(|m| &m.0 == space).collect();
+        if markers.is_empty() {
+            return Ok(());
+        }
+        for (_, marker) in markers {
+            std::fs::remove_file(&marker).ctx("remove", &marker)?;
+        }
+        sync_dir(&aside)
     }
 
     /// The root folder.
@@ -213,17 +231,64 @@ impl WalStore {
     }
 }
 
-/// Moves the folder of `id` to `<root>/damaged+spaces/<id>.<unix ms>`, durably, and returns where.
-fn move_aside(root: &Path, id: &SpaceId) -> Result<PathBuf, WalError> {
+/// Suffix of a set-aside space's marker file.
+const RESET_MARKER: &str = ".reset";
+
+/// Moves the folder of `id` to `<root>/damaged+spaces/<id>.<n>` (`n`: unix ms, or more if taken),
+/// durably, and returns where. Its reset marker is written (and fsynced) first: a crash before
+/// the move leaves the space where it was, to be set aside again at the next open.
+fn move_aside(root: &Path, id: &SpaceId, reason: &str) -> Result<PathBuf, WalError> {
     let aside = root.join(SET_ASIDE_FOLDER);
     std::fs::create_dir_all(&aside).ctx("create", &aside)?;
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
-    let to = aside.join(format!("{id}.{ms}"));
+    let mut n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    while aside.join(format!("{id}.{n}")).exists() || aside.join(format!("{id}.{n}{RESET_MARKER}")).exists() {
+        n += 1;
+    }
+    let to = aside.join(format!("{id}.{n}"));
+    let marker = aside.join(format!("{id}.{n}{RESET_MARKER}"));
+    let text = format!("{}\n{reason}\n", to.display());
+    std::fs::File::create(&marker)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()).and_then(|()| f.sync_all()))
+        .ctx("write", &marker)?;
+    sync_dir(&aside)?;
     let from = root.join(id.as_str());
     std::fs::rename(&from, &to).ctx("move damaged space to", &to)?;
     sync_dir(&aside)?;
     sync_dir(root)?;
     Ok(to)
+}
+
+/// The reset markers in `aside` (none if it does not exist): (space, marker path), oldest first.
+fn list_markers(aside: &Path) -> Result<Vec<(SpaceId, PathBuf)>, WalError> {
+    let mut out: Vec<(u128, SpaceId, PathBuf)> = Vec::new();
+    let entries = match std::fs::read_dir(aside) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(WalError::io("list", aside, e)),
+    };
+    for entry in entries {
+        let entry = entry.ctx("list", aside)?;
+        let name = entry.file_name();
+        let parsed = name.to_str().and_then(|n| n.strip_suffix(RESET_MARKER)).and_then(|n| n.rsplit_once('.'));
+        let Some((space, n)) = parsed else { continue };
+        if let (Ok(space), Ok(n)) = (SpaceId::new(space), n.parse::<u128>()) {
+            out.push((n, space, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out.into_iter().map(|(_, space, path)| (space, path)).collect())
+}
+
+/// The spaces with a pending reset, from their markers: one per space (its newest marker).
+fn pending_resets(root: &Path) -> Result<Vec<SetAsideSpace>, WalError> {
+    let mut by_space: BTreeMap<SpaceId, SetAsideSpace> = BTreeMap::new();
+    for (space, marker) in list_markers(&root.join(SET_ASIDE_FOLDER))? {
+        let text = std::fs::read_to_string(&marker).ctx("read", &marker)?;
+        let (moved_to, reason) = text.split_once('\n').unwrap_or((text.as_str(), ""));
+        let entry = SetAsideSpace { space: space.clone(), moved_to: moved_to.into(), reason: reason.trim_end().into() };
+        by_space.insert(space, entry);
+    }
+    Ok(by_space.into_values().collect())
 }
 
 #[cfg(test)]
@@ -393,6 +458,7 @@ mod tests {
         assert_eq!(store.get(&id("good")).unwrap().last_seq(), Seq(20));
         assert_eq!(store.get(&id("bad")).unwrap().last_seq(), Seq(0), "starts again empty");
         let [aside] = store.set_aside() else { panic!("{:?}", store.set_aside()) };
+        let aside = aside.clone();
         assert_eq!(aside.space, id("bad"));
         assert!(aside.reason.contains("checksum"), "{}", aside.reason);
         assert!(aside.moved_to.starts_with(root.path().join(SET_ASIDE_FOLDER)));
@@ -416,9 +482,15 @@ mod tests {
             "{err}"
         );
         std::fs::write(&good_first, &original).unwrap();
-        // The set-aside folder is not a space; the new log of `bad` opens as any other.
-        let store = WalStore::open(root.path(), config).unwrap();
+        // The set-aside folder is not a space; the new log of `bad` opens as any other, and stays
+        // listed, with where it went and why, until its reset is done.
+        let store = WalStore::open(root.path(), config.clone()).unwrap();
         assert_eq!(store.spaces().len(), 2);
-        assert!(store.set_aside().is_empty());
+        let [pending] = store.set_aside() else { panic!("{:?}", store.set_aside()) };
+        assert_eq!(pending, &aside);
+        store.reset_done(&id("bad")).unwrap();
+        store.reset_done(&id("good")).unwrap();
+        drop(store);
+        assert!(WalStore::open(root.path(), config).unwrap().set_aside().is_empty());
     }
 }

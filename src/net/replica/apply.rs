@@ -45,9 +45,11 @@ pub trait ApplyHook: Send + Sync + 'static {
     /// does nothing, which is right only for a server that never truncates a running replica's
     /// spaces.
     ///
-    /// Also called at start with `after = Seq(0)` for each space whose log was found damaged and
-    /// set aside ([`crate::wal::DamagedSpace::SetAside`], a replica's default): its log starts
-    /// again empty and every entry comes again from the primary, so the state starts from nothing.
+    /// Also called with `after = Seq(0)` for a space whose log was found damaged at start and set
+    /// aside ([`crate::wal::DamagedSpace::SetAside`], a replica's default): just before the first
+    /// entry fetched again from the primary is applied, after which every entry comes from 1. Not
+    /// before that (a primary whose retention removed entry 1 cannot refill the space, and the
+    /// state is better kept), and again after a restart until it was told.
     fn truncated<'a>(&'a self, space: &'a SpaceId, after: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         let _ = (space, after);
         Box::pin(async {})
@@ -176,6 +178,16 @@ async fn apply_space(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, state: Arc<S
         // A read returns at least one entry, which may be past `durable` if that lags the wake-up.
         entries.retain(|e| e.seq <= durable);
         let Some(last) = entries.last().map(|e| e.seq) else { continue };
+        if state.reset_pending.load(Ordering::Acquire) {
+            // The log was set aside as damaged and is being fetched again from 1: the state built
+            // from the old one starts from nothing first. Only now, so that a primary that can no
+            // longer send entry 1 (retention) leaves that state as it was.
+            hook.truncated(wal.space(), Seq::ZERO).await;
+            if let Err(e) = shared.store.reset_done(wal.space()) {
+                tracing::warn!(space = %wal.space(), error = %e, "cannot clear the set-aside marker; the hook will be told to reset again after a restart");
+            }
+            state.reset_pending.store(false, Ordering::Release);
+        }
         state.handed.fetch_max(last.0, Ordering::AcqRel);
         hook.apply(wal.space(), &entries).await;
         state.applied.store(last.0, Ordering::Release);

@@ -8,12 +8,13 @@
 //! - [`apply`]: the [`ApplyHook`] and the per-space appliers that call it, each entry once.
 
 mod apply;
+mod fence;
 mod receive;
 mod session;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use quinn::Connection;
@@ -73,6 +74,9 @@ struct SpaceState {
     /// The log's suffix truncations counted when `applied` was set from it: the applier rolls
     /// back for every one after these.
     truncations_seen: AtomicU64,
+    /// The space's log was set aside as damaged and the hook not yet told: it hears
+    /// `truncated(Seq(0))` just before the first entries fetched again are applied.
+    reset_pending: AtomicBool,
 }
 
 struct LinkState {
@@ -133,14 +137,17 @@ impl Replica {
         let store = open_store(&config.data_dir, &config.wal).await?;
         let mut spaces = HashMap::new();
         for wal in store.spaces() {
-            spaces.insert(wal.space().clone(), Arc::new(SpaceState::new(wal)));
-        }
-        // The hook's state of a space set aside as damaged holds entries its log no longer has:
-        // it starts again from nothing, as the log is fetched again.
-        if let Some(hook) = &hook {
-            for s in store.set_aside() {
-                hook.truncated(&s.space, Seq::ZERO).await;
-            }
+            let set_aside = store.set_aside().iter().any(|s| &s.space == wal.space());
+            let state = match (set_aside, &hook) {
+                (true, Some(_)) => SpaceState::set_aside(wal),
+                // No hook, no state built from the old log: nothing to reset.
+                (true, None) => {
+                    store.reset_done(wal.space())?;
+                    SpaceState::new(wal)
+                }
+                (false, _) => SpaceState::new(wal),
+            };
+            spaces.insert(state.wal.space().clone(), Arc::new(state));
         }
         let (new_appliers, appliers_rx) = mpsc::unbounded_channel();
         if hook.is_some() {
@@ -148,8 +155,10 @@ impl Replica {
                 let _ = new_appliers.send(s.clone());
             }
         }
-        // A replica never accepts a primary older than the newest epoch in its logs (a deposed one).
-        let seen_epoch = store.spaces().iter().map(|w| w.last_epoch()).max().unwrap_or(Epoch(0));
+        // A replica never accepts a primary older than the newest epoch it saw (a deposed one): in
+        // its logs, or accepted before (kept apart, since a set-aside space takes its entries away).
+        let logs_epoch = store.spaces().iter().map(|w| w.last_epoch()).max().unwrap_or(Epoch(0));
+        let seen_epoch = logs_epoch.max(fence::read(&config.data_dir));
         let shared = Arc::new(Shared {
             node_id: NodeId::from_name(&config.name),
             // Seeded by the OS's randomness, different for every `Replica`.
@@ -274,7 +283,19 @@ impl SpaceState {
             catch_ups: AtomicU64::new(0),
             error: Mutex::new(None),
             truncations_seen: AtomicU64::new(truncations),
+            reset_pending: AtomicBool::new(false),
         }
+    }
+
+    /// A space whose log was set aside as damaged: the hook's state starts again from nothing,
+    /// so every entry of the new log goes to the hook from 1, after `truncated(Seq(0))`, even
+    /// those fetched before a restart.
+    fn set_aside(wal: SpaceWal) -> SpaceState {
+        let state = SpaceState::new(wal);
+        state.applied.store(0, Ordering::Release);
+        state.handed.store(0, Ordering::Release);
+        state.reset_pending.store(true, Ordering::Release);
+        state
     }
 }
 

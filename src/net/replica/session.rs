@@ -139,6 +139,14 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
             welcome.epoch, known_epoch
         )));
     }
+    if welcome.epoch > known_epoch {
+        // Kept before anything of the new epoch is taken in, so that no restart forgets it.
+        let (dir, epoch) = (shared.config.data_dir.clone(), welcome.epoch);
+        let kept = tokio::task::spawn_blocking(move || super::fence::write(&dir, epoch)).await;
+        if let Err(e) = kept.map_err(std::io::Error::other).and_then(|r| r) {
+            tracing::warn!(error = %e, epoch = %welcome.epoch, "cannot keep the primary's epoch on disk; after a restart only the logs' epochs fence deposed primaries");
+        }
+    }
     let liveness =
         Arc::new(Mutex::new(Liveness::new(tokio::time::Instant::now().into_std(), shared.config.heartbeat.timeout)));
     // Twice the credit: a stream reset for a catch-up may still hold its partial frame here for a

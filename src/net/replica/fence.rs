@@ -1,0 +1,58 @@
+//! The epoch fence kept on disk: the newest primary epoch this replica accepted, in
+//! `<data_dir>/epoch+fence`. The logs' last epochs give it too, but not always: a space set
+//! aside as damaged takes its entries away, and a primary's epoch is accepted before any entry of
+//! it arrives. A deposed primary must stay refused across restarts all the same.
+
+use std::path::Path;
+
+use crate::types::Epoch;
+
+/// The file, in the WAL root; `+` keeps it apart from any space id (a space's folder has its id for name).
+const FILE: &str = "epoch+fence";
+
+/// The epoch kept in `dir`; 0 if none was kept (or the file is unreadable, which is logged).
+pub(super) fn read(dir: &Path) -> Epoch {
+    let path = dir.join(FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => match text.trim().parse() {
+            Ok(epoch) => Epoch(epoch),
+            Err(_) => {
+                tracing::warn!(file = %path.display(), "unreadable epoch fence; the logs' epochs alone fence deposed primaries");
+                Epoch(0)
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Epoch(0),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the epoch fence; the logs' epochs alone fence deposed primaries");
+            Epoch(0)
+        }
+    }
+}
+
+/// Keeps `epoch` in `dir`, durably: written beside, fsynced, renamed over, folder fsynced.
+pub(super) fn write(dir: &Path, epoch: Epoch) -> std::io::Result<()> {
+    let path = dir.join(FILE);
+    let tmp = dir.join(format!("{FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut f, format!("{}\n", epoch.0).as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_epochs_read_back_and_anything_else_reads_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read(dir.path()), Epoch(0), "none kept");
+        write(dir.path(), Epoch(7)).unwrap();
+        assert_eq!(read(dir.path()), Epoch(7));
+        write(dir.path(), Epoch(9)).unwrap();
+        assert_eq!(read(dir.path()), Epoch(9));
+        std::fs::write(dir.path().join(FILE), b"garbage").unwrap();
+        assert_eq!(read(dir.path()), Epoch(0));
+    }
+}
