@@ -64,6 +64,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let replica = Replica::start(config, identity).await?;
     let reporter = args.report.start().await?;
     println!("replica {} replicating from {} (data {})", args.name, args.primary, args.data.display());
+    for s in replica.store().set_aside() {
+        println!(
+            "space {} was damaged ({}); set aside in {}, fetching it again",
+            s.space,
+            s.reason,
+            s.moved_to.display()
+        );
+    }
 
     let mut last_total = 0u64;
     common::every_until_signal(args.report.status_every, |elapsed, new_second| {
