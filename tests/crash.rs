@@ -465,3 +465,23 @@ async fn an_accepted_epoch_fences_deposed_primaries_after_a_restart() {
     r.shutdown().await;
     deposed.shutdown().await;
 }
+
+/// A replica whose logs were written before the epoch fence was kept on disk (an older release)
+/// keeps it at its next start, from its logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_is_kept_from_the_logs_of_an_older_release() {
+    let c = Cluster::new();
+    let mut pcfg = c.primary_config("127.0.0.1:0".parse().unwrap());
+    pcfg.epoch = walship::Epoch(2);
+    let primary = Primary::start(pcfg, c.ca.issue("primary").unwrap()).await.unwrap();
+    let r = c.replica("replica-1", primary.local_addr()).await;
+    write(&primary, &spaces(1), 3).await;
+    wait_for("replicated", || identical(&primary, &r)).await;
+    r.shutdown().await;
+    let fence = c.path("replica-1").join("epoch+fence");
+    std::fs::remove_file(&fence).unwrap();
+    primary.shutdown().await;
+    let r = c.replica("replica-1", "127.0.0.1:9".parse().unwrap()).await;
+    assert_eq!(std::fs::read_to_string(&fence).unwrap().trim(), "2");
+    r.shutdown().await;
+}

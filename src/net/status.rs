@@ -252,8 +252,9 @@ pub struct ReplicaStatus {
     pub assembling_bytes: u64,
     /// Every space.
     pub spaces: Vec<ReplicaSpace>,
-    /// Spaces whose log was found damaged at start and set aside (moved, kept for an operator):
-    /// each started again empty and is fetched again from the primary
+    /// Spaces whose log was found damaged and set aside (moved, kept for an operator), at this
+    /// start or an earlier one, whose apply hook was not yet told to reset when this replica
+    /// started: each started again empty and is fetched again from the primary
     /// ([`DamagedSpace::SetAside`](crate::wal::DamagedSpace::SetAside)).
     pub set_aside: Vec<crate::wal::SetAsideSpace>,
 }

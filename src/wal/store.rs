@@ -118,6 +118,19 @@ impl WalStore {
             sync_dir(root)?;
         }
         let set_aside = pending_resets(root)?;
+        // A crash between moving a space aside and creating its new log leaves the marker alone:
+        // every space it lists is open, empty if need be, as `set_aside` says.
+        for s in &set_aside {
+            if !spaces.by_id.contains_key(&s.space) {
+                spaces.insert(SpaceWal::open_with(
+                    root,
+                    s.space.clone(),
+                    config.clone(),
+                    syncer.as_ref(),
+                    &tail_budget,
+                )?);
+            }
+        }
         tracing::info!(root = %root.display(), spaces = spaces.opened.len(), "WAL store opened");
         let count = watch::Sender::new(spaces.opened.len());
         Ok(WalStore {
@@ -491,6 +504,17 @@ mod tests {
         store.reset_done(&id("bad")).unwrap();
         store.reset_done(&id("good")).unwrap();
         drop(store);
-        assert!(WalStore::open(root.path(), config).unwrap().set_aside().is_empty());
+        assert!(WalStore::open(root.path(), config.clone()).unwrap().set_aside().is_empty());
+        // A crash between the move and the new log's creation: the space is still opened, empty.
+        let aside = config.damaged_space(DamagedSpace::SetAside);
+        let first = crate::wal::test_files::segment_files(&root.path().join("good")).remove(0);
+        let mut bytes = std::fs::read(&first).unwrap();
+        bytes[60] ^= 0x40;
+        std::fs::write(&first, &bytes).unwrap();
+        drop(WalStore::open(root.path(), aside.clone()).unwrap());
+        std::fs::remove_dir_all(root.path().join("good")).unwrap();
+        let store = WalStore::open(root.path(), aside).unwrap();
+        assert_eq!(store.set_aside().iter().map(|s| s.space.to_string()).collect::<Vec<_>>(), ["good"]);
+        assert_eq!(store.get(&id("good")).map(|w| w.last_seq()), Some(Seq(0)));
     }
 }

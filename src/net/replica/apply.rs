@@ -183,7 +183,9 @@ async fn apply_space(shared: Arc<Shared>, hook: Arc<dyn ApplyHook>, state: Arc<S
             // from the old one starts from nothing first. Only now, so that a primary that can no
             // longer send entry 1 (retention) leaves that state as it was.
             hook.truncated(wal.space(), Seq::ZERO).await;
-            if let Err(e) = shared.store.reset_done(wal.space()) {
+            let (store, space) = (shared.store.clone(), wal.space().clone());
+            let done = tokio::task::spawn_blocking(move || store.reset_done(&space)).await;
+            if let Err(e) = done.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
                 tracing::warn!(space = %wal.space(), error = %e, "cannot clear the set-aside marker; the hook will be told to reset again after a restart");
             }
             state.reset_pending.store(false, Ordering::Release);

@@ -4,8 +4,14 @@
 //! it arrives. A deposed primary must stay refused across restarts all the same.
 
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
 use crate::types::Epoch;
+use crate::wal::WalError;
+
+/// One writer at a time in this process, so that two handshakes at once (a replica that dials
+/// and listens) never leave the older epoch on disk.
+static WRITING: Mutex<()> = Mutex::new(());
 
 /// The file, in the WAL root; `+` keeps it apart from any space id (a space's folder has its id for name).
 const FILE: &str = "epoch+fence";
@@ -29,8 +35,17 @@ pub(super) fn read(dir: &Path) -> Epoch {
     }
 }
 
+/// Raises the kept epoch to `epoch` if it is below, durably; never lowers it.
+pub(super) fn raise(dir: &Path, epoch: Epoch) -> Result<(), WalError> {
+    let _one = WRITING.lock().unwrap_or_else(PoisonError::into_inner);
+    if read(dir) >= epoch {
+        return Ok(());
+    }
+    write(dir, epoch).map_err(|source| WalError::Io { path: dir.join(FILE), op: "keep the epoch fence in", source })
+}
+
 /// Keeps `epoch` in `dir`, durably: written beside, fsynced, renamed over, folder fsynced.
-pub(super) fn write(dir: &Path, epoch: Epoch) -> std::io::Result<()> {
+fn write(dir: &Path, epoch: Epoch) -> std::io::Result<()> {
     let path = dir.join(FILE);
     let tmp = dir.join(format!("{FILE}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
@@ -52,7 +67,15 @@ mod tests {
         assert_eq!(read(dir.path()), Epoch(7));
         write(dir.path(), Epoch(9)).unwrap();
         assert_eq!(read(dir.path()), Epoch(9));
+        raise(dir.path(), Epoch(8)).unwrap();
+        assert_eq!(read(dir.path()), Epoch(9), "never lowered");
+        raise(dir.path(), Epoch(11)).unwrap();
+        assert_eq!(read(dir.path()), Epoch(11));
         std::fs::write(dir.path().join(FILE), b"garbage").unwrap();
         assert_eq!(read(dir.path()), Epoch(0));
+        // A folder where the file goes: an error that says where.
+        std::fs::create_dir(dir.path().join(format!("{FILE}.tmp"))).unwrap();
+        let err = raise(dir.path(), Epoch(12)).unwrap_err();
+        assert!(err.to_string().contains("epoch fence"), "{err}");
     }
 }

@@ -158,7 +158,16 @@ impl Replica {
         // A replica never accepts a primary older than the newest epoch it saw (a deposed one): in
         // its logs, or accepted before (kept apart, since a set-aside space takes its entries away).
         let logs_epoch = store.spaces().iter().map(|w| w.last_epoch()).max().unwrap_or(Epoch(0));
-        let seen_epoch = logs_epoch.max(fence::read(&config.data_dir));
+        let kept_epoch = fence::read(&config.data_dir);
+        let seen_epoch = logs_epoch.max(kept_epoch);
+        // Logs written before the fence was kept (an older release) carry it alone: keep it now,
+        // before a set-aside space can take it away.
+        if logs_epoch > kept_epoch {
+            let dir = config.data_dir.clone();
+            tokio::task::spawn_blocking(move || fence::raise(&dir, logs_epoch))
+                .await
+                .map_err(|e| NetError::Task(format!("keeping the epoch fence: {e}")))??;
+        }
         let shared = Arc::new(Shared {
             node_id: NodeId::from_name(&config.name),
             // Seeded by the OS's randomness, different for every `Replica`.

@@ -135,16 +135,23 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
     if welcome.epoch < known_epoch {
         conn.close(close::PROTOCOL, b"stale epoch");
         return Err(NetError::Protocol(format!(
-            "primary's epoch {} is older than {} seen before: refusing a deposed primary",
-            welcome.epoch, known_epoch
+            "primary's epoch {} is older than {known_epoch} seen before: refusing a deposed primary (a primary restored on purpose must start at epoch {known_epoch} or above; this replica keeps the newest epoch it accepted in {})",
+            welcome.epoch,
+            shared.config.data_dir.join("epoch+fence").display()
         )));
     }
     if welcome.epoch > known_epoch {
-        // Kept before anything of the new epoch is taken in, so that no restart forgets it.
+        // Kept before anything of the new epoch is taken in, so that no restart forgets it; a
+        // replica that cannot keep it takes nothing in (and retries as after any failed session).
         let (dir, epoch) = (shared.config.data_dir.clone(), welcome.epoch);
-        let kept = tokio::task::spawn_blocking(move || super::fence::write(&dir, epoch)).await;
-        if let Err(e) = kept.map_err(std::io::Error::other).and_then(|r| r) {
-            tracing::warn!(error = %e, epoch = %welcome.epoch, "cannot keep the primary's epoch on disk; after a restart only the logs' epochs fence deposed primaries");
+        let kept = tokio::task::spawn_blocking(move || super::fence::raise(&dir, epoch)).await;
+        match kept {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                conn.close(close::LOCAL_FAILURE, b"cannot keep the epoch");
+                return Err(e.into());
+            }
+            Err(e) => return Err(NetError::Task(format!("keeping the epoch fence: {e}"))),
         }
     }
     let liveness =
