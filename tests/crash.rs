@@ -438,14 +438,19 @@ async fn a_set_aside_space_the_primary_cannot_refill_keeps_the_hook_state() {
     primary.shutdown().await;
 }
 
+/// A primary of epoch 2 on a port of its own.
+async fn primary_of_epoch_2(c: &Cluster) -> Primary {
+    let mut pcfg = c.primary_config("127.0.0.1:0".parse().unwrap());
+    pcfg.epoch = walship::Epoch(2);
+    Primary::start(pcfg, c.ca.issue("primary").unwrap()).await.unwrap()
+}
+
 /// The epoch fence outlives the logs that carried it: a replica that accepted an epoch-2 primary
 /// (before any entry of it arrived) refuses a deposed epoch-1 primary after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accepted_epoch_fences_deposed_primaries_after_a_restart() {
     let c = Cluster::new();
-    let mut pcfg = c.primary_config("127.0.0.1:0".parse().unwrap());
-    pcfg.epoch = walship::Epoch(2);
-    let primary = Primary::start(pcfg.clone(), c.ca.issue("primary").unwrap()).await.unwrap();
+    let primary = primary_of_epoch_2(&c).await;
     let addr = primary.local_addr();
     let r = c.replica("replica-1", addr).await;
     wait_for("connected at epoch 2", || r.status().connection == ConnectionState::Connected).await;
@@ -471,9 +476,7 @@ async fn an_accepted_epoch_fences_deposed_primaries_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fence_is_kept_from_the_logs_of_an_older_release() {
     let c = Cluster::new();
-    let mut pcfg = c.primary_config("127.0.0.1:0".parse().unwrap());
-    pcfg.epoch = walship::Epoch(2);
-    let primary = Primary::start(pcfg, c.ca.issue("primary").unwrap()).await.unwrap();
+    let primary = primary_of_epoch_2(&c).await;
     let r = c.replica("replica-1", primary.local_addr()).await;
     write(&primary, &spaces(1), 3).await;
     wait_for("replicated", || identical(&primary, &r)).await;
