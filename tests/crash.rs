@@ -488,3 +488,31 @@ async fn the_fence_is_kept_from_the_logs_of_an_older_release() {
     assert_eq!(std::fs::read_to_string(&fence).unwrap().trim(), "2");
     r.shutdown().await;
 }
+
+/// A reset marker that outlived a log trimmed since it was fetched again (its `reset_done`
+/// failed): the reset cannot be made again from entry 1, so it is taken as made, not retried for
+/// ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_reset_marker_over_a_trimmed_log_is_taken_as_done() {
+    let c = Cluster::new();
+    let (primary, cfg, sp) = two_spaces_replicated(&c, c.primary_config("127.0.0.1:0".parse().unwrap()).wal).await;
+    damage_first_segment(&c, &sp[1]);
+    {
+        let store = WalStore::open(&c.path("replica-1"), cfg.wal.clone()).unwrap();
+        let held = primary.space(&sp[1]).unwrap().read_from(Seq(1), 40, usize::MAX).unwrap();
+        let wal = store.space(&sp[1]).unwrap();
+        wal.append_replicated(&held).unwrap();
+        assert!(wal.truncate_prefix(Seq(30)).unwrap() > Seq(1));
+    }
+    let told = Arc::new(Mutex::new(Vec::new()));
+    let hook = Arc::new(SpaceRecorder(told.clone()));
+    let r = Replica::start_with_hook(cfg.clone(), c.ca.issue("replica-1").unwrap(), Some(hook)).await.unwrap();
+    write(&primary, &sp[1..], 2).await;
+    wait_for("the new entries", || identical(&primary, &r) && told.lock().unwrap().len() == 2).await;
+    let told = told.lock().unwrap().clone();
+    let new: Vec<_> = (41..=42).map(|i| (sp[1].clone(), Told::Applied(i, payload(&sp[1], i)))).collect();
+    assert_eq!(told, new, "no reset, nothing applied again");
+    r.shutdown().await;
+    assert!(WalStore::open(&c.path("replica-1"), cfg.wal).unwrap().set_aside().is_empty());
+    primary.shutdown().await;
+}

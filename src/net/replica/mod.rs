@@ -139,9 +139,14 @@ impl Replica {
         for wal in store.spaces() {
             let set_aside = store.set_aside().iter().any(|s| &s.space == wal.space());
             let state = match (set_aside, &hook) {
-                (true, Some(_)) => SpaceState::set_aside(wal),
-                // No hook, no state built from the old log: nothing to reset.
-                (true, None) => {
+                (true, Some(_)) if wal.first_seq() == Seq(1) => SpaceState::set_aside(wal),
+                // No hook, no state built from the old log: nothing to reset. Or a log that no
+                // longer starts at 1, trimmed since it was fetched again: the reset was made (only
+                // its marker stayed, `reset_done` having failed), and cannot be made again anyway.
+                (true, _) => {
+                    if hook.is_some() {
+                        tracing::warn!(space = %wal.space(), first = %wal.first_seq(), "a set-aside space's reset marker outlived its log's start; taking the reset as made");
+                    }
                     store.reset_done(wal.space())?;
                     SpaceState::new(wal)
                 }
