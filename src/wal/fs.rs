@@ -116,6 +116,20 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), WalError> {
     }
 }
 
+/// Replaces `path` (in folder `dir`) with `bytes`, durably and at once: written to `<path>.tmp`,
+/// fsynced, renamed over `path`, folder fsynced. A crash leaves the old version or the new one.
+/// `what` names the operation in errors ("keep the epoch fence in").
+pub(crate) fn write_durably(dir: &Path, path: &Path, bytes: &[u8], what: &'static str) -> Result<(), WalError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = Path::new(&tmp);
+    File::create(tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, bytes).and_then(|()| f.sync_all()))
+        .ctx(what, tmp)?;
+    std::fs::rename(tmp, path).ctx(what, path)?;
+    sync_dir(dir)
+}
+
 /// Opens an existing segment for reading and writing.
 pub(crate) fn open_rw(path: &Path) -> Result<File, WalError> {
     OpenOptions::new().read(true).write(true).open(path).ctx("open segment", path)

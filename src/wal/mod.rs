@@ -15,7 +15,7 @@
 mod config;
 mod durability;
 mod error;
-mod fs;
+pub(crate) mod fs;
 mod index;
 mod read;
 mod recovery;

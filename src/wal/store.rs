@@ -10,7 +10,7 @@ use crate::types::SpaceId;
 
 use super::config::{DamagedSpace, SyncPolicy, WalConfig};
 use super::error::{IoContext, WalError};
-use super::fs::sync_dir;
+use super::fs::{sync_dir, write_durably};
 use super::space::SpaceWal;
 use super::syncer::Syncer;
 use super::tail::TailBudget;
@@ -93,6 +93,7 @@ impl WalStore {
         };
         let tail_budget = TailBudget::new(config.store_tail_max_bytes);
         let mut spaces = Spaces::default();
+        let open = |id: SpaceId| SpaceWal::open_with(root, id, config.clone(), syncer.as_ref(), &tail_budget);
         for entry in std::fs::read_dir(root).ctx("list", root)? {
             let entry = entry.ctx("list", root)?;
             if !entry.file_type().ctx("stat", &entry.path())?.is_dir() {
@@ -102,11 +103,11 @@ impl WalStore {
                 tracing::debug!(path = %entry.path().display(), "WAL store: ignoring a folder that is not a space id");
                 continue;
             };
-            let wal = match SpaceWal::open_with(root, id.clone(), config.clone(), syncer.as_ref(), &tail_budget) {
+            let wal = match open(id.clone()) {
                 Err(damage @ WalError::Corruption { .. }) if config.damaged_space == DamagedSpace::SetAside => {
                     let moved_to = move_aside(root, &id, &damage.to_string())?;
                     tracing::error!(space = %id, error = %damage, moved_to = %moved_to.display(), "WAL store: damaged space set aside; it starts again empty");
-                    SpaceWal::open_with(root, id, config.clone(), syncer.as_ref(), &tail_budget)?
+                    open(id)?
                 }
                 opened => opened?,
             };
@@ -122,13 +123,7 @@ impl WalStore {
         // every space it lists is open, empty if need be, as `set_aside` says.
         for s in &set_aside {
             if !spaces.by_id.contains_key(&s.space) {
-                spaces.insert(SpaceWal::open_with(
-                    root,
-                    s.space.clone(),
-                    config.clone(),
-                    syncer.as_ref(),
-                    &tail_budget,
-                )?);
+                spaces.insert(open(s.space.clone())?);
             }
         }
         tracing::info!(root = %root.display(), spaces = spaces.opened.len(), "WAL store opened");
@@ -259,11 +254,7 @@ fn move_aside(root: &Path, id: &SpaceId, reason: &str) -> Result<PathBuf, WalErr
     }
     let to = aside.join(format!("{id}.{n}"));
     let marker = aside.join(format!("{id}.{n}{RESET_MARKER}"));
-    let text = format!("{}\n{reason}\n", to.display());
-    std::fs::File::create(&marker)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()).and_then(|()| f.sync_all()))
-        .ctx("write", &marker)?;
-    sync_dir(&aside)?;
+    write_durably(&aside, &marker, format!("{}\n{reason}\n", to.display()).as_bytes(), "write the reset marker")?;
     let from = root.join(id.as_str());
     std::fs::rename(&from, &to).ctx("move damaged space to", &to)?;
     sync_dir(&aside)?;

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
 use crate::types::Epoch;
+use crate::wal::fs::write_durably;
 use crate::wal::WalError;
 
 /// One writer at a time in this process, so that two handshakes at once (a replica that dials
@@ -41,18 +42,7 @@ pub(super) fn raise(dir: &Path, epoch: Epoch) -> Result<(), WalError> {
     if read(dir) >= epoch {
         return Ok(());
     }
-    write(dir, epoch).map_err(|source| WalError::Io { path: dir.join(FILE), op: "keep the epoch fence in", source })
-}
-
-/// Keeps `epoch` in `dir`, durably: written beside, fsynced, renamed over, folder fsynced.
-fn write(dir: &Path, epoch: Epoch) -> std::io::Result<()> {
-    let path = dir.join(FILE);
-    let tmp = dir.join(format!("{FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    std::io::Write::write_all(&mut f, format!("{}\n", epoch.0).as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(dir)?.sync_all()
+    write_durably(dir, &dir.join(FILE), format!("{}\n", epoch.0).as_bytes(), "keep the epoch fence in")
 }
 
 #[cfg(test)]
@@ -63,9 +53,9 @@ mod tests {
     fn kept_epochs_read_back_and_anything_else_reads_zero() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(read(dir.path()), Epoch(0), "none kept");
-        write(dir.path(), Epoch(7)).unwrap();
+        raise(dir.path(), Epoch(7)).unwrap();
         assert_eq!(read(dir.path()), Epoch(7));
-        write(dir.path(), Epoch(9)).unwrap();
+        raise(dir.path(), Epoch(9)).unwrap();
         assert_eq!(read(dir.path()), Epoch(9));
         raise(dir.path(), Epoch(8)).unwrap();
         assert_eq!(read(dir.path()), Epoch(9), "never lowered");
