@@ -329,13 +329,38 @@ fn damage_first_segment(c: &Cluster, space: &SpaceId) -> std::path::PathBuf {
     segs.swap_remove(0)
 }
 
-/// A primary and replica-1 (512-byte segments) holding 40 entries of each of two spaces.
+/// Replica-1 started with a [`SpaceRecorder`] hook, and what the hook is told.
+async fn recording_replica(c: &Cluster, cfg: ReplicaConfig) -> (Replica, Arc<Mutex<Vec<(SpaceId, Told)>>>) {
+    let told = Arc::new(Mutex::new(Vec::new()));
+    let hook = Arc::new(SpaceRecorder(told.clone()));
+    let r = Replica::start_with_hook(cfg, c.ca.issue("replica-1").unwrap(), Some(hook)).await.unwrap();
+    (r, told)
+}
+
+/// What a hook is told when entries `seqs` of `space` (as `write` made them) are applied.
+fn applied(space: &SpaceId, seqs: std::ops::RangeInclusive<u64>) -> Vec<(SpaceId, Told)> {
+    seqs.map(|i| (space.clone(), Told::Applied(i, payload(space, i)))).collect()
+}
+
+/// Opens replica-1's store with `cfg` (setting the damaged `space` aside) and fills `space` again
+/// by hand with the primary's first `n` entries, as a fetch cut short by a crash leaves it.
+fn refill_by_hand(c: &Cluster, cfg: &ReplicaConfig, primary: &Primary, space: &SpaceId, n: usize) -> WalStore {
+    let store = WalStore::open(&c.path("replica-1"), cfg.wal.clone()).unwrap();
+    let held = primary.space(space).unwrap().read_from(Seq(1), n, usize::MAX).unwrap();
+    store.space(space).unwrap().append_replicated(&held).unwrap();
+    store
+}
+
+/// A primary (with `primary_segment_bytes` segments, if given) and replica-1 (512-byte segments)
+/// holding 40 entries of each of two spaces.
 async fn two_spaces_replicated(
     c: &Cluster,
-    primary_wal: walship::wal::WalConfig,
+    primary_segment_bytes: Option<u64>,
 ) -> (Primary, ReplicaConfig, Vec<SpaceId>) {
     let mut pcfg = c.primary_config("127.0.0.1:0".parse().unwrap());
-    pcfg.wal = primary_wal;
+    if let Some(bytes) = primary_segment_bytes {
+        pcfg.wal.segment_bytes = bytes;
+    }
     let primary = Primary::start(pcfg, c.ca.issue("primary").unwrap()).await.unwrap();
     let mut cfg = c.replica_config("replica-1", primary.local_addr());
     cfg.wal.segment_bytes = 512;
@@ -354,12 +379,10 @@ async fn two_spaces_replicated(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_with_a_damaged_space_sets_it_aside_and_fetches_it_again() {
     let c = Cluster::new();
-    let (primary, cfg, sp) = two_spaces_replicated(&c, c.primary_config("127.0.0.1:0".parse().unwrap()).wal).await;
+    let (primary, cfg, sp) = two_spaces_replicated(&c, None).await;
     let damaged = damage_first_segment(&c, &sp[1]);
 
-    let told = Arc::new(Mutex::new(Vec::new()));
-    let hook = Arc::new(SpaceRecorder(told.clone()));
-    let r = Replica::start_with_hook(cfg, c.ca.issue("replica-1").unwrap(), Some(hook)).await.unwrap();
+    let (r, told) = recording_replica(&c, cfg).await;
     let status = r.status();
     assert_eq!(status.set_aside.len(), 1, "{:?}", status.set_aside);
     assert_eq!(status.set_aside[0].space, sp[1]);
@@ -370,7 +393,7 @@ async fn a_replica_with_a_damaged_space_sets_it_aside_and_fetches_it_again() {
     .await;
     let told = told.lock().unwrap().clone();
     assert_eq!(told[0], (sp[1].clone(), Told::Truncated(0)), "the hook's state starts from nothing first");
-    let again: Vec<_> = (1..=40).map(|i| (sp[1].clone(), Told::Applied(i, payload(&sp[1], i)))).collect();
+    let again = applied(&sp[1], 1..=40);
     assert_eq!(told[1..], again[..], "every entry of the damaged space once, in order; nothing of the other");
     r.shutdown().await;
     primary.shutdown().await;
@@ -382,24 +405,17 @@ async fn a_replica_with_a_damaged_space_sets_it_aside_and_fetches_it_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_reset_survives_a_restart() {
     let c = Cluster::new();
-    let (primary, cfg, sp) = two_spaces_replicated(&c, c.primary_config("127.0.0.1:0".parse().unwrap()).wal).await;
+    let (primary, cfg, sp) = two_spaces_replicated(&c, None).await;
     damage_first_segment(&c, &sp[1]);
     // Set aside, then "crash": refilled partly by hand, as a fetch cut short would leave it.
-    {
-        let store = WalStore::open(&c.path("replica-1"), cfg.wal.clone()).unwrap();
-        assert_eq!(store.set_aside().len(), 1);
-        let held = primary.space(&sp[1]).unwrap().read_from(Seq(1), 10, usize::MAX).unwrap();
-        store.space(&sp[1]).unwrap().append_replicated(&held).unwrap();
-    }
-    let told = Arc::new(Mutex::new(Vec::new()));
-    let hook = Arc::new(SpaceRecorder(told.clone()));
-    let r = Replica::start_with_hook(cfg, c.ca.issue("replica-1").unwrap(), Some(hook)).await.unwrap();
+    assert_eq!(refill_by_hand(&c, &cfg, &primary, &sp[1], 10).set_aside().len(), 1);
+    let (r, told) = recording_replica(&c, cfg).await;
     assert_eq!(r.status().set_aside.len(), 1, "still pending");
     wait_for("the rest fetched and everything applied", || identical(&primary, &r) && told.lock().unwrap().len() == 41)
         .await;
     let told = told.lock().unwrap().clone();
     assert_eq!(told[0], (sp[1].clone(), Told::Truncated(0)));
-    let again: Vec<_> = (1..=40).map(|i| (sp[1].clone(), Told::Applied(i, payload(&sp[1], i)))).collect();
+    let again = applied(&sp[1], 1..=40);
     assert_eq!(told[1..], again[..], "the ten fetched before the restart too");
     r.shutdown().await;
     // Told once: no longer pending.
@@ -415,15 +431,11 @@ async fn a_pending_reset_survives_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_set_aside_space_the_primary_cannot_refill_keeps_the_hook_state() {
     let c = Cluster::new();
-    let mut pwal = c.primary_config("127.0.0.1:0".parse().unwrap()).wal;
-    pwal.segment_bytes = 512;
-    let (primary, cfg, sp) = two_spaces_replicated(&c, pwal).await;
+    let (primary, cfg, sp) = two_spaces_replicated(&c, Some(512)).await;
     primary.space(&sp[1]).unwrap().truncate_prefix(Seq(30)).unwrap();
     assert!(primary.space(&sp[1]).unwrap().first_seq() > Seq(1));
     damage_first_segment(&c, &sp[1]);
-    let told = Arc::new(Mutex::new(Vec::new()));
-    let hook = Arc::new(SpaceRecorder(told.clone()));
-    let r = Replica::start_with_hook(cfg, c.ca.issue("replica-1").unwrap(), Some(hook)).await.unwrap();
+    let (r, told) = recording_replica(&c, cfg).await;
     wait_for("the space to say it cannot be refilled", || {
         r.status()
             .spaces
@@ -495,22 +507,17 @@ async fn the_fence_is_kept_from_the_logs_of_an_older_release() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_reset_marker_over_a_trimmed_log_is_taken_as_done() {
     let c = Cluster::new();
-    let (primary, cfg, sp) = two_spaces_replicated(&c, c.primary_config("127.0.0.1:0".parse().unwrap()).wal).await;
+    let (primary, cfg, sp) = two_spaces_replicated(&c, None).await;
     damage_first_segment(&c, &sp[1]);
     {
-        let store = WalStore::open(&c.path("replica-1"), cfg.wal.clone()).unwrap();
-        let held = primary.space(&sp[1]).unwrap().read_from(Seq(1), 40, usize::MAX).unwrap();
-        let wal = store.space(&sp[1]).unwrap();
-        wal.append_replicated(&held).unwrap();
-        assert!(wal.truncate_prefix(Seq(30)).unwrap() > Seq(1));
+        let store = refill_by_hand(&c, &cfg, &primary, &sp[1], 40);
+        assert!(store.space(&sp[1]).unwrap().truncate_prefix(Seq(30)).unwrap() > Seq(1));
     }
-    let told = Arc::new(Mutex::new(Vec::new()));
-    let hook = Arc::new(SpaceRecorder(told.clone()));
-    let r = Replica::start_with_hook(cfg.clone(), c.ca.issue("replica-1").unwrap(), Some(hook)).await.unwrap();
+    let (r, told) = recording_replica(&c, cfg.clone()).await;
     write(&primary, &sp[1..], 2).await;
     wait_for("the new entries", || identical(&primary, &r) && told.lock().unwrap().len() == 2).await;
     let told = told.lock().unwrap().clone();
-    let new: Vec<_> = (41..=42).map(|i| (sp[1].clone(), Told::Applied(i, payload(&sp[1], i)))).collect();
+    let new = applied(&sp[1], 41..=42);
     assert_eq!(told, new, "no reset, nothing applied again");
     r.shutdown().await;
     assert!(WalStore::open(&c.path("replica-1"), cfg.wal).unwrap().set_aside().is_empty());
