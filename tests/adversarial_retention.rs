@@ -324,8 +324,8 @@ async fn forget_replica_racing_a_reconnect_never_orphans_the_new_session() {
 }
 
 /// 4. The primary restarts at a higher epoch over its data while retention (durable_everywhere,
-/// with the operator's own floor: trim only once every known replica is back) runs; the writer
-/// goes on in the new epoch. No Truncated; logs equal in the end.
+/// which counts the replicas known before the restart from their kept positions until they are
+/// back) runs; the writer goes on in the new epoch. No Truncated; logs equal in the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_restart_at_higher_epoch_while_retention_runs() {
     let c = Cluster::new();

@@ -433,6 +433,90 @@ async fn retention_up_to_durable_everywhere_keeps_what_an_absent_replica_needs()
     primary.shutdown().await;
 }
 
+/// A restarted primary still knows the replicas it served (`<data_dir>/replicas+known`): one not
+/// back yet counts with where it stood, so retention keeps what it needs; after a crash it counts
+/// with no more than it held; a forgotten replica stays forgotten; a node that serves as a replica
+/// drops the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_primary_still_counts_the_replicas_it_knew() {
+    let c = Cluster::new();
+    let start = |listen: std::net::SocketAddr| {
+        let mut cfg = c.primary_config(listen);
+        cfg.wal.segment_bytes = 4096;
+        cfg.wal.tail_max_entries = 16;
+        let identity = c.ca.issue("primary").unwrap();
+        async move {
+            // The port of a primary just stopped may still be held a moment.
+            let started = tokio::time::Instant::now();
+            loop {
+                match Primary::start(cfg.clone(), identity.clone()).await {
+                    Ok(p) => return p,
+                    Err(e) if started.elapsed() < DEADLINE => eprintln!("retrying: {e}"),
+                    Err(e) => panic!("cannot start the primary: {e}"),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let known = |p: &Primary| {
+        let mut names: Vec<String> = p.status().replicas.into_iter().map(|v| v.name).collect();
+        names.sort();
+        names
+    };
+    let s = SpaceId::new("kept").unwrap();
+    let primary = start("127.0.0.1:0".parse().unwrap()).await;
+    let addr = primary.local_addr();
+    let r1 = c.replica("replica-1", addr).await;
+    let r2 = c.replica("replica-2", addr).await;
+    write(&primary, std::slice::from_ref(&s), 300).await;
+    converge(&primary, &[&r1, &r2]).await;
+    wait_for("both replicas' acks of entry 300", || primary.durable_everywhere(&s) == Some(walship::Seq(300))).await;
+    r2.shutdown().await;
+    write(&primary, std::slice::from_ref(&s), 1_000).await;
+    assert_eq!(primary.wait_durable(&s, walship::Seq(1_300), 1, DEADLINE).await, ["replica-1"]);
+
+    // A clean restart: replica-2, away, counts with its last ack before anyone reconnects.
+    primary.shutdown().await;
+    let primary = start(addr).await;
+    assert_eq!(known(&primary), ["replica-1", "replica-2"]);
+    assert_eq!(primary.durable_everywhere(&s), Some(walship::Seq(300)), "replica-2 counts with its last ack");
+    let first = primary.space(&s).unwrap().truncate_prefix(walship::Seq(300)).unwrap();
+    assert!(first.0 > 1, "segments wholly below the floor are gone: first {first}");
+    let r2 = c.replica("replica-2", addr).await;
+    wait_for("both replicas to catch up", || identical(&primary, &r1) && identical(&primary, &r2)).await;
+    for r in [&r1, &r2] {
+        assert!(r.status().spaces.iter().all(|sp| sp.error.is_none()), "{:?}", r.status().spaces);
+        assert_eq!(r.space(&s).unwrap().read_from(walship::Seq(1), usize::MAX, usize::MAX).unwrap().len(), 1_300);
+    }
+
+    // replica-2 is forgotten; replica-3 is new (and cannot be served the trimmed space). The
+    // primary crashes (no shutdown): replica-3, kept before it was welcomed, counts with no more
+    // than it holds; replica-2 stays forgotten.
+    r2.shutdown().await;
+    wait_for("replica-2's connection to end", || primary.forget_replica("replica-2")).await;
+    let r3 = c.replica("replica-3", addr).await;
+    wait_for("replica-3 to be welcomed", || r3.status().connection == ConnectionState::Connected).await;
+    r1.shutdown().await;
+    drop(primary);
+    let primary = start("127.0.0.1:0".parse().unwrap()).await;
+    assert_eq!(known(&primary), ["replica-1", "replica-3"]);
+    let floor = primary.durable_everywhere(&s).expect("replicas are known");
+    assert!(floor <= walship::Seq(1_300), "{floor}");
+    let r3_held = r3.space(&s).map_or(walship::Seq::ZERO, |w| w.durable_seq());
+    r3.shutdown().await;
+    assert!(floor <= r3_held, "floor {floor} above what replica-3 holds ({r3_held})");
+    primary.shutdown().await;
+
+    // The same data, now a replica's: it keeps no list of replicas.
+    let list = c.path("primary").join("replicas+known");
+    assert!(list.exists());
+    let mut cfg = c.replica_config("primary", addr);
+    cfg.data_dir = c.path("primary");
+    let former = Replica::start(cfg, c.ca.issue("primary").unwrap()).await.unwrap();
+    assert!(!list.exists(), "a replica keeps no list of replicas");
+    former.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_log_diverged_is_refused_for_that_space() {
     let c = Cluster::new();

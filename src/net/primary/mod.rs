@@ -9,8 +9,10 @@
 //! - this module: the [`Primary`] handle (start, append, status, `wait_durable`,
 //!   `durable_everywhere`, `forget_replica`, `disconnect_replica`, shutdown);
 //! - [`session`]: one replica connection: handshake, control stream, starting the shippers;
-//! - [`shipper`]: one (space, replica) stream: batching, flow control, credit, catch-up restarts.
+//! - [`shipper`]: one (space, replica) stream: batching, flow control, credit, catch-up restarts;
+//! - [`known`]: the known replicas and their positions, kept on disk across restarts.
 
+pub(crate) mod known;
 mod session;
 mod shipper;
 
@@ -36,6 +38,7 @@ use crate::protocol::health::Health;
 use crate::protocol::progress::Lag;
 use crate::types::{EntryKind, NodeId, Seq, SpaceId};
 use crate::wal::{SpaceWal, WalError, WalStore};
+use known::{Floors, Known};
 use session::{accept_loop, dial_loop, Session};
 use shipper::SpaceShip;
 
@@ -53,9 +56,11 @@ struct Shared {
     node_id: NodeId,
     store: WalStore,
     endpoint: quinn::Endpoint,
-    /// Every replica known (served since start and not forgotten). Lock order: this, then a
-    /// link's `earlier`, then its `current`.
+    /// Every replica known (served, or kept in [`known`] from before a restart, and not
+    /// forgotten). Lock order: this, then a link's `earlier`, then its `current`, then its `floor`.
     replicas: Mutex<BTreeMap<String, Arc<ReplicaLink>>>,
+    /// Held while the known replicas are written to disk, so the last write is of the newest state.
+    keeping_known: Mutex<()>,
     sessions: AtomicU64,
     /// Woken after every ack a replica sends ([`Primary::wait_durable`]).
     acked: Notify,
@@ -67,6 +72,21 @@ struct ReplicaLink {
     connections: AtomicU64,
     /// Traffic of the connections before `current`. Lock order: `earlier`, then `current`.
     earlier: Mutex<TrafficTotals>,
+    /// Where the replica stood in each space before `current` (kept from before a restart,
+    /// earlier connections' acks, lowered to what `current`'s hello said): what retention counts
+    /// for a space `current` has not set up.
+    floor: Mutex<Floors>,
+}
+
+impl ReplicaLink {
+    fn new(floor: Floors) -> ReplicaLink {
+        ReplicaLink {
+            current: Mutex::new(None),
+            connections: AtomicU64::new(0),
+            earlier: Mutex::new(TrafficTotals::default()),
+            floor: Mutex::new(floor),
+        }
+    }
 }
 
 impl Primary {
@@ -102,12 +122,18 @@ impl Primary {
             ))
             .into());
         }
+        let dir = config.data_dir.clone();
+        let known = tokio::task::spawn_blocking(move || known::read(&dir))
+            .await
+            .map_err(|e| NetError::Task(format!("reading the known replicas: {e}")))?;
+        let replicas = known.into_iter().map(|(name, floor)| (name, Arc::new(ReplicaLink::new(floor)))).collect();
         let shared = Arc::new(Shared {
             node_id: NodeId::from_name(&config.name),
             config,
             store,
             endpoint,
-            replicas: Mutex::new(BTreeMap::new()),
+            replicas: Mutex::new(replicas),
+            keeping_known: Mutex::new(()),
             sessions: AtomicU64::new(0),
             acked: Notify::new(),
         });
@@ -148,9 +174,7 @@ impl Primary {
     /// the replica lacks, from the log's memory tail or, past it, from disk.
     pub fn status(&self) -> PrimaryStatus {
         let spaces: Vec<SpaceLog> = self.shared.store.spaces().iter().map(SpaceLog::of).collect();
-        let links: Vec<(String, Arc<ReplicaLink>)> =
-            lock(&self.shared.replicas).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let replicas = links.into_iter().map(|(name, link)| self.replica_view(name, &link)).collect();
+        let replicas = self.shared.links().into_iter().map(|(name, link)| self.replica_view(name, &link)).collect();
         PrimaryStatus {
             role: "primary",
             name: self.shared.config.name.clone(),
@@ -263,39 +287,40 @@ impl Primary {
     fn replicas_holding(&self, space: &SpaceId, seq: Seq) -> Vec<String> {
         self.ships_of(space)
             .into_iter()
-            .filter(|(_, ship)| ship.as_ref().is_some_and(|ship| ship.durable_in_log() >= seq))
-            .map(|(name, _)| name)
+            .filter(|(_, _, ship)| ship.as_ref().is_some_and(|ship| ship.durable_in_log() >= seq))
+            .map(|(name, _, _)| name)
             .collect()
     }
 
     /// Each known replica with the shipper of `space` of its latest connection (`None` if that
-    /// connection has not set the space up).
-    fn ships_of(&self, space: &SpaceId) -> Vec<(String, Option<Arc<SpaceShip>>)> {
-        let links: Vec<(String, Arc<ReplicaLink>)> =
-            lock(&self.shared.replicas).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        links
+    /// connection has not set the space up, or there is none since a restart).
+    fn ships_of(&self, space: &SpaceId) -> Vec<(String, Arc<ReplicaLink>, Option<Arc<SpaceShip>>)> {
+        self.shared
+            .links()
             .into_iter()
             .map(|(name, link)| {
                 let session = lock(&link.current).clone();
-                (name, session.and_then(|s| lock(&s.spaces).get(space).cloned()))
+                let ship = session.and_then(|s| lock(&s.spaces).get(space).cloned());
+                (name, link, ship)
             })
             .collect()
     }
 
-    /// The last entry of `space` durable on every replica this primary has served since it
-    /// started, for retention: trimming the log up to it (`primary.space(id)?.truncate_prefix(seq)`)
-    /// never removes an entry one of them still needs, which would leave that replica to be
-    /// rebuilt from a snapshot (`Truncated`). A disconnected replica counts with what it acked
-    /// last, until [`Primary::forget_replica`]; a replica whose copy of the space must be rebuilt
-    /// from a snapshot anyway does not count. `None` if no replica counts (none connected yet). A
-    /// replica not heard from since this primary started is not known here: keep a floor of your
-    /// own for it.
+    /// The last entry of `space` durable on every known replica, for retention: trimming the log
+    /// up to it (`primary.space(id)?.truncate_prefix(seq)`) never removes an entry one of them
+    /// still needs, which would leave that replica to be rebuilt from a snapshot (`Truncated`).
+    /// A disconnected replica counts with what it acked last, until [`Primary::forget_replica`];
+    /// a replica whose copy of the space must be rebuilt from a snapshot anyway does not count.
+    /// `None` if no replica counts (none ever connected). Replicas are known across restarts
+    /// (`<data_dir>/replicas+known`): one not back yet counts with where it stood when last seen,
+    /// or lower after a crash.
     pub fn durable_everywhere(&self, space: &SpaceId) -> Option<Seq> {
         self.ships_of(space)
             .into_iter()
-            .filter_map(|(_, ship)| match ship {
-                // Not (yet) shipped to it: it may need the whole log.
-                None => Some(Seq::ZERO),
+            .filter_map(|(_, link, ship)| match ship {
+                // Not (yet) shipped to it on this connection: where it stood before, if known; it
+                // may need the whole log.
+                None => Some(lock(&link.floor).get(space).copied().unwrap_or(Seq::ZERO)),
                 // It lacks entries retention already removed: only a snapshot helps it.
                 Some(ship) if ship.refused == Some(ErrorCode::Truncated) => None,
                 Some(ship) => Some(ship.durable_in_log()),
@@ -307,12 +332,30 @@ impl Primary {
     /// waits for it and its status is no longer reported. Refused (false) while it is connected;
     /// if it connects again later, it is known again from then on.
     pub fn forget_replica(&self, name: &str) -> bool {
-        let mut replicas = lock(&self.shared.replicas);
-        let connected = replicas
-            .get(name)
-            .and_then(|link| lock(&link.current).clone())
-            .is_some_and(|s| s.conn.close_reason().is_none());
-        !connected && replicas.remove(name).is_some()
+        let forgotten = {
+            let mut replicas = lock(&self.shared.replicas);
+            let connected = replicas
+                .get(name)
+                .and_then(|link| lock(&link.current).clone())
+                .is_some_and(|s| s.conn.close_reason().is_none());
+            !connected && replicas.remove(name).is_some()
+        };
+        if forgotten {
+            // Off the caller's thread when there is a runtime: this is a file write and an fsync.
+            // If it is lost to a crash, the replica is known again after the restart: retention
+            // waits for it until it is forgotten again.
+            let shared = self.shared.clone();
+            let keep = move || {
+                if let Err(e) = shared.keep_known() {
+                    tracing::warn!(error = %e, "cannot keep the known replicas after forgetting one");
+                }
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(keep)),
+                Err(_) => keep(),
+            }
+        }
+        forgotten
     }
 
     /// Closes the connection of replica `name`, if connected; the replica will reconnect and resume.
@@ -328,13 +371,51 @@ impl Primary {
         }
     }
 
-    /// Closes every connection, stops the tasks and syncs the WAL.
+    /// Closes every connection, stops the tasks, syncs the WAL and keeps the replicas' last
+    /// positions for the next start.
     pub async fn shutdown(self) {
         let Primary { shared, mut tasks, bound } = self;
         super::close_and_sync(&shared.endpoint, &mut tasks, &shared.store, b"primary shutting down").await;
+        if let Err(e) = keep_known(shared.clone()).await {
+            tracing::warn!(error = %e, "cannot keep the known replicas at shutdown");
+        }
         drop((shared, tasks));
         super::wait_released(bound).await;
     }
+}
+
+impl Shared {
+    /// Every known replica, by name.
+    fn links(&self) -> Vec<(String, Arc<ReplicaLink>)> {
+        lock(&self.replicas).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Every known replica with where it stands in each space: its latest connection's acks,
+    /// and for a space that connection has not set up, where it stood before.
+    fn known(&self) -> Known {
+        self.links()
+            .into_iter()
+            .map(|(name, link)| {
+                let mut floor = lock(&link.floor).clone();
+                if let Some(session) = lock(&link.current).clone() {
+                    floor.extend(session.durable_in_log());
+                }
+                (name, floor)
+            })
+            .collect()
+    }
+
+    /// Writes the known replicas to disk. Blocking: call it from a blocking thread.
+    fn keep_known(&self) -> Result<(), WalError> {
+        let _one = lock(&self.keeping_known);
+        known::write(&self.config.data_dir, &self.known())
+    }
+}
+
+/// [`Shared::keep_known`] on a blocking thread.
+async fn keep_known(shared: Arc<Shared>) -> Result<(), NetError> {
+    let kept = tokio::task::spawn_blocking(move || shared.keep_known()).await;
+    Ok(kept.map_err(|e| NetError::Task(format!("keeping the known replicas: {e}")))??)
 }
 
 /// Age in ms of the first entry after `durable`, 0 if there is none.

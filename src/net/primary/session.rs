@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use quinn::Connection;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
+use super::known::Floors;
 use super::shipper::{mux_writer, ship_space, SpaceShip, MUX_QUEUE_FRAMES};
 use super::{ReplicaLink, Shared};
 use crate::codec::batch::FrameLimits;
@@ -56,6 +57,14 @@ pub(super) struct Session {
 }
 
 impl Session {
+    /// The last entry durable on the replica of each space this connection set up, as this
+    /// primary's log is now.
+    pub(super) fn durable_in_log(&self) -> Vec<(SpaceId, Seq)> {
+        let ships: Vec<(SpaceId, Arc<SpaceShip>)> =
+            lock(&self.spaces).iter().map(|(s, ship)| (s.clone(), ship.clone())).collect();
+        ships.into_iter().map(|(s, ship)| (s, ship.durable_in_log())).collect()
+    }
+
     /// What this connection has carried so far.
     pub(super) fn traffic(&self) -> TrafficTotals {
         let (mut batches_sent, mut bytes_sent, mut entries_sent) = (0, 0, 0);
@@ -194,8 +203,21 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
         instance: hello.instance,
         early_acks: Mutex::new(HashMap::new()),
     });
-    let replaced = match register(&shared, &name, &session, expected.is_some()) {
-        Registration::Registered(replaced) => replaced,
+    let positions: HashMap<SpaceId, SpacePosition> = hello.spaces.into_iter().map(|p| (p.space.clone(), p)).collect();
+    let replaced = match register(&shared, &name, &session, expected.is_some(), &positions) {
+        Registration::Registered { replaced, keep_known } => {
+            // A replica new to this primary, or one that now holds less than kept (a space set
+            // aside): on disk before it is sent anything, so that a restart never forgets it or
+            // counts it with more than it holds. Without that, no session.
+            if keep_known {
+                if let Err(e) = super::keep_known(shared.clone()).await {
+                    let reason = format!("cannot keep the known replicas: {e}");
+                    conn.close(close::LOCAL_FAILURE, reason.as_bytes());
+                    return Err(NetError::Protocol(reason));
+                }
+            }
+            replaced
+        }
         Registration::TakenByAnotherProcess(reason) => {
             let _ = write_control(&mut send, &error_msg(ErrorCode::DuplicateName, None, &reason)).await;
             // The close can overtake the message: its reason says it too.
@@ -218,7 +240,6 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     }
 
     // Decide where each space resumes and answer with a welcome.
-    let positions: HashMap<SpaceId, SpacePosition> = hello.spaces.into_iter().map(|p| (p.space.clone(), p)).collect();
     // Spaces the replica holds and this primary does not are checked (and refused as diverged) if
     // they are ever created here; a hello never creates spaces on the primary.
     let welcome = Welcome {
@@ -261,13 +282,18 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     let reason = conn.closed().await;
     tasks.shutdown().await;
     tracing::info!(replica = %name, session = session.id, %reason, "replica disconnected");
+    // Where it stood, for retention after a restart.
+    if let Err(e) = super::keep_known(shared).await {
+        tracing::warn!(replica = %name, error = %e, "cannot keep the known replicas");
+    }
     Ok(())
 }
 
 /// What [`register`] made of a new connection.
 enum Registration {
-    /// It is the replica's current connection now, in place of this one.
-    Registered(Option<Arc<Session>>),
+    /// It is the replica's current connection now, in place of `replaced`; the known replicas
+    /// must be kept on disk before it goes on if `keep_known`.
+    Registered { replaced: Option<Arc<Session>>, keep_known: bool },
     /// Another live process uses the replica's name: refused, for this reason.
     TakenByAnotherProcess(String),
     /// The same process is connected already over its own dial (this one was dialed here).
@@ -278,19 +304,18 @@ enum Registration {
 /// the name or (for a connection this primary dialed) the replica's own dial is connected. All
 /// under the replica map's lock: `Primary::forget_replica` must not remove the replica between
 /// the look-up and the registration, which would leave a live connection unknown to status and
-/// retention.
-fn register(shared: &Shared, name: &str, session: &Arc<Session>, dialed: bool) -> Registration {
+/// retention. The replica's floor takes the old connection's acks, lowered to what `positions`
+/// (its hello) says it holds durable.
+fn register(
+    shared: &Shared,
+    name: &str,
+    session: &Arc<Session>,
+    dialed: bool,
+    positions: &HashMap<SpaceId, SpacePosition>,
+) -> Registration {
     let mut replicas = lock(&shared.replicas);
-    let link = replicas
-        .entry(name.to_string())
-        .or_insert_with(|| {
-            Arc::new(ReplicaLink {
-                current: Mutex::new(None),
-                connections: AtomicU64::new(0),
-                earlier: Mutex::new(TrafficTotals::default()),
-            })
-        })
-        .clone();
+    let known = replicas.contains_key(name);
+    let link = replicas.entry(name.to_string()).or_insert_with(|| Arc::new(ReplicaLink::new(Floors::new()))).clone();
     if let Some(reason) = taken_by_another_process(&link, session, &shared.config.heartbeat) {
         return Registration::TakenByAnotherProcess(reason);
     }
@@ -306,8 +331,28 @@ fn register(shared: &Shared, name: &str, session: &Arc<Session>, dialed: bool) -
         *earlier += old.traffic();
     }
     drop(earlier);
+    let acked = old.as_ref().map(|old| old.durable_in_log()).unwrap_or_default();
+    let lowered = {
+        let mut floor = lock(&link.floor);
+        floor.extend(acked);
+        lower_to_hello(&mut floor, positions)
+    };
     drop(replicas);
-    Registration::Registered(old)
+    Registration::Registered { replaced: old, keep_known: !known || lowered }
+}
+
+/// Lowers each space's floor to what the replica's hello says it holds durable (a space it does
+/// not hold to 0); whether any was lowered.
+fn lower_to_hello(floor: &mut Floors, positions: &HashMap<SpaceId, SpacePosition>) -> bool {
+    let mut lowered = false;
+    for (space, seq) in floor.iter_mut() {
+        let held = positions.get(space).map_or(Seq::ZERO, |p| p.durable_seq);
+        if held < *seq {
+            *seq = held;
+            lowered = true;
+        }
+    }
+    lowered
 }
 
 /// The replica's largest lag in entries over all spaces shipped to it, for its heartbeats.
@@ -547,5 +592,26 @@ fn empty_position(space: &SpaceId) -> SpacePosition {
         digest: Default::default(),
         durable_seq: Seq::ZERO,
         applied_seq: Seq::ZERO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_floor_is_lowered_to_what_the_hello_holds_and_never_raised() {
+        let id = |s: &str| SpaceId::new(s).unwrap();
+        let held =
+            |s: &str, durable: u64| (id(s), SpacePosition { durable_seq: Seq(durable), ..empty_position(&id(s)) });
+        let mut floor = Floors::from([(id("a"), Seq(100)), (id("b"), Seq(50)), (id("gone"), Seq(10))]);
+        // More than kept everywhere, and a space new to the floor: nothing changes.
+        let ahead = HashMap::from([held("a", 200), held("b", 50), held("gone", 10), held("new", 5)]);
+        assert!(!lower_to_hello(&mut floor, &ahead));
+        assert_eq!(floor, Floors::from([(id("a"), Seq(100)), (id("b"), Seq(50)), (id("gone"), Seq(10))]));
+        // A space set aside (held from 0 again) and one no longer held at all.
+        let reset = HashMap::from([held("a", 0), held("b", 70)]);
+        assert!(lower_to_hello(&mut floor, &reset));
+        assert_eq!(floor, Floors::from([(id("a"), Seq(0)), (id("b"), Seq(50)), (id("gone"), Seq(0))]));
     }
 }

@@ -173,6 +173,12 @@ impl Replica {
                 .await
                 .map_err(|e| NetError::Task(format!("keeping the epoch fence: {e}")))??;
         }
+        // What this node kept of its replicas as a primary is wrong by the time it is one again
+        // (a failover cuts logs back): a replica keeps none.
+        let dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || crate::net::primary::known::forget_all(&dir))
+            .await
+            .map_err(|e| NetError::Task(format!("removing the known replicas of a former primary: {e}")))??;
         let shared = Arc::new(Shared {
             node_id: NodeId::from_name(&config.name),
             // Seeded by the OS's randomness, different for every `Replica`.
