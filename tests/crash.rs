@@ -393,6 +393,8 @@ async fn a_replica_with_a_damaged_space_sets_it_aside_and_fetches_it_again() {
     .await;
     let told = told.lock().unwrap().clone();
     assert_eq!(told[0], (sp[1].clone(), Told::Truncated(0)), "the hook's state starts from nothing first");
+    wait_for("the reset recorded", || r.status().spaces.iter().all(|s| !s.reset_pending)).await;
+    assert_eq!(r.status().set_aside.len(), 1, "still listed for this start");
     let again = applied(&sp[1], 1..=40);
     assert_eq!(told[1..], again[..], "every entry of the damaged space once, in order; nothing of the other");
     r.shutdown().await;
@@ -413,6 +415,7 @@ async fn a_pending_reset_survives_a_restart() {
     assert_eq!(r.status().set_aside.len(), 1, "still pending");
     wait_for("the rest fetched and everything applied", || identical(&primary, &r) && told.lock().unwrap().len() == 41)
         .await;
+    wait_for("the reset recorded", || r.status().spaces.iter().all(|s| !s.reset_pending)).await;
     let told = told.lock().unwrap().clone();
     assert_eq!(told[0], (sp[1].clone(), Told::Truncated(0)));
     let again = applied(&sp[1], 1..=40);
@@ -446,6 +449,8 @@ async fn a_set_aside_space_the_primary_cannot_refill_keeps_the_hook_state() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(told.lock().unwrap().is_empty(), "{:?}", told.lock().unwrap());
     assert_eq!(r.status().set_aside.len(), 1);
+    let pending: Vec<_> = r.status().spaces.into_iter().map(|s| (s.log.space, s.reset_pending)).collect();
+    assert_eq!(pending, [(sp[0].clone(), false), (sp[1].clone(), true)], "nothing to reset the hook with yet");
     r.shutdown().await;
     primary.shutdown().await;
 }

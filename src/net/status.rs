@@ -211,6 +211,10 @@ pub struct ReplicaSpace {
     pub catch_ups: u64,
     /// The primary's last error about this space, if any (diverged, truncated).
     pub error: Option<String>,
+    /// The space was set aside as damaged ([`ReplicaStatus::set_aside`]) and the apply hook has
+    /// not yet been told to start its state again (`truncated(space, 0)`, just before the first
+    /// entry fetched again).
+    pub reset_pending: bool,
 }
 
 /// The primary's view, from its heartbeats: a cheap cross-check of the exact positions.
@@ -255,7 +259,8 @@ pub struct ReplicaStatus {
     /// Spaces whose log was found damaged and set aside (moved, kept for an operator), at this
     /// start or an earlier one, whose apply hook was not yet told to reset when this replica
     /// started: each started again empty and is fetched again from the primary
-    /// ([`DamagedSpace::SetAside`](crate::wal::DamagedSpace::SetAside)).
+    /// ([`DamagedSpace::SetAside`](crate::wal::DamagedSpace::SetAside)). The list is of this
+    /// start; `spaces[].reset_pending` says whether the hook is still to be told.
     pub set_aside: Vec<crate::wal::SetAsideSpace>,
 }
 

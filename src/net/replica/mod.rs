@@ -265,6 +265,7 @@ impl Replica {
                         applied_seq,
                         catch_ups: s.catch_ups.load(Ordering::Relaxed),
                         error: lock(&s.error).clone(),
+                        reset_pending: s.reset_pending.load(Ordering::Acquire),
                     }
                 })
                 .collect(),
