@@ -517,6 +517,89 @@ async fn a_restarted_primary_still_counts_the_replicas_it_knew() {
     former.shutdown().await;
 }
 
+/// What the kept file says of `replica` in `space` (`None`: not listed there).
+fn kept_seq(c: &Cluster, replica: &str, space: &SpaceId) -> Option<u64> {
+    let text = std::fs::read_to_string(c.path("primary").join("replicas+known")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(text.lines().next()?).unwrap();
+    json[replica][space.as_str()]["durable"]["seq"].as_u64()
+}
+
+/// A kept position never outlives a cut of the primary's log: in memory (a cut after the restart)
+/// or on disk (a cut the file never saw, before a crash: its digest no longer matches the log).
+/// A replica back on a new disk is kept as holding nothing before it is welcomed; the status
+/// reports kept positions as retention counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_position_follows_cuts_of_the_log_and_a_replica_that_lost_its_disk() {
+    let c = Cluster::new();
+    let s = SpaceId::new("cut").unwrap();
+    let primary = c.primary().await;
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    write(&primary, std::slice::from_ref(&s), 300).await;
+    converge(&primary, &[&r1]).await;
+    wait_for("the ack of entry 300", || primary.durable_everywhere(&s) == Some(walship::Seq(300))).await;
+    r1.shutdown().await;
+    primary.shutdown().await;
+    assert_eq!(kept_seq(&c, "replica-1", &s), Some(300));
+
+    // Restarted: the status reports the kept position. replica-1 comes back on a new disk.
+    let primary = c.primary().await;
+    let view = primary.status().replicas.into_iter().find(|v| v.name == "replica-1").unwrap();
+    assert_eq!((view.spaces[0].durable, view.spaces[0].lag.entries), (walship::Seq(300), 0));
+    std::fs::remove_dir_all(c.path("replica-1")).unwrap();
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    wait_for("welcomed", || r1.status().connection == ConnectionState::Connected).await;
+    assert_eq!(kept_seq(&c, "replica-1", &s), Some(0), "kept as holding nothing before it was welcomed");
+    wait_for("replica-1 to fetch everything again", || identical(&primary, &r1)).await;
+    wait_for("its ack of entry 300", || primary.durable_everywhere(&s) == Some(walship::Seq(300))).await;
+    r1.shutdown().await;
+    primary.shutdown().await;
+    assert_eq!(kept_seq(&c, "replica-1", &s), Some(300));
+
+    // Restarted, the log cut back and written again with other entries.
+    let primary = c.primary().await;
+    assert_eq!(primary.durable_everywhere(&s), Some(walship::Seq(300)));
+    let wal = primary.space(&s).unwrap();
+    wal.truncate_suffix(walship::Seq(100)).unwrap();
+    assert_eq!(primary.durable_everywhere(&s), Some(walship::Seq(100)), "the cut lowers it");
+    for i in 101..=400u64 {
+        wal.append(walship::Epoch(1), 0, bytes::Bytes::from(format!("another log {i}"))).unwrap();
+    }
+    assert_eq!(primary.durable_everywhere(&s), Some(walship::Seq(100)), "new entries are not held there");
+    drop((wal, primary)); // A crash: the file still says 300, of the log before the cut.
+    assert_eq!(kept_seq(&c, "replica-1", &s), Some(300));
+    let primary = c.primary().await;
+    assert_eq!(primary.durable_everywhere(&s), Some(walship::Seq(0)), "300 of another log holds nothing of this one");
+    let view = primary.status().replicas.into_iter().find(|v| v.name == "replica-1").unwrap();
+    assert_eq!((view.spaces[0].durable, view.spaces[0].lag.entries), (walship::Seq(0), 400), "status says the same");
+    primary.shutdown().await;
+}
+
+/// A replica is welcomed only once it is kept on disk: a failed write refuses the connection, and
+/// the next one writes again; a crash after the welcome still knows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_is_welcomed_only_once_it_is_kept() {
+    let c = Cluster::new();
+    let s = SpaceId::new("kept").unwrap();
+    let primary = c.primary().await;
+    let blocker = c.path("primary").join("replicas+known.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    wait_for("a refused connection", || {
+        r1.status().last_error.is_some_and(|e| e.contains("cannot keep the known replicas"))
+    })
+    .await;
+    assert_ne!(r1.status().connection, ConnectionState::Connected);
+    std::fs::remove_dir(&blocker).unwrap();
+    write(&primary, std::slice::from_ref(&s), 300).await;
+    converge(&primary, &[&r1]).await;
+    drop(primary); // A crash: no connection ended, nothing shut down.
+    let primary = c.primary().await;
+    assert_eq!(primary.status().replicas.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["replica-1"]);
+    assert_eq!(primary.durable_everywhere(&s), Some(walship::Seq(0)), "kept when welcomed, holding nothing then");
+    r1.shutdown().await;
+    primary.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_log_diverged_is_refused_for_that_space() {
     let c = Cluster::new();

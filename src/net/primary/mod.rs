@@ -38,7 +38,7 @@ use crate::protocol::health::Health;
 use crate::protocol::progress::Lag;
 use crate::types::{EntryKind, NodeId, Seq, SpaceId};
 use crate::wal::{SpaceWal, WalError, WalStore};
-use known::{Floors, Known};
+use known::{Floor, Floors, Known};
 use session::{accept_loop, dial_loop, Session};
 use shipper::SpaceShip;
 
@@ -122,11 +122,19 @@ impl Primary {
             ))
             .into());
         }
-        let dir = config.data_dir.clone();
-        let known = tokio::task::spawn_blocking(move || known::read(&dir))
-            .await
-            .map_err(|e| NetError::Task(format!("reading the known replicas: {e}")))?;
-        let replicas = known.into_iter().map(|(name, floor)| (name, Arc::new(ReplicaLink::new(floor)))).collect();
+        let (dir, logs) = (config.data_dir.clone(), store.clone());
+        let known = tokio::task::spawn_blocking(move || {
+            let known = known::read(&dir)?;
+            let link = |kept: BTreeMap<SpaceId, known::Kept>| {
+                let floors = kept.into_iter().map(|(s, k)| {
+                    let floor = Floor::checked(k, logs.get(&s).as_ref());
+                    (s, floor)
+                });
+                Arc::new(ReplicaLink::new(floors.collect()))
+            };
+            Ok::<_, NetError>(known.into_iter().map(|(name, kept)| (name, link(kept))).collect())
+        });
+        let replicas = known.await.map_err(|e| NetError::Task(format!("reading the known replicas: {e}")))??;
         let shared = Arc::new(Shared {
             node_id: NodeId::from_name(&config.name),
             config,
@@ -233,9 +241,20 @@ impl Primary {
                     let lag = lock(&ship.progress).lag(head, age, per_entry);
                     (sent, durable, applied, lag, inflight, lock(&ship.error).clone())
                 }
-                // Not compared with the replica's copy yet (a new connection compares its spaces in
-                // chunks): nothing counts as held there, so the replica is not reported healthy.
-                None => (Seq::ZERO, Seq::ZERO, Seq::ZERO, Lag { entries: head.0, ..Lag::default() }, 0, None),
+                // Not compared with the replica's copy on this connection yet (a new connection
+                // compares its spaces in chunks; a restarted primary has none until the replica
+                // is back): where it stood before, as retention counts it, so the replica is not
+                // reported healthy.
+                None => {
+                    let floor = lock(&link.floor).get(wal.space()).copied();
+                    let durable = floor.and_then(|f| f.held(Some(&wal))).unwrap_or(Seq::ZERO).min(head);
+                    let lag = Lag {
+                        entries: head.0 - durable.0,
+                        bytes: (head.0 - durable.0).saturating_mul(newest_entry_bytes(&wal)),
+                        ms: oldest_age_ms(&wal, durable, now),
+                    };
+                    (Seq::ZERO, durable, Seq::ZERO, lag, 0, None)
+                }
             };
             view.max_lag.entries = view.max_lag.entries.max(lag.entries);
             view.max_lag.bytes = view.max_lag.bytes.max(lag.bytes);
@@ -315,12 +334,13 @@ impl Primary {
     /// (`<data_dir>/replicas+known`): one not back yet counts with where it stood when last seen,
     /// or lower after a crash.
     pub fn durable_everywhere(&self, space: &SpaceId) -> Option<Seq> {
+        let wal = self.shared.store.get(space);
         self.ships_of(space)
             .into_iter()
             .filter_map(|(_, link, ship)| match ship {
                 // Not (yet) shipped to it on this connection: where it stood before, if known; it
                 // may need the whole log.
-                None => Some(lock(&link.floor).get(space).copied().unwrap_or(Seq::ZERO)),
+                None => lock(&link.floor).get(space).map_or(Some(Seq::ZERO), |f| f.held(wal.as_ref())),
                 // It lacks entries retention already removed: only a snapshot helps it.
                 Some(ship) if ship.refused == Some(ErrorCode::Truncated) => None,
                 Some(ship) => Some(ship.durable_in_log()),
@@ -390,25 +410,29 @@ impl Shared {
         lock(&self.replicas).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
-    /// Every known replica with where it stands in each space: its latest connection's acks,
-    /// and for a space that connection has not set up, where it stood before.
-    fn known(&self) -> Known {
-        self.links()
-            .into_iter()
-            .map(|(name, link)| {
-                let mut floor = lock(&link.floor).clone();
-                if let Some(session) = lock(&link.current).clone() {
-                    floor.extend(session.durable_in_log());
-                }
-                (name, floor)
-            })
-            .collect()
+    /// Every known replica with where it stands in each space, as kept on disk: its latest
+    /// connection's acks, and for a space that connection has not set up, where it stood before.
+    /// Blocking: reads a digest per position (up to 64 KiB each).
+    fn known(&self) -> Result<Known, WalError> {
+        let mut known = Known::new();
+        for (name, link) in self.links() {
+            let mut floors = lock(&link.floor).clone();
+            if let Some(session) = lock(&link.current).clone() {
+                floors.extend(session.floors());
+            }
+            let kept = floors
+                .iter()
+                .map(|(space, floor)| Ok((space.clone(), floor.kept(self.store.get(space).as_ref())?)))
+                .collect::<Result<_, WalError>>()?;
+            known.insert(name, kept);
+        }
+        Ok(known)
     }
 
     /// Writes the known replicas to disk. Blocking: call it from a blocking thread.
     fn keep_known(&self) -> Result<(), WalError> {
         let _one = lock(&self.keeping_known);
-        known::write(&self.config.data_dir, &self.known())
+        known::write(&self.config.data_dir, &self.known()?)
     }
 }
 

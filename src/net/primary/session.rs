@@ -12,7 +12,7 @@ use quinn::Connection;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
-use super::known::Floors;
+use super::known::{Floor, Floors};
 use super::shipper::{mux_writer, ship_space, SpaceShip, MUX_QUEUE_FRAMES};
 use super::{ReplicaLink, Shared};
 use crate::codec::batch::FrameLimits;
@@ -57,12 +57,11 @@ pub(super) struct Session {
 }
 
 impl Session {
-    /// The last entry durable on the replica of each space this connection set up, as this
-    /// primary's log is now.
-    pub(super) fn durable_in_log(&self) -> Vec<(SpaceId, Seq)> {
+    /// Where the replica stands in each space this connection set up.
+    pub(super) fn floors(&self) -> Vec<(SpaceId, Floor)> {
         let ships: Vec<(SpaceId, Arc<SpaceShip>)> =
             lock(&self.spaces).iter().map(|(s, ship)| (s.clone(), ship.clone())).collect();
-        ships.into_iter().map(|(s, ship)| (s, ship.durable_in_log())).collect()
+        ships.into_iter().map(|(s, ship)| (s, ship.floor())).collect()
     }
 
     /// What this connection has carried so far.
@@ -205,16 +204,14 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     });
     let positions: HashMap<SpaceId, SpacePosition> = hello.spaces.into_iter().map(|p| (p.space.clone(), p)).collect();
     let replaced = match register(&shared, &name, &session, expected.is_some(), &positions) {
-        Registration::Registered { replaced, keep_known } => {
-            // A replica new to this primary, or one that now holds less than kept (a space set
-            // aside): on disk before it is sent anything, so that a restart never forgets it or
-            // counts it with more than it holds. Without that, no session.
-            if keep_known {
-                if let Err(e) = super::keep_known(shared.clone()).await {
-                    let reason = format!("cannot keep the known replicas: {e}");
-                    conn.close(close::LOCAL_FAILURE, reason.as_bytes());
-                    return Err(NetError::Protocol(reason));
-                }
+        Registration::Registered(replaced) => {
+            // On disk before the replica is sent anything, so that a restart never forgets it or
+            // counts it with more than its hello says it holds (a space set aside, a new disk).
+            // Without that, no session: the replica retries.
+            if let Err(e) = super::keep_known(shared.clone()).await {
+                let reason = format!("cannot keep the known replicas: {e}");
+                conn.close(close::LOCAL_FAILURE, reason.as_bytes());
+                return Err(NetError::Protocol(reason));
             }
             replaced
         }
@@ -291,9 +288,8 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
 
 /// What [`register`] made of a new connection.
 enum Registration {
-    /// It is the replica's current connection now, in place of `replaced`; the known replicas
-    /// must be kept on disk before it goes on if `keep_known`.
-    Registered { replaced: Option<Arc<Session>>, keep_known: bool },
+    /// It is the replica's current connection now, in place of this one.
+    Registered(Option<Arc<Session>>),
     /// Another live process uses the replica's name: refused, for this reason.
     TakenByAnotherProcess(String),
     /// The same process is connected already over its own dial (this one was dialed here).
@@ -314,7 +310,6 @@ fn register(
     positions: &HashMap<SpaceId, SpacePosition>,
 ) -> Registration {
     let mut replicas = lock(&shared.replicas);
-    let known = replicas.contains_key(name);
     let link = replicas.entry(name.to_string()).or_insert_with(|| Arc::new(ReplicaLink::new(Floors::new()))).clone();
     if let Some(reason) = taken_by_another_process(&link, session, &shared.config.heartbeat) {
         return Registration::TakenByAnotherProcess(reason);
@@ -331,28 +326,26 @@ fn register(
         *earlier += old.traffic();
     }
     drop(earlier);
-    let acked = old.as_ref().map(|old| old.durable_in_log()).unwrap_or_default();
-    let lowered = {
-        let mut floor = lock(&link.floor);
-        floor.extend(acked);
-        lower_to_hello(&mut floor, positions)
-    };
     drop(replicas);
-    Registration::Registered { replaced: old, keep_known: !known || lowered }
+    // Outside the map's lock: reading acks takes the logs' locks, which a cut holds during I/O.
+    // Until then the replica counts with less, never more.
+    let acked = old.as_ref().map(|old| old.floors()).unwrap_or_default();
+    let mut floors = lock(&link.floor);
+    floors.extend(acked);
+    lower_to_hello(&mut floors, positions);
+    drop(floors);
+    Registration::Registered(old)
 }
 
 /// Lowers each space's floor to what the replica's hello says it holds durable (a space it does
-/// not hold to 0); whether any was lowered.
-fn lower_to_hello(floor: &mut Floors, positions: &HashMap<SpaceId, SpacePosition>) -> bool {
-    let mut lowered = false;
-    for (space, seq) in floor.iter_mut() {
+/// not hold to 0).
+fn lower_to_hello(floors: &mut Floors, positions: &HashMap<SpaceId, SpacePosition>) {
+    for (space, floor) in floors.iter_mut() {
         let held = positions.get(space).map_or(Seq::ZERO, |p| p.durable_seq);
-        if held < *seq {
-            *seq = held;
-            lowered = true;
+        if let Floor::At { seq, .. } = floor {
+            *seq = held.min(*seq);
         }
     }
-    lowered
 }
 
 /// The replica's largest lag in entries over all spaces shipped to it, for its heartbeats.
@@ -604,14 +597,18 @@ mod tests {
         let id = |s: &str| SpaceId::new(s).unwrap();
         let held =
             |s: &str, durable: u64| (id(s), SpacePosition { durable_seq: Seq(durable), ..empty_position(&id(s)) });
-        let mut floor = Floors::from([(id("a"), Seq(100)), (id("b"), Seq(50)), (id("gone"), Seq(10))]);
+        let at = |seq: u64| Floor::At { seq: Seq(seq), truncations: 2 };
+        let floors = |v: [(&str, Floor); 4]| Floors::from(v.map(|(s, f)| (id(s), f)));
+        let mut floor = floors([("a", at(100)), ("b", at(50)), ("gone", at(10)), ("trimmed", Floor::NeedsSnapshot)]);
+        let before = floor.clone();
         // More than kept everywhere, and a space new to the floor: nothing changes.
-        let ahead = HashMap::from([held("a", 200), held("b", 50), held("gone", 10), held("new", 5)]);
-        assert!(!lower_to_hello(&mut floor, &ahead));
-        assert_eq!(floor, Floors::from([(id("a"), Seq(100)), (id("b"), Seq(50)), (id("gone"), Seq(10))]));
+        let ahead =
+            HashMap::from([held("a", 200), held("b", 50), held("gone", 10), held("new", 5), held("trimmed", 9)]);
+        lower_to_hello(&mut floor, &ahead);
+        assert_eq!(floor, before);
         // A space set aside (held from 0 again) and one no longer held at all.
         let reset = HashMap::from([held("a", 0), held("b", 70)]);
-        assert!(lower_to_hello(&mut floor, &reset));
-        assert_eq!(floor, Floors::from([(id("a"), Seq(0)), (id("b"), Seq(50)), (id("gone"), Seq(0))]));
+        lower_to_hello(&mut floor, &reset);
+        assert_eq!(floor, floors([("a", at(0)), ("b", at(50)), ("gone", at(0)), ("trimmed", Floor::NeedsSnapshot)]));
     }
 }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use quinn::{Connection, SendStream};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
 
+use super::known::Floor;
 use super::session::{error_msg, Session};
 use super::Shared;
 use crate::codec::batch::{BATCH_HEADER_LEN, ENTRY_HEADER_LEN};
@@ -78,6 +79,16 @@ impl SpaceShip {
             return durable;
         }
         self.wal.cut_since(self.truncations).map_or(durable, |cut| durable.min(cut))
+    }
+
+    /// Where the replica stands, kept for when this connection is gone (and across restarts).
+    pub(super) fn floor(&self) -> Floor {
+        if self.refused == Some(ErrorCode::Truncated) {
+            return Floor::NeedsSnapshot;
+        }
+        // Read first: a cut after it, even one `durable_in_log` already saw, lowers the floor.
+        let truncations = self.wal.truncations();
+        Floor::At { seq: self.durable_in_log(), truncations }
     }
 
     /// Whether the log was cut back (`truncate_suffix`) since the handshake compared it with the
