@@ -42,8 +42,8 @@ struct Args {
     /// Spaces for the built-in writer (0: no writer).
     #[arg(long, default_value_t = 0)]
     spaces: usize,
-    /// Entries per second of the built-in writer (0 = as fast as possible).
-    #[arg(long, default_value_t = 1000)]
+    /// Entries per second of the built-in writer, or `max` (also 0) for as fast as possible.
+    #[arg(long, default_value = "1000", value_parser = parse_write_rate)]
     rate: u64,
     /// Payload bytes per entry.
     #[arg(long, default_value_t = 128)]
@@ -94,6 +94,14 @@ struct Args {
     /// latency it reports (the status file's `writer.append_latency_us`).
     #[arg(long, default_value = "0s", value_parser = walship::netsim::parse_duration)]
     warmup: Duration,
+}
+
+/// Entries per second, or `max` (0 too) for as fast as possible, as `loadtest --rate` takes it.
+fn parse_write_rate(s: &str) -> Result<u64, String> {
+    match s {
+        "max" => Ok(0),
+        _ => s.parse().map_err(|_| format!("bad rate {s:?}: entries per second, or `max` for as fast as possible")),
+    }
 }
 
 fn parse_dial(s: &str) -> Result<ReplicaAddr, String> {
@@ -321,12 +329,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     });
     let status = primary.status();
     primary.shutdown().await;
-    reporter.publish(
-        &status,
-        extra(&args, writer.as_deref(), &run),
-        status.spaces.len(),
-        walship::net::metrics::record_primary,
-    );
+    let mut last = extra(&args, writer.as_deref(), &run);
+    last.push(("stopped", Value::Bool(true)));
+    reporter.publish(&status, last, status.spaces.len(), walship::net::metrics::record_primary);
     println!("primary stopped");
     Ok(())
 }

@@ -101,7 +101,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     .await;
     let status = replica.status();
     replica.shutdown().await;
-    reporter.publish(&status, Vec::new(), status.spaces.len(), walship::net::metrics::record_replica);
+    let last = vec![("stopped", serde_json::Value::Bool(true))];
+    reporter.publish(&status, last, status.spaces.len(), walship::net::metrics::record_replica);
     println!("replica stopped");
     Ok(())
 }

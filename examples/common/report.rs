@@ -10,7 +10,8 @@ use super::{parse_addr, parse_period, status_http};
 /// Prometheus metrics.
 #[derive(clap::Args, Debug)]
 pub struct ReportFlags {
-    /// Rewrite this file with the status as JSON every `--status-every` and at shutdown.
+    /// Rewrite this file with the status as JSON every `--status-every` and at shutdown (that
+    /// last one with `"stopped": true`).
     #[arg(long)]
     pub status_file: Option<PathBuf>,
     /// Serve the same JSON at http://ADDR/status (plain HTTP, no authentication: bind it to an
@@ -87,6 +88,8 @@ impl Reporter<'_> {
         let mut extra: std::collections::BTreeMap<_, _> = extra.into_iter().collect();
         // How stale a reader's copy can be.
         extra.insert("status_every_ms", serde_json::json!(self.flags.status_every.as_millis() as u64));
+        // The last snapshot, written at shutdown, says so: its connections were live when it was taken.
+        extra.entry("stopped").or_insert(serde_json::Value::Bool(false));
         // Serialized once for both the file and the endpoint (a node with many spaces writes megabytes).
         let bytes = match serde_json::to_vec_pretty(&WithExtra { status, extra }) {
             Ok(b) => Arc::new(b),

@@ -57,8 +57,9 @@ fn missing_file_hint(dir: &Path, name: &str) -> String {
         )
     } else {
         format!(
-            "run `cargo run --release --example gen_certs -- --out {} --names {name}` to create development certificates, or \
-             see certs/README.md to use your own CA",
+            "run `cargo run --release --example gen_certs -- --out {} --names {name},<every other node>` to create \
+             development certificates for the whole cluster at once (one CA; copy the folder to every node), or see \
+             certs/README.md to use your own CA",
             dir.display()
         )
     }

@@ -149,7 +149,10 @@ pub(super) fn write(dir: &Path, known: &Known) -> Result<(), WalError> {
 pub(crate) fn forget_all(dir: &Path) -> Result<(), WalError> {
     let path = dir.join(FILE);
     match std::fs::remove_file(&path) {
-        Ok(()) => crate::wal::fs::sync_dir(dir),
+        Ok(()) => {
+            tracing::info!(file = %path.display(), "removed the replicas this node knew as a primary: it serves as a replica now");
+            crate::wal::fs::sync_dir(dir)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(WalError::io("remove the known replicas of a former primary", &path, e)),
     }
