@@ -489,9 +489,10 @@ async fn a_restarted_primary_still_counts_the_replicas_it_knew() {
         assert_eq!(r.space(&s).unwrap().read_from(walship::Seq(1), usize::MAX, usize::MAX).unwrap().len(), 1_300);
     }
 
-    // replica-2 is forgotten; replica-3 is new (and cannot be served the trimmed space). The
-    // primary crashes (no shutdown): replica-3, kept before it was welcomed, counts with no more
-    // than it holds; replica-2 stays forgotten.
+    // replica-2 is forgotten; replica-3 is new, and needs a snapshot of the trimmed space. The
+    // primary crashes (no shutdown): replica-3 is known, kept as holding nothing when it was
+    // welcomed, or, if a later write saw its space refused, as not counting (it needs a snapshot
+    // anyway); replica-2 stays forgotten.
     r2.shutdown().await;
     wait_for("replica-2's connection to end", || primary.forget_replica("replica-2")).await;
     let r3 = c.replica("replica-3", addr).await;
@@ -501,10 +502,8 @@ async fn a_restarted_primary_still_counts_the_replicas_it_knew() {
     let primary = start("127.0.0.1:0".parse().unwrap()).await;
     assert_eq!(known(&primary), ["replica-1", "replica-3"]);
     let floor = primary.durable_everywhere(&s).expect("replicas are known");
-    assert!(floor <= walship::Seq(1_300), "{floor}");
-    let r3_held = r3.space(&s).map_or(walship::Seq::ZERO, |w| w.durable_seq());
+    assert!([walship::Seq(0), walship::Seq(1_300)].contains(&floor), "{floor}");
     r3.shutdown().await;
-    assert!(floor <= r3_held, "floor {floor} above what replica-3 holds ({r3_held})");
     primary.shutdown().await;
 
     // The same data, now a replica's: it keeps no list of replicas.
