@@ -73,7 +73,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    let mut last_total = 0u64;
+    // Entries recovered from disk at start are not a rate.
+    let mut last_total: u64 = replica.status().spaces.iter().map(|s| s.log.last_seq.0).sum();
     common::every_until_signal(args.report.status_every, |elapsed, new_second| {
         let status = replica.status();
         reporter.publish(&status, Vec::new(), status.spaces.len(), walship::net::metrics::record_replica);

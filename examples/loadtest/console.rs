@@ -125,7 +125,8 @@ pub fn watch_signals(
         signals.next().await;
         leftovers.remove();
         console.bar.finish_and_clear();
-        eprintln!("loadtest: interrupted again: quit without a report (temporary folder removed)");
+        let removed = if leftovers.dir.is_some() { " (temporary folder removed)" } else { "" };
+        eprintln!("loadtest: interrupted again: quit without a report{removed}");
         std::process::exit(130);
     });
     Ok(flag)
