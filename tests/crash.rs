@@ -227,6 +227,52 @@ async fn a_suffix_truncation_right_after_a_restart_still_rolls_the_hook_back() {
     primary.shutdown().await;
 }
 
+/// A replica's log cut back after its hello was sent and before the welcome (an operator's repair
+/// racing a reconnect, where `Replica::disconnect` does not reach the connection yet): the replica
+/// closes that connection once welcomed (`LOG_CUT`) and says hello again from the cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_log_cut_during_the_handshake_makes_it_handshake_again() {
+    use walship::codec::control::{SpaceRange, Welcome};
+    use walship::codec::{ControlMessage, PROTOCOL_VERSION};
+    let c = Cluster::new();
+    let s = SpaceId::new("cut").unwrap();
+    {
+        let store =
+            WalStore::open(&c.path("replica-1"), c.replica_config("replica-1", "127.0.0.1:1".parse().unwrap()).wal)
+                .unwrap();
+        let wal = store.space(&s).unwrap();
+        for i in 1..=10u64 {
+            wal.append(walship::Epoch(1), 1, Bytes::from(format!("old-{i}"))).unwrap();
+        }
+    }
+    let HandDrivenPrimary { replica, endpoint, conn, mut send, .. } = hand_driven_primary(&c, |_| {}).await;
+    // The hello said 10; the log is cut to 5 before the welcome.
+    replica.space(&s).unwrap().truncate_suffix(Seq(5)).unwrap();
+    let welcome = ControlMessage::Welcome(Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        primary_id: walship::NodeId::from_name("primary"),
+        primary_name: "primary".into(),
+        epoch: walship::Epoch(1),
+        spaces: vec![SpaceRange { space: s.clone(), first_seq: Seq(1), last_seq: Seq(12) }],
+        max_inflight_bytes: 64 << 20,
+    });
+    send.write_all(&welcome.encode().unwrap()).await.unwrap();
+    match tokio::time::timeout(DEADLINE, conn.closed()).await.expect("the replica closes the connection") {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, walship::net::close::LOG_CUT, "{close:?}")
+        }
+        other => panic!("closed otherwise: {other:?}"),
+    }
+    // It dials again and says where its log ends now.
+    let conn = endpoint.accept().await.unwrap().await.unwrap();
+    let (_send, mut recv) = conn.accept_bi().await.unwrap();
+    let ControlMessage::Hello(hello) = next_control(&mut recv, &mut bytes::BytesMut::new()).await else {
+        panic!("expected a hello")
+    };
+    assert_eq!(hello.spaces.iter().map(|p| (p.space.clone(), p.last_seq)).collect::<Vec<_>>(), [(s, Seq(5))]);
+    replica.shutdown().await;
+}
+
 /// A primary whose log is cut back during a session (an operator's `truncate_suffix`) does not
 /// splice its new entries onto what the replica holds past the cut: it closes the session, and the
 /// new handshake refuses the space as diverged.

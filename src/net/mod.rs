@@ -198,9 +198,9 @@ pub mod close {
     pub const UNAUTHORIZED: VarInt = VarInt::from_u32(4);
     /// This node failed internally; the peer should reconnect.
     pub const LOCAL_FAILURE: VarInt = VarInt::from_u32(5);
-    /// A space's log was cut back on the primary during the session: what the replica holds past
-    /// the cut may differ from what the primary writes there next, so the handshake must compare
-    /// the logs again (the replica reconnects).
+    /// A space's log was cut back on the primary during the session (or on the replica during the
+    /// handshake): what the replica holds past the cut may differ from what the primary writes
+    /// there next, so the handshake must compare the logs again (the replica reconnects).
     pub const LOG_CUT: VarInt = VarInt::from_u32(6);
     /// Another live replica process is connected under this replica's name.
     pub const DUPLICATE_NAME: VarInt = VarInt::from_u32(7);

@@ -23,6 +23,7 @@ use crate::net::{close, lock, HANDSHAKE_TIMEOUT};
 use crate::protocol::backoff::Backoff;
 use crate::protocol::liveness::Liveness;
 use crate::types::{Epoch, NodeId, Seq, SpaceId};
+use crate::wal::SpaceWal;
 
 /// What one connection knows of its primary.
 #[derive(Clone)]
@@ -81,6 +82,17 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
         return Err(NetError::Protocol(format!("peer is {peer:?}, expected primary {:?}", shared.config.primary_name)));
     }
     let (mut send, recv) = conn.open_bi().await?;
+    // Read before the positions: a log cut back after this (an operator's repair) is caught once
+    // the connection is registered, where `Replica::disconnect` would not yet have reached it.
+    let cuts_at_hello: Vec<(SpaceWal, u64)> = shared
+        .store
+        .spaces()
+        .into_iter()
+        .map(|w| {
+            let cuts = w.truncations();
+            (w, cuts)
+        })
+        .collect();
     let applied: HashMap<SpaceId, Seq> =
         lock(&shared.spaces).iter().map(|(id, s)| (id.clone(), Seq(s.applied.load(Ordering::Acquire)))).collect();
     let hello = Hello {
@@ -167,6 +179,15 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
         link.liveness = Some(liveness.clone());
         link.conn = Some(conn.clone());
         link.assembly = Some(assembly.clone());
+    }
+    // The hello compared positions the log no longer has: the primary may have refused the space
+    // as diverged, or resume after entries cut away. Compare again.
+    if let Some((wal, _)) = cuts_at_hello.iter().find(|(w, t)| w.truncations() != *t) {
+        conn.close(close::LOG_CUT, b"a log was cut back during the handshake");
+        return Err(NetError::Protocol(format!(
+            "the log of space {} was cut back during the handshake: handshaking again",
+            wal.space()
+        )));
     }
     shared.set_state(ConnectionState::Connected, None);
     tracing::info!(primary = %welcome.primary_name, epoch = %welcome.epoch, "connected to the primary");
