@@ -573,6 +573,51 @@ async fn a_kept_position_follows_cuts_of_the_log_and_a_replica_that_lost_its_dis
     primary.shutdown().await;
 }
 
+/// A replica kept as needing a snapshot of a space, rebuilt from one, counts again as soon as it
+/// says hello: kept from 0 before its welcome, not left out (a crash would then let retention trim
+/// what it needs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_rebuilt_from_a_snapshot_counts_again() {
+    let c = Cluster::new();
+    let s = SpaceId::new("kept").unwrap();
+    let mut cfg = c.primary_config("127.0.0.1:0".parse().unwrap());
+    cfg.wal.segment_bytes = 4096;
+    let primary = Primary::start(cfg.clone(), c.ca.issue("primary").unwrap()).await.unwrap();
+    let r2 = c.replica("replica-2", primary.local_addr()).await;
+    write(&primary, std::slice::from_ref(&s), 300).await;
+    converge(&primary, &[&r2]).await;
+    assert!(primary.space(&s).unwrap().truncate_prefix(walship::Seq(200)).unwrap().0 > 1);
+    // replica-1 is new: it needs entries retention removed.
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    wait_for("replica-1 refused", || r1.status().last_error.is_some_and(|e| e.contains("Truncated for space kept")))
+        .await;
+    r1.shutdown().await;
+    wait_for("replica-1 kept as needing a snapshot", || {
+        std::fs::read_to_string(c.path("primary").join("replicas+known"))
+            .is_ok_and(|t| t.contains(r#""replica-1":{"kept":"needs_snapshot"}"#))
+    })
+    .await;
+    // Rebuilt from a snapshot: a copy of the primary's log.
+    let _ = std::fs::remove_dir_all(c.path("replica-1").join("kept"));
+    std::fs::create_dir_all(c.path("replica-1").join("kept")).unwrap();
+    for file in std::fs::read_dir(c.path("primary").join("kept")).unwrap() {
+        let file = file.unwrap().path();
+        std::fs::copy(&file, c.path("replica-1").join("kept").join(file.file_name().unwrap())).unwrap();
+    }
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    wait_for("welcomed", || r1.status().connection == ConnectionState::Connected).await;
+    assert_eq!(kept_seq(&c, "replica-1", &s), Some(0), "counts again, from 0 until its acks are checked");
+    write(&primary, std::slice::from_ref(&s), 100).await;
+    wait_for("both to hold 400", || identical(&primary, &r1) && identical(&primary, &r2)).await;
+    // A crash while both are connected: replica-1 counts with what was kept at its welcome.
+    drop(primary);
+    let primary = Primary::start(cfg, c.ca.issue("primary").unwrap()).await.unwrap();
+    assert_eq!(primary.durable_everywhere(&s), Some(walship::Seq(0)));
+    r1.shutdown().await;
+    r2.shutdown().await;
+    primary.shutdown().await;
+}
+
 /// A replica is welcomed only once it is kept on disk: a failed write refuses the connection, and
 /// the next one writes again; a crash after the welcome still knows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,7 +78,8 @@ impl Floor {
         let truncations = wal.truncations();
         let holds = match wal.digest_at(seq) {
             Ok(Some(now)) => Some(now.0) == digest,
-            // Below what retention kept: not checkable, and too low to hold retention back.
+            // Below what retention kept: not checkable. It counts as it is (retention waits for
+            // the replica to be back, when its hello and acks tell more, or forgotten).
             Ok(None) => seq < wal.first_seq(),
             Err(e) => {
                 tracing::warn!(space = %wal.space(), error = %e, "cannot check a kept replica position");
@@ -97,7 +98,7 @@ impl Floor {
 #[serde(rename_all = "snake_case")]
 pub(super) enum Kept {
     /// It held entries up to `seq` durable, and this log's digest up to `seq` was `digest`
-    /// (`None`: below what retention kept, so not checkable, and too low to hold retention back).
+    /// (`None`: below what retention kept, so not checkable).
     Durable { seq: u64, digest: Option<u64> },
     /// Its copy lacks entries retention removed: only a snapshot helps it, so it does not count.
     NeedsSnapshot,

@@ -204,17 +204,7 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     });
     let positions: HashMap<SpaceId, SpacePosition> = hello.spaces.into_iter().map(|p| (p.space.clone(), p)).collect();
     let replaced = match register(&shared, &name, &session, expected.is_some(), &positions) {
-        Registration::Registered(replaced) => {
-            // On disk before the replica is sent anything, so that a restart never forgets it or
-            // counts it with more than its hello says it holds (a space set aside, a new disk).
-            // Without that, no session: the replica retries.
-            if let Err(e) = super::keep_known(shared.clone()).await {
-                let reason = format!("cannot keep the known replicas: {e}");
-                conn.close(close::LOCAL_FAILURE, reason.as_bytes());
-                return Err(NetError::Protocol(reason));
-            }
-            replaced
-        }
+        Registration::Registered(replaced) => replaced,
         Registration::TakenByAnotherProcess(reason) => {
             let _ = write_control(&mut send, &error_msg(ErrorCode::DuplicateName, None, &reason)).await;
             // The close can overtake the message: its reason says it too.
@@ -234,6 +224,14 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
             tracing::info!(replica = %name, "a newer connection replaces the current one");
             old.conn.close(close::REPLACED, b"replaced by a newer connection from the same replica");
         }
+    }
+    // On disk before the replica is sent anything, so that a restart never forgets it or counts
+    // it with more than its hello says it holds (a space set aside, a new disk). Without that, no
+    // session: the replica retries.
+    if let Err(e) = super::keep_known(shared.clone()).await {
+        let reason = format!("cannot keep the known replicas: {e}");
+        conn.close(close::LOCAL_FAILURE, reason.as_bytes());
+        return Err(NetError::Protocol(reason));
     }
 
     // Decide where each space resumes and answer with a welcome.
@@ -330,20 +328,39 @@ fn register(
     // Outside the map's lock: reading acks takes the logs' locks, which a cut holds during I/O.
     // Until then the replica counts with less, never more.
     let acked = old.as_ref().map(|old| old.floors()).unwrap_or_default();
-    let mut floors = lock(&link.floor);
-    floors.extend(acked);
-    lower_to_hello(&mut floors, positions);
-    drop(floors);
+    // Only while `session` is current: a newer connection registered meanwhile has lowered the
+    // floor to its own hello, which these acks must not undo. Lock order: `current`, then `floor`.
+    let current = lock(&link.current);
+    if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, session)) {
+        let mut floors = lock(&link.floor);
+        floors.extend(acked);
+        lower_to_hello(&mut floors, positions, |space| {
+            shared.store.get(space).map(|w| (w.first_seq(), w.truncations()))
+        });
+    }
+    drop(current);
     Registration::Registered(old)
 }
 
 /// Lowers each space's floor to what the replica's hello says it holds durable (a space it does
-/// not hold to 0).
-fn lower_to_hello(floors: &mut Floors, positions: &HashMap<SpaceId, SpacePosition>) {
+/// not hold to 0). A replica that needed a snapshot of a space and now holds what the log can
+/// follow (rebuilt from one) counts again, from 0 until its acks are checked against the log.
+/// `log(space)` is the space's `first_seq` and suffix truncations.
+fn lower_to_hello(
+    floors: &mut Floors,
+    positions: &HashMap<SpaceId, SpacePosition>,
+    log: impl Fn(&SpaceId) -> Option<(Seq, u64)>,
+) {
     for (space, floor) in floors.iter_mut() {
         let held = positions.get(space).map_or(Seq::ZERO, |p| p.durable_seq);
-        if let Floor::At { seq, .. } = floor {
-            *seq = held.min(*seq);
+        match floor {
+            Floor::At { seq, .. } => *seq = held.min(*seq),
+            Floor::NeedsSnapshot => match log(space) {
+                Some((first, truncations)) if held.next() >= first => {
+                    *floor = Floor::At { seq: Seq::ZERO, truncations }
+                }
+                _ => {}
+            },
         }
     }
 }
@@ -602,13 +619,16 @@ mod tests {
         let mut floor = floors([("a", at(100)), ("b", at(50)), ("gone", at(10)), ("trimmed", Floor::NeedsSnapshot)]);
         let before = floor.clone();
         // More than kept everywhere, and a space new to the floor: nothing changes.
+        // The logs: "trimmed" starts at 20 (retention), the others at 1.
+        let log = |s: &SpaceId| Some((Seq(if s.as_str() == "trimmed" { 20 } else { 1 }), 2));
         let ahead =
             HashMap::from([held("a", 200), held("b", 50), held("gone", 10), held("new", 5), held("trimmed", 9)]);
-        lower_to_hello(&mut floor, &ahead);
-        assert_eq!(floor, before);
-        // A space set aside (held from 0 again) and one no longer held at all.
-        let reset = HashMap::from([held("a", 0), held("b", 70)]);
-        lower_to_hello(&mut floor, &reset);
-        assert_eq!(floor, floors([("a", at(0)), ("b", at(50)), ("gone", at(0)), ("trimmed", Floor::NeedsSnapshot)]));
+        lower_to_hello(&mut floor, &ahead, log);
+        assert_eq!(floor, before, "still needs entries before 20 for \"trimmed\"");
+        // A space set aside (held from 0 again), one no longer held at all, and one rebuilt from
+        // a snapshot up to 19: it counts again, from 0 until its acks are checked.
+        let reset = HashMap::from([held("a", 0), held("b", 70), held("trimmed", 19)]);
+        lower_to_hello(&mut floor, &reset, log);
+        assert_eq!(floor, floors([("a", at(0)), ("b", at(50)), ("gone", at(0)), ("trimmed", at(0))]));
     }
 }
