@@ -520,7 +520,7 @@ async fn a_restarted_primary_still_counts_the_replicas_it_knew() {
 fn kept_seq(c: &Cluster, replica: &str, space: &SpaceId) -> Option<u64> {
     let text = std::fs::read_to_string(c.path("primary").join("replicas+known")).ok()?;
     let json: serde_json::Value = serde_json::from_str(text.lines().next()?).unwrap();
-    json[replica][space.as_str()]["durable"]["seq"].as_u64()
+    json["replicas"][replica][space.as_str()]["durable"].as_u64()
 }
 
 /// A kept position never outlives a cut of the primary's log: in memory (a cut after the restart)
@@ -629,7 +629,7 @@ async fn a_replica_is_welcomed_only_once_it_is_kept() {
     std::fs::create_dir(&blocker).unwrap();
     let r1 = c.replica("replica-1", primary.local_addr()).await;
     wait_for("a refused connection", || {
-        r1.status().last_error.is_some_and(|e| e.contains("cannot keep the known replicas"))
+        r1.status().last_error.is_some_and(|e| e.contains("cannot keep the list of known replicas"))
     })
     .await;
     assert_ne!(r1.status().connection, ConnectionState::Connected);

@@ -57,6 +57,14 @@ pub enum NetError {
     /// retention trim what a replica not back yet needs.
     #[error("the list of known replicas {} is damaged ({reason}): remove it to start; retention then counts each replica from when it reconnects (keep a floor of your own until then)", path.display())]
     KnownReplicas { path: std::path::PathBuf, reason: String },
+    /// The primary could not write its list of known replicas: a replica is not welcomed (it
+    /// retries) until it can, so that a restart never forgets it.
+    #[error("cannot keep the list of known replicas ({0}); replicas are not welcomed until it can be written: check the disk and permissions of the data folder")]
+    KeepKnown(#[source] WalError),
+    /// The replica's log of a space was cut back between its hello and the welcome: the hello
+    /// is stale, so it says hello again.
+    #[error("the log of space {0} was cut back during the handshake; saying hello again")]
+    CutDuringHandshake(crate::types::SpaceId),
 }
 
 impl From<quinn::ReadError> for NetError {

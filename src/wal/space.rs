@@ -577,6 +577,12 @@ impl SpaceWal {
         (st.last_seq, st.generation)
     }
 
+    /// `last_seq` and the digest up to it, read together (one lock, and a consistent pair).
+    pub(crate) fn last_seq_and_digest(&self) -> (Seq, LogDigest) {
+        let st = self.inner.lock();
+        (st.last_seq, st.digest)
+    }
+
     /// `last_seq` and the epoch of that entry, read together (one lock, and a consistent pair).
     pub fn last_seq_and_epoch(&self) -> (Seq, Epoch) {
         let st = self.inner.lock();

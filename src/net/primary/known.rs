@@ -3,10 +3,12 @@
 //! still needs; without this file a restarted primary would not know a replica until it
 //! reconnected, and trimming in between could leave it needing a snapshot.
 //!
-//! A position is kept with the log's digest there, and checked against the log when the primary
-//! starts: a log cut back, or one that lost its tail to a crash, since the position was kept makes
-//! it count as 0 until the replica is back. Positions are never above what the replica holds: acks
-//! the primary checked against its log, lowered to what the replica's hello says it holds.
+//! The positions are what a replica told this primary it holds (acks checked against this log,
+//! lowered to what its hello says), so never above it until the replica cuts its own log back,
+//! which the primary learns at its next hello. With them the file keeps each log's end (last
+//! sequence and digest), which every position of the space is at or below: when the primary
+//! starts, a log that no longer holds that prefix (cut back, or its tail lost to a crash) makes
+//! the space's positions count as 0 until the replicas are back. Writing it reads no log file.
 //!
 //! The format is one line of JSON and a line with its CRC32C, so that an operator can read it and
 //! a damaged file is never mistaken for positions.
@@ -16,11 +18,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::entry::LogDigest;
 use crate::net::error::NetError;
 use crate::types::{Seq, SpaceId};
 use crate::wal::fs::write_durably;
-use crate::wal::{SpaceWal, WalError};
+use crate::wal::{SpaceWal, WalError, WalStore};
 
 /// Where a replica stood in one space, for a space its current connection has not set up (none
 /// since a restart, or not yet).
@@ -47,49 +48,11 @@ impl Floor {
         }
     }
 
-    /// The floor as kept on disk, with the log's digest at it, read with no cut in between.
-    pub(super) fn kept(&self, wal: Option<&SpaceWal>) -> Result<Kept, WalError> {
-        let (Floor::At { .. }, Some(wal)) = (self, wal) else {
-            return Ok(match self {
-                Floor::NeedsSnapshot => Kept::NeedsSnapshot,
-                Floor::At { .. } => Kept::durable(Seq::ZERO, None),
-            });
-        };
-        // A cut between the position and its digest would pair a position with a digest of
-        // another log: read again. Cuts are rare; past a few, 0 is kept, which holds everything.
-        for _ in 0..3 {
-            let before = wal.truncations();
-            let seq = self.held(Some(wal)).unwrap_or(Seq::ZERO);
-            let digest = wal.digest_at(seq)?;
-            if wal.truncations() == before {
-                return Ok(Kept::durable(seq, digest));
-            }
+    fn kept(&self, wal: Option<&SpaceWal>) -> Kept {
+        match self.held(wal) {
+            None => Kept::NeedsSnapshot,
+            Some(seq) => Kept::Durable(seq.0),
         }
-        Ok(Kept::durable(Seq::ZERO, None))
-    }
-
-    /// A kept position checked against the log as it opened (blocking: reads up to 64 KiB). One
-    /// that is not this log's any more (the log was cut back, or lost its tail to a crash, after
-    /// it was kept) counts as 0 until the replica is back.
-    pub(super) fn checked(kept: Kept, wal: Option<&SpaceWal>) -> Floor {
-        let Kept::Durable { seq, digest } = kept else { return Floor::NeedsSnapshot };
-        let seq = Seq(seq);
-        let Some(wal) = wal else { return Floor::At { seq: Seq::ZERO, truncations: 0 } };
-        let truncations = wal.truncations();
-        let holds = match wal.digest_at(seq) {
-            Ok(Some(now)) => Some(now.0) == digest,
-            // Below what retention kept: not checkable. It counts as it is (retention waits for
-            // the replica to be back, when its hello and acks tell more, or forgotten).
-            Ok(None) => seq < wal.first_seq(),
-            Err(e) => {
-                tracing::warn!(space = %wal.space(), error = %e, "cannot check a kept replica position");
-                false
-            }
-        };
-        if !holds {
-            tracing::warn!(space = %wal.space(), %seq, "a replica's kept position is not in this log any more (cut back, or its tail lost): it counts as 0 until the replica is back");
-        }
-        Floor::At { seq: if holds { seq } else { Seq::ZERO }, truncations }
     }
 }
 
@@ -97,22 +60,96 @@ impl Floor {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(super) enum Kept {
-    /// It held entries up to `seq` durable, and this log's digest up to `seq` was `digest`
-    /// (`None`: below what retention kept, so not checkable).
-    Durable { seq: u64, digest: Option<u64> },
+    /// It held entries up to this sequence durable.
+    Durable(u64),
     /// Its copy lacks entries retention removed: only a snapshot helps it, so it does not count.
     NeedsSnapshot,
 }
 
-impl Kept {
-    /// `seq` of this log, with its digest there (`None` if `seq` is not held).
-    pub(super) fn durable(seq: Seq, digest: Option<LogDigest>) -> Kept {
-        Kept::Durable { seq: seq.0, digest: digest.map(|d| d.0) }
+/// A log's end when positions were kept: every position kept for the space is at or below it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct LogEnd {
+    last_seq: u64,
+    digest: u64,
+}
+
+impl LogEnd {
+    /// Whether `wal` still holds the prefix this end was kept for (blocking: reads up to 64 KiB).
+    fn still_in(&self, wal: &SpaceWal) -> bool {
+        match wal.digest_at(Seq(self.last_seq)) {
+            Ok(Some(now)) => now.0 == self.digest,
+            // Retention removed it since (not checkable; the positions count as they are, and
+            // retention waits for those replicas to be back or forgotten), or the log is shorter.
+            Ok(None) => Seq(self.last_seq) < wal.first_seq(),
+            Err(e) => {
+                tracing::warn!(space = %wal.space(), error = %e, "cannot check the kept replica positions");
+                false
+            }
+        }
     }
 }
 
-/// Every known replica by name, with where it stood in each space (a space missing counts as 0).
-pub(super) type Known = BTreeMap<String, BTreeMap<SpaceId, Kept>>;
+/// What the file holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Known {
+    /// Each space's log end when the positions were kept.
+    logs: BTreeMap<SpaceId, LogEnd>,
+    /// Every known replica by name, with where it stood in each space (a space missing counts as 0).
+    replicas: BTreeMap<String, BTreeMap<SpaceId, Kept>>,
+}
+
+impl Known {
+    /// `links` (every known replica with its floors, as this primary held them a moment ago) to be
+    /// kept, with the logs' ends. The ends are read after the floors, and each position is lowered
+    /// by every cut since its floor was taken after both: whatever cut happens meanwhile, a
+    /// position is of a prefix that the log end kept with it holds.
+    pub(super) fn of(store: &WalStore, links: Vec<(String, Floors)>) -> Known {
+        let logs = store
+            .spaces()
+            .into_iter()
+            .map(|wal| {
+                let (last, digest) = wal.last_seq_and_digest();
+                (wal.space().clone(), LogEnd { last_seq: last.0, digest: digest.0 })
+            })
+            .collect();
+        let kept = |space: &SpaceId, floor: &Floor| floor.kept(store.get(space).as_ref());
+        let replicas = links
+            .into_iter()
+            .map(|(name, floors)| (name, floors.iter().map(|(s, f)| (s.clone(), kept(s, f))).collect()))
+            .collect();
+        Known { logs, replicas }
+    }
+
+    /// The replicas kept, with their floors checked against `store`'s logs as they opened
+    /// (blocking: reads up to 64 KiB per space). A space whose log no longer holds the prefix
+    /// the positions were kept against (cut back, or its tail lost to a crash), or has no log
+    /// now, counts its replicas from 0 until they are back.
+    pub(super) fn floors(self, store: &WalStore) -> BTreeMap<String, Floors> {
+        let logs: BTreeMap<SpaceId, (LogEnd, bool, u64)> = self
+            .logs
+            .into_iter()
+            .filter_map(|(space, end)| {
+                let wal = store.get(&space)?;
+                let holds = end.still_in(&wal);
+                if !holds {
+                    tracing::warn!(%space, "the log was cut back or lost its tail since the replicas' positions were kept: they count as 0 until the replicas are back");
+                }
+                Some((space, (end, holds, wal.truncations())))
+            })
+            .collect();
+        let floor = |space: &SpaceId, kept: Kept| match (kept, logs.get(space)) {
+            (Kept::NeedsSnapshot, _) => Floor::NeedsSnapshot,
+            (Kept::Durable(seq), Some((end, true, truncations))) if seq <= end.last_seq => {
+                Floor::At { seq: Seq(seq), truncations: *truncations }
+            }
+            (Kept::Durable(_), found) => Floor::At { seq: Seq::ZERO, truncations: found.map_or(0, |l| l.2) },
+        };
+        self.replicas
+            .into_iter()
+            .map(|(name, kept)| (name, kept.into_iter().map(|(s, k)| (s.clone(), floor(&s, k))).collect()))
+            .collect()
+    }
+}
 
 /// The file, in the WAL root; `+` keeps it apart from any space id (a space's folder has its id for name).
 const FILE: &str = "replicas+known";
@@ -120,14 +157,15 @@ const FILE: &str = "replicas+known";
 /// Larger than any real list (a name and a position per space and replica); a larger file is damaged.
 const MAX_FILE_BYTES: u64 = 64 << 20;
 
-/// The replicas kept in `dir`: none if none were kept. A file that cannot be read is an error
-/// (the primary does not start): starting without it could trim what a replica still needs.
+/// The replicas kept in `dir`: none if none were kept. A damaged file is an error (the primary
+/// does not start: starting without it could trim what a replica still needs), and so is one
+/// that cannot be read.
 pub(super) fn read(dir: &Path) -> Result<Known, NetError> {
     let path = dir.join(FILE);
     let damaged = |reason: String| NetError::KnownReplicas { path: path.clone(), reason };
     let meta = match std::fs::metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Known::new()),
-        Err(e) => return Err(damaged(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Known::default()),
+        Err(e) => return Err(WalError::io("read the known replicas", &path, e).into()),
         Ok(meta) => meta,
     };
     if !meta.is_file() {
@@ -136,13 +174,16 @@ pub(super) fn read(dir: &Path) -> Result<Known, NetError> {
     if meta.len() > MAX_FILE_BYTES {
         return Err(damaged(format!("{} bytes, more than {MAX_FILE_BYTES}", meta.len())));
     }
-    let bytes = std::fs::read(&path).map_err(|e| damaged(e.to_string()))?;
+    let bytes = std::fs::read(&path).map_err(|e| WalError::io("read the known replicas", &path, e))?;
     decode(&bytes).map_err(damaged)
 }
 
 /// Replaces the kept list with `known`, durably (a crash leaves the old list or the new one).
 pub(super) fn write(dir: &Path, known: &Known) -> Result<(), WalError> {
-    write_durably(dir, &dir.join(FILE), &encode(known), "keep the known replicas in")
+    let path = dir.join(FILE);
+    let json = serde_json::to_string(known)
+        .map_err(|e| WalError::io("encode the known replicas", &path, std::io::Error::other(e)))?;
+    write_durably(dir, &path, &with_checksum(&json), "keep the known replicas in")
 }
 
 /// Removes the kept list: a node that serves as a replica has no replicas of its own, and what
@@ -159,13 +200,7 @@ pub(crate) fn forget_all(dir: &Path) -> Result<(), WalError> {
     }
 }
 
-fn encode(known: &Known) -> Vec<u8> {
-    let plain: BTreeMap<&str, BTreeMap<&str, Kept>> = known
-        .iter()
-        .map(|(name, spaces)| (name.as_str(), spaces.iter().map(|(s, kept)| (s.as_str(), *kept)).collect()))
-        .collect();
-    // Maps of strings to plain values always serialize.
-    let json = serde_json::to_string(&plain).unwrap_or_else(|_| "{}".into());
+fn with_checksum(json: &str) -> Vec<u8> {
     format!("{json}\ncrc32c {:08x}\n", crc32c::crc32c(json.as_bytes())).into_bytes()
 }
 
@@ -180,49 +215,41 @@ fn decode(bytes: &[u8]) -> Result<Known, String> {
     if crc != crc32c::crc32c(json.as_bytes()) {
         return Err("checksum mismatch".into());
     }
-    let plain: BTreeMap<String, BTreeMap<String, Kept>> = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    plain
-        .into_iter()
-        .map(|(name, spaces)| {
-            let spaces = spaces
-                .into_iter()
-                .map(|(space, kept)| Ok((SpaceId::new(&space).map_err(|e| e.to_string())?, kept)))
-                .collect::<Result<BTreeMap<SpaceId, Kept>, String>>()?;
-            Ok((name, spaces))
-        })
-        .collect()
+    serde_json::from_str(json).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::{SyncPolicy, WalConfig};
+
+    fn id(s: &str) -> SpaceId {
+        SpaceId::new(s).unwrap()
+    }
 
     fn sample() -> Known {
-        let spaces = |v: &[(&str, Kept)]| v.iter().map(|(s, k)| (SpaceId::new(s).unwrap(), *k)).collect();
-        Known::from([
-            (
-                "replica-1".to_string(),
-                spaces(&[
-                    ("orders", Kept::durable(Seq(1_300), Some(LogDigest(u64::MAX)))),
-                    ("users", Kept::durable(Seq(7), None)),
-                    ("trimmed", Kept::NeedsSnapshot),
-                ]),
-            ),
-            ("replica \"2\"".to_string(), spaces(&[])),
-        ])
+        let spaces = |v: &[(&str, Kept)]| v.iter().map(|(s, k)| (id(s), *k)).collect();
+        Known {
+            logs: BTreeMap::from([(id("orders"), LogEnd { last_seq: 1_400, digest: u64::MAX })]),
+            replicas: BTreeMap::from([
+                (
+                    "replica-1".to_string(),
+                    spaces(&[("orders", Kept::Durable(1_300)), ("trimmed", Kept::NeedsSnapshot)]),
+                ),
+                ("replica \"2\"".to_string(), spaces(&[])),
+            ]),
+        }
     }
 
     #[test]
     fn kept_replicas_read_back_and_a_missing_file_reads_none() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(read(dir.path()).unwrap().is_empty());
+        assert_eq!(read(dir.path()).unwrap(), Known::default());
         write(dir.path(), &sample()).unwrap();
         assert_eq!(read(dir.path()).unwrap(), sample());
         let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
-        let json = r#"{"replica \"2\"":{},"replica-1":{"orders":{"durable":{"seq":1300,"digest":18446744073709551615}},"trimmed":"needs_snapshot","users":{"durable":{"seq":7,"digest":null}}}}"#;
+        let json = r#"{"logs":{"orders":{"last_seq":1400,"digest":18446744073709551615}},"replicas":{"replica \"2\"":{},"replica-1":{"orders":{"durable":1300},"trimmed":"needs_snapshot"}}}"#;
         assert!(text.starts_with(json), "{text}");
-        write(dir.path(), &Known::new()).unwrap();
-        assert!(read(dir.path()).unwrap().is_empty());
         forget_all(dir.path()).unwrap();
         assert!(!dir.path().join(FILE).exists());
         forget_all(dir.path()).unwrap();
@@ -230,20 +257,19 @@ mod tests {
 
     #[test]
     fn a_damaged_file_is_an_error_that_says_what_to_do() {
-        let good = encode(&sample());
+        let good = with_checksum(&serde_json::to_string(&sample()).unwrap());
         let flipped = {
             let mut b = good.clone();
             let i = b.iter().position(|&c| c == b'3').unwrap();
             b[i] = b'9';
             b
         };
-        let with_crc = |json: &str| format!("{json}\ncrc32c {:08x}\n", crc32c::crc32c(json.as_bytes())).into_bytes();
         for (what, bytes) in [
             ("a flipped digit", flipped),
             ("cut short", good[..good.len() / 2].to_vec()),
             ("no checksum", good[..good.iter().position(|&c| c == b'\n').unwrap()].to_vec()),
-            ("a space id that is a path", with_crc(r#"{"r":{"../x":"needs_snapshot"}}"#)),
-            ("a position of another shape", with_crc(r#"{"r":{"x":300}}"#)),
+            ("a space id that is a path", with_checksum(r#"{"logs":{},"replicas":{"r":{"../x":"needs_snapshot"}}}"#)),
+            ("a position of another shape", with_checksum(r#"{"logs":{},"replicas":{"r":{"x":300}}}"#)),
             ("not UTF-8", vec![0xff, b'\n', b'x']),
         ] {
             assert!(decode(&bytes).is_err(), "{what}");
@@ -263,5 +289,49 @@ mod tests {
         std::fs::create_dir(dir.path().join(format!("{FILE}.tmp"))).unwrap();
         let err = write(dir.path(), &sample()).unwrap_err();
         assert!(err.to_string().contains("known replicas"), "{err}");
+    }
+
+    /// Positions kept with the logs' ends come back as they were; a log cut back, or one that
+    /// lost its tail, since they were kept makes its space's positions 0.
+    #[test]
+    fn kept_positions_are_checked_against_the_logs_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = WalConfig { sync: SyncPolicy::Never, ..WalConfig::default() };
+        let store = WalStore::open(dir.path(), config.clone()).unwrap();
+        let append = |space: &str, n: u64, tag: &str| {
+            let wal = store.space(&id(space)).unwrap();
+            for i in 0..n {
+                wal.append(crate::types::Epoch(1), 0, bytes::Bytes::from(format!("{tag}-{i}"))).unwrap();
+            }
+        };
+        for space in ["kept", "cut", "short"] {
+            append(space, 10, "old");
+        }
+        let at = |seq| Floor::At { seq: Seq(seq), truncations: 0 };
+        let floors = |v: [(&str, Floor); 4]| v.into_iter().map(|(s, f)| (id(s), f)).collect::<Floors>();
+        let before = floors([("kept", at(8)), ("cut", at(8)), ("short", at(8)), ("trimmed", Floor::NeedsSnapshot)]);
+        let known = Known::of(&store, vec![("r".to_string(), before.clone())]);
+        assert_eq!(known.logs.len(), 3);
+        assert_eq!(known.clone().floors(&store)["r"], before, "as they were");
+        // "cut" is cut back and written again; "short" lost its tail (as a crash under Never can).
+        store.space(&id("cut")).unwrap().truncate_suffix(Seq(5)).unwrap();
+        append("cut", 5, "new");
+        store.space(&id("short")).unwrap().truncate_suffix(Seq(9)).unwrap();
+        let after = known.floors(&store);
+        let expected = floors([("kept", at(8)), ("cut", at(0)), ("short", at(0)), ("trimmed", Floor::NeedsSnapshot)]);
+        assert_eq!(
+            after["r"].iter().map(|(s, f)| (s.clone(), f.held(None))).collect::<Vec<_>>(),
+            expected.iter().map(|(s, f)| (s.clone(), f.held(None))).collect::<Vec<_>>()
+        );
+        // A cut after the floors were taken: the position is lowered to it, and kept with the
+        // log's end after it.
+        let taken =
+            vec![("r".to_string(), floors([("kept", at(8)), ("cut", at(0)), ("short", at(0)), ("trimmed", at(1))]))];
+        store.space(&id("kept")).unwrap().truncate_suffix(Seq(4)).unwrap();
+        append("kept", 3, "new");
+        let known = Known::of(&store, taken);
+        assert_eq!(known.replicas["r"][&id("kept")], Kept::Durable(4));
+        assert_eq!(known.logs[&id("kept")].last_seq, 7);
+        assert_eq!(known.floors(&store)["r"][&id("kept")].held(None), Some(Seq(4)));
     }
 }

@@ -38,7 +38,7 @@ use crate::protocol::health::Health;
 use crate::protocol::progress::Lag;
 use crate::types::{EntryKind, NodeId, Seq, SpaceId};
 use crate::wal::{SpaceWal, WalError, WalStore};
-use known::{Floor, Floors, Known};
+use known::{Floors, Known};
 use session::{accept_loop, dial_loop, Session};
 use shipper::SpaceShip;
 
@@ -123,18 +123,9 @@ impl Primary {
             .into());
         }
         let (dir, logs) = (config.data_dir.clone(), store.clone());
-        let known = tokio::task::spawn_blocking(move || {
-            let known = known::read(&dir)?;
-            let link = |kept: BTreeMap<SpaceId, known::Kept>| {
-                let floors = kept.into_iter().map(|(s, k)| {
-                    let floor = Floor::checked(k, logs.get(&s).as_ref());
-                    (s, floor)
-                });
-                Arc::new(ReplicaLink::new(floors.collect()))
-            };
-            Ok::<_, NetError>(known.into_iter().map(|(name, kept)| (name, link(kept))).collect())
-        });
-        let replicas = known.await.map_err(|e| NetError::Task(format!("reading the known replicas: {e}")))??;
+        let known = tokio::task::spawn_blocking(move || known::read(&dir).map(|known| known.floors(&logs)));
+        let known = known.await.map_err(|e| NetError::Task(format!("reading the known replicas: {e}")))??;
+        let replicas = known.into_iter().map(|(name, floors)| (name, Arc::new(ReplicaLink::new(floors)))).collect();
         let shared = Arc::new(Shared {
             node_id: NodeId::from_name(&config.name),
             config,
@@ -396,7 +387,7 @@ impl Primary {
     pub async fn shutdown(self) {
         let Primary { shared, mut tasks, bound } = self;
         super::close_and_sync(&shared.endpoint, &mut tasks, &shared.store, b"primary shutting down").await;
-        if let Err(e) = keep_known(shared.clone()).await {
+        if let Err(e) = keep_known_off_thread(shared.clone()).await {
             tracing::warn!(error = %e, "cannot keep the known replicas at shutdown");
         }
         drop((shared, tasks));
@@ -410,34 +401,30 @@ impl Shared {
         lock(&self.replicas).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
-    /// Every known replica with where it stands in each space, as kept on disk: its latest
-    /// connection's acks, and for a space that connection has not set up, where it stood before.
-    /// Blocking: reads a digest per position (up to 64 KiB each).
-    fn known(&self) -> Result<Known, WalError> {
-        let mut known = Known::new();
+    /// Every known replica with where it stands in each space: its latest connection's acks, and
+    /// for a space that connection has not set up, where it stood before.
+    fn floors(&self) -> Vec<(String, Floors)> {
+        let mut all = Vec::new();
         for (name, link) in self.links() {
             let mut floors = lock(&link.floor).clone();
-            if let Some(session) = lock(&link.current).clone() {
+            let session = lock(&link.current).clone();
+            if let Some(session) = session {
                 floors.extend(session.floors());
             }
-            let kept = floors
-                .iter()
-                .map(|(space, floor)| Ok((space.clone(), floor.kept(self.store.get(space).as_ref())?)))
-                .collect::<Result<_, WalError>>()?;
-            known.insert(name, kept);
+            all.push((name, floors));
         }
-        Ok(known)
+        all
     }
 
     /// Writes the known replicas to disk. Blocking: call it from a blocking thread.
     fn keep_known(&self) -> Result<(), WalError> {
         let _one = lock(&self.keeping_known);
-        known::write(&self.config.data_dir, &self.known()?)
+        known::write(&self.config.data_dir, &Known::of(&self.store, self.floors()))
     }
 }
 
 /// [`Shared::keep_known`] on a blocking thread.
-async fn keep_known(shared: Arc<Shared>) -> Result<(), NetError> {
+async fn keep_known_off_thread(shared: Arc<Shared>) -> Result<(), NetError> {
     let kept = tokio::task::spawn_blocking(move || shared.keep_known()).await;
     Ok(kept.map_err(|e| NetError::Task(format!("keeping the known replicas: {e}")))??)
 }

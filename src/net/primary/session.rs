@@ -228,10 +228,13 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     // On disk before the replica is sent anything, so that a restart never forgets it or counts
     // it with more than its hello says it holds (a space set aside, a new disk). Without that, no
     // session: the replica retries.
-    if let Err(e) = super::keep_known(shared.clone()).await {
-        let reason = format!("cannot keep the known replicas: {e}");
-        conn.close(close::LOCAL_FAILURE, reason.as_bytes());
-        return Err(NetError::Protocol(reason));
+    if let Err(e) = super::keep_known_off_thread(shared.clone()).await {
+        let e = match e {
+            NetError::Wal(e) => NetError::KeepKnown(e),
+            other => other,
+        };
+        conn.close(close::LOCAL_FAILURE, e.to_string().as_bytes());
+        return Err(e);
     }
 
     // Decide where each space resumes and answer with a welcome.
@@ -278,7 +281,7 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     tasks.shutdown().await;
     tracing::info!(replica = %name, session = session.id, %reason, "replica disconnected");
     // Where it stood, for retention after a restart.
-    if let Err(e) = super::keep_known(shared).await {
+    if let Err(e) = super::keep_known_off_thread(shared).await {
         tracing::warn!(replica = %name, error = %e, "cannot keep the known replicas");
     }
     Ok(())
@@ -325,21 +328,31 @@ fn register(
     }
     drop(earlier);
     drop(replicas);
-    // Outside the map's lock: reading acks takes the logs' locks, which a cut holds during I/O.
-    // Until then the replica counts with less, never more.
-    let acked = old.as_ref().map(|old| old.floors()).unwrap_or_default();
+    update_floor(shared, &link, session, old.as_deref(), positions);
+    Registration::Registered(old)
+}
+
+/// The replica's floor once `session` replaced `old`: `old`'s acks, lowered to what `session`'s
+/// hello (`positions`) says it holds. Until then the replica counts with less, never more.
+fn update_floor(
+    shared: &Shared,
+    link: &ReplicaLink,
+    session: &Arc<Session>,
+    old: Option<&Session>,
+    positions: &HashMap<SpaceId, SpacePosition>,
+) {
+    // Read with no lock of the link held: they take the logs' locks, which a cut holds during I/O.
+    let acked = old.map(|old| old.floors()).unwrap_or_default();
+    let logs: HashMap<SpaceId, (Seq, u64)> =
+        shared.store.spaces().into_iter().map(|w| (w.space().clone(), (w.first_seq(), w.truncations()))).collect();
     // Only while `session` is current: a newer connection registered meanwhile has lowered the
     // floor to its own hello, which these acks must not undo. Lock order: `current`, then `floor`.
     let current = lock(&link.current);
     if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, session)) {
         let mut floors = lock(&link.floor);
         floors.extend(acked);
-        lower_to_hello(&mut floors, positions, |space| {
-            shared.store.get(space).map(|w| (w.first_seq(), w.truncations()))
-        });
+        lower_to_hello(&mut floors, positions, |space| logs.get(space).copied());
     }
-    drop(current);
-    Registration::Registered(old)
 }
 
 /// Lowers each space's floor to what the replica's hello says it holds durable (a space it does

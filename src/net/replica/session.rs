@@ -184,10 +184,7 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
     // as diverged, or resume after entries cut away. Compare again.
     if let Some((wal, _)) = cuts_at_hello.iter().find(|(w, t)| w.truncations() != *t) {
         conn.close(close::LOG_CUT, b"a log was cut back during the handshake");
-        return Err(NetError::Protocol(format!(
-            "the log of space {} was cut back during the handshake: handshaking again",
-            wal.space()
-        )));
+        return Err(NetError::CutDuringHandshake(wal.space().clone()));
     }
     shared.set_state(ConnectionState::Connected, None);
     tracing::info!(primary = %welcome.primary_name, epoch = %welcome.epoch, "connected to the primary");
