@@ -130,11 +130,13 @@ impl Known {
             .into_iter()
             .filter_map(|(space, end)| {
                 let wal = store.get(&space)?;
+                // Read first: a cut after it, even one the check below already saw, lowers the floors.
+                let truncations = wal.truncations();
                 let holds = end.still_in(&wal);
                 if !holds {
                     tracing::warn!(%space, "the log was cut back or lost its tail since the replicas' positions were kept: they count as 0 until the replicas are back");
                 }
-                Some((space, (end, holds, wal.truncations())))
+                Some((space, (end, holds, truncations)))
             })
             .collect();
         let floor = |space: &SpaceId, kept: Kept| match (kept, logs.get(space)) {
