@@ -53,7 +53,7 @@ pub enum NetError {
     /// The peer did not answer in time.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
-    /// The primary's list of known replicas cannot be read: starting without it could let
+    /// The primary's list of known replicas is damaged: starting without it could let
     /// retention trim what a replica not back yet needs.
     #[error("the list of known replicas {} is damaged ({reason}): remove it to start; retention then counts each replica from when it reconnects (keep a floor of your own until then)", path.display())]
     KnownReplicas { path: std::path::PathBuf, reason: String },

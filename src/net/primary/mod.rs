@@ -321,7 +321,8 @@ impl Primary {
     /// still needs, which would leave that replica to be rebuilt from a snapshot (`Truncated`).
     /// A disconnected replica counts with what it acked last, until [`Primary::forget_replica`];
     /// a replica whose copy of the space must be rebuilt from a snapshot anyway does not count.
-    /// `None` if no replica counts (none ever connected). Replicas are known across restarts
+    /// `None` if no replica counts (none ever connected, all forgotten, or all need a snapshot).
+    /// Replicas are known across restarts
     /// (`<data_dir>/replicas+known`): one not back yet counts with where it stood when last seen,
     /// or lower after a crash.
     pub fn durable_everywhere(&self, space: &SpaceId) -> Option<Seq> {

@@ -333,7 +333,7 @@ fn register(
 }
 
 /// The replica's floor once `session` replaced `old`: `old`'s acks, lowered to what `session`'s
-/// hello (`positions`) says it holds. Until then the replica counts with less, never more.
+/// hello (`positions`) says it holds. Until it runs, the replica counts as before this connection.
 fn update_floor(
     shared: &Shared,
     link: &ReplicaLink,
