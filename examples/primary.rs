@@ -247,6 +247,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let primary = Primary::start(config, identity).await?;
     let reporter = args.report.start().await?;
     println!("primary {} listening on {} (data {})", args.name, primary.local_addr(), args.data.display());
+    // Replicas kept from before a restart: retention counts them until they are back or forgotten.
+    let known: Vec<String> = primary.status().replicas.into_iter().map(|r| r.name).collect();
+    if !known.is_empty() {
+        println!("known replicas from before: {} (counted for retention until they are back)", known.join(", "));
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut plan = match args.spaces {
