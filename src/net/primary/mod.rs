@@ -239,10 +239,16 @@ impl Primary {
                 None => {
                     let floor = lock(&link.floor).get(wal.space()).copied();
                     let durable = floor.and_then(|f| f.held(Some(&wal))).unwrap_or(Seq::ZERO).min(head);
+                    // Its age from the memory tail only: a status must not read the disk for every
+                    // space of every replica away (0 when the entry is older than the tail).
+                    let ms = match wal.read_from_memory(durable.next(), 1, 0) {
+                        Ok(Some(v)) => v.first().map_or(0, |e| now.saturating_sub(e.timestamp_us) / 1_000),
+                        _ => 0,
+                    };
                     let lag = Lag {
                         entries: head.0 - durable.0,
                         bytes: (head.0 - durable.0).saturating_mul(newest_entry_bytes(&wal)),
-                        ms: oldest_age_ms(&wal, durable, now),
+                        ms,
                     };
                     (Seq::ZERO, durable, Seq::ZERO, lag, 0, None)
                 }
