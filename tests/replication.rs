@@ -618,6 +618,35 @@ async fn a_replica_rebuilt_from_a_snapshot_counts_again() {
     primary.shutdown().await;
 }
 
+/// A replica process restarted on an empty disk before its old connection went silent is refused
+/// (`DuplicateName`) for a while: meanwhile the replica counts with what that hello says, not with
+/// the old connection's acks, so retention cannot trim what it will need once it gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_refused_under_a_replicas_name_caps_what_it_counts_with() {
+    let c = Cluster::new();
+    let s = SpaceId::new("kept").unwrap();
+    let primary = c.primary().await;
+    let r1 = c.replica("replica-1", primary.local_addr()).await;
+    write(&primary, std::slice::from_ref(&s), 300).await;
+    converge(&primary, &[&r1]).await;
+    wait_for("the ack of entry 300", || primary.durable_everywhere(&s) == Some(walship::Seq(300))).await;
+    let mut cfg = c.replica_config("replica-1", primary.local_addr());
+    cfg.data_dir = c.path("replica-1-new-disk");
+    let again = Replica::start(cfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
+    wait_for("the second process refused", || {
+        again.status().last_error.is_some_and(|e| e.contains("another replica process"))
+    })
+    .await;
+    assert_eq!(primary.durable_everywhere(&s), Some(walship::Seq(0)), "the old connection's acks no longer count");
+    assert_eq!(kept_seq(&c, "replica-1", &s), Some(0), "kept so, before it was told");
+    // The first process goes away: the second gets in, fetches everything and counts again.
+    r1.shutdown().await;
+    wait_for("the second process to hold everything", || identical(&primary, &again)).await;
+    wait_for("its ack of entry 300", || primary.durable_everywhere(&s) == Some(walship::Seq(300))).await;
+    again.shutdown().await;
+    primary.shutdown().await;
+}
+
 /// A replica is welcomed only once it is kept on disk: a failed write refuses the connection, and
 /// the next one writes again; a crash after the welcome still knows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,7 +38,7 @@ use crate::protocol::health::Health;
 use crate::protocol::progress::Lag;
 use crate::types::{EntryKind, NodeId, Seq, SpaceId};
 use crate::wal::{SpaceWal, WalError, WalStore};
-use known::{Floors, Known};
+use known::{Floor, Floors, Known};
 use session::{accept_loop, dial_loop, Session};
 use shipper::SpaceShip;
 
@@ -76,6 +76,10 @@ struct ReplicaLink {
     /// earlier connections' acks, lowered to what `current`'s hello said): what retention counts
     /// for a space `current` has not set up.
     floor: Mutex<Floors>,
+    /// The most the replica holds per space, from the hellos of processes refused under its name
+    /// while `current` was alive (the replica restarted on an empty disk, or an impostor): a
+    /// bound on everything above until a connection registers. Lock order: after `floor`.
+    cap: Mutex<BTreeMap<SpaceId, Seq>>,
 }
 
 impl ReplicaLink {
@@ -85,6 +89,7 @@ impl ReplicaLink {
             connections: AtomicU64::new(0),
             earlier: Mutex::new(TrafficTotals::default()),
             floor: Mutex::new(floor),
+            cap: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -335,13 +340,16 @@ impl Primary {
         let wal = self.shared.store.get(space);
         self.ships_of(space)
             .into_iter()
-            .filter_map(|(_, link, ship)| match ship {
-                // Not (yet) shipped to it on this connection: where it stood before, if known; it
-                // may need the whole log.
-                None => lock(&link.floor).get(space).map_or(Some(Seq::ZERO), |f| f.held(wal.as_ref())),
-                // It lacks entries retention already removed: only a snapshot helps it.
-                Some(ship) if ship.refused == Some(ErrorCode::Truncated) => None,
-                Some(ship) => Some(ship.durable_in_log()),
+            .filter_map(|(_, link, ship)| {
+                let held = match ship {
+                    // Not (yet) shipped to it on this connection: where it stood before, if
+                    // known; it may need the whole log.
+                    None => lock(&link.floor).get(space).map_or(Some(Seq::ZERO), |f| f.held(wal.as_ref())),
+                    // It lacks entries retention already removed: only a snapshot helps it.
+                    Some(ship) if ship.refused == Some(ErrorCode::Truncated) => None,
+                    Some(ship) => Some(ship.durable_in_log()),
+                };
+                held.map(|seq| lock(&link.cap).get(space).map_or(seq, |cap| seq.min(*cap)))
             })
             .min()
     }
@@ -417,6 +425,12 @@ impl Shared {
             let session = lock(&link.current).clone();
             if let Some(session) = session {
                 floors.extend(session.floors());
+            }
+            // A space missing counts as 0 already.
+            for (space, cap) in lock(&link.cap).iter() {
+                if let Some(Floor::At { seq, .. }) = floors.get_mut(space) {
+                    *seq = (*seq).min(*cap);
+                }
             }
             all.push((name, floors));
         }

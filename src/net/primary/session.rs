@@ -1,7 +1,7 @@
 //! One replica connection: accepting or dialing it, the hello/welcome handshake, the control
 //! stream (acks, catch-up requests, errors), and a shipper per space at its resume point.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -205,7 +205,13 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
     let positions: HashMap<SpaceId, SpacePosition> = hello.spaces.into_iter().map(|p| (p.space.clone(), p)).collect();
     let replaced = match register(&shared, &name, &session, expected.is_some(), &positions) {
         Registration::Registered(replaced) => replaced,
-        Registration::TakenByAnotherProcess(reason) => {
+        Registration::TakenByAnotherProcess { reason, capped } => {
+            if capped {
+                // Best effort: the connection is refused either way.
+                if let Err(e) = super::keep_known_off_thread(shared.clone()).await {
+                    tracing::warn!(replica = %name, error = %e, "cannot keep the known replicas");
+                }
+            }
             let _ = write_control(&mut send, &error_msg(ErrorCode::DuplicateName, None, &reason)).await;
             // The close can overtake the message: its reason says it too.
             conn.close(close::DUPLICATE_NAME, reason.as_bytes());
@@ -291,8 +297,9 @@ async fn serve(shared: Arc<Shared>, conn: Connection, expected: Option<&str>) ->
 enum Registration {
     /// It is the replica's current connection now, in place of this one.
     Registered(Option<Arc<Session>>),
-    /// Another live process uses the replica's name: refused, for this reason.
-    TakenByAnotherProcess(String),
+    /// Another live process uses the replica's name: refused, for this reason; `capped` if its
+    /// hello lowered the replica's cap.
+    TakenByAnotherProcess { reason: String, capped: bool },
     /// The same process is connected already over its own dial (this one was dialed here).
     AlreadyConnected,
 }
@@ -313,7 +320,12 @@ fn register(
     let mut replicas = lock(&shared.replicas);
     let link = replicas.entry(name.to_string()).or_insert_with(|| Arc::new(ReplicaLink::new(Floors::new()))).clone();
     if let Some(reason) = taken_by_another_process(&link, session, &shared.config.heartbeat) {
-        return Registration::TakenByAnotherProcess(reason);
+        drop(replicas);
+        // It may be the replica itself, restarted on an empty or older disk before its old
+        // connection went silent: until one of them registers, it counts with no more than this
+        // hello says (retention keeps more if it is an impostor).
+        let capped = lower_cap(&mut lock(&link.cap), positions, &shared.store.spaces());
+        return Registration::TakenByAnotherProcess { reason, capped };
     }
     if dialed && connected_to_the_same_process(&link, session) {
         return Registration::AlreadyConnected;
@@ -352,7 +364,29 @@ fn update_floor(
         let mut floors = lock(&link.floor);
         floors.extend(acked);
         lower_to_hello(&mut floors, positions, |space| logs.get(space).copied());
+        // This connection's own hello speaks for the replica now.
+        lock(&link.cap).clear();
     }
+}
+
+/// Lowers `cap` (the most a refused process under the replica's name says is held) to what its
+/// hello (`positions`) says of each of `spaces` (a space it does not hold to 0); whether any was
+/// lowered.
+fn lower_cap(
+    cap: &mut BTreeMap<SpaceId, Seq>,
+    positions: &HashMap<SpaceId, SpacePosition>,
+    spaces: &[SpaceWal],
+) -> bool {
+    let mut lowered = false;
+    for wal in spaces {
+        let held = positions.get(wal.space()).map_or(Seq::ZERO, |p| p.durable_seq);
+        let kept = cap.entry(wal.space().clone()).or_insert(Seq(u64::MAX));
+        if held < *kept {
+            *kept = held;
+            lowered = true;
+        }
+    }
+    lowered
 }
 
 /// Lowers each space's floor to what the replica's hello says it holds durable (a space it does
