@@ -125,26 +125,27 @@ impl Known {
     /// the positions were kept against (cut back, or its tail lost to a crash), or has no log
     /// now, counts its replicas from 0 until they are back.
     pub(super) fn floors(self, store: &WalStore) -> BTreeMap<String, Floors> {
-        let logs: BTreeMap<SpaceId, (LogEnd, bool, u64)> = self
+        // Per space: the highest position the log still vouches for (none if it no longer holds
+        // the kept prefix), and its truncation count, read first: a cut after it, even one the
+        // check already saw, lowers the floors.
+        let logs: BTreeMap<SpaceId, (Option<u64>, u64)> = self
             .logs
             .into_iter()
             .filter_map(|(space, end)| {
                 let wal = store.get(&space)?;
-                // Read first: a cut after it, even one the check below already saw, lowers the floors.
                 let truncations = wal.truncations();
-                let holds = end.still_in(&wal);
-                if !holds {
+                let vouched = end.still_in(&wal).then_some(end.last_seq);
+                if vouched.is_none() {
                     tracing::warn!(%space, "the log was cut back or lost its tail since the replicas' positions were kept: they count as 0 until the replicas are back");
                 }
-                Some((space, (end, holds, truncations)))
+                Some((space, (vouched, truncations)))
             })
             .collect();
-        let floor = |space: &SpaceId, kept: Kept| match (kept, logs.get(space)) {
-            (Kept::NeedsSnapshot, _) => Floor::NeedsSnapshot,
-            (Kept::Durable(seq), Some((end, true, truncations))) if seq <= end.last_seq => {
-                Floor::At { seq: Seq(seq), truncations: *truncations }
-            }
-            (Kept::Durable(_), found) => Floor::At { seq: Seq::ZERO, truncations: found.map_or(0, |l| l.2) },
+        let floor = |space: &SpaceId, kept: Kept| {
+            let Kept::Durable(seq) = kept else { return Floor::NeedsSnapshot };
+            let (vouched, truncations) = logs.get(space).copied().unwrap_or((None, 0));
+            let seq = if vouched.is_some_and(|upto| seq <= upto) { Seq(seq) } else { Seq::ZERO };
+            Floor::At { seq, truncations }
         };
         self.replicas
             .into_iter()
