@@ -14,6 +14,7 @@ mod session;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -135,50 +136,17 @@ impl Replica {
     ) -> Result<Replica, NetError> {
         config.validate()?;
         let store = open_store(&config.data_dir, &config.wal).await?;
-        let mut spaces = HashMap::new();
-        for wal in store.spaces() {
-            let set_aside = store.set_aside().iter().any(|s| &s.space == wal.space());
-            let state = match (set_aside, &hook) {
-                (true, Some(_)) if wal.first_seq() == Seq(1) => SpaceState::set_aside(wal),
-                // No hook, no state built from the old log: nothing to reset. Or a log that no
-                // longer starts at 1, trimmed since it was fetched again: the reset was made (only
-                // its marker stayed, `reset_done` having failed), and cannot be made again anyway.
-                (true, _) => {
-                    if hook.is_some() {
-                        tracing::warn!(space = %wal.space(), first = %wal.first_seq(), "a set-aside space's reset marker outlived its log's start; taking the reset as made");
-                    }
-                    store.reset_done(wal.space())?;
-                    SpaceState::new(wal)
-                }
-                (false, _) => SpaceState::new(wal),
-            };
-            spaces.insert(state.wal.space().clone(), Arc::new(state));
-        }
+        // The data folder's start-time housekeeping, off the runtime's threads (file I/O).
+        let (dir, opened, has_hook) = (config.data_dir.clone(), store.clone(), hook.is_some());
+        let prepared = tokio::task::spawn_blocking(move || prepare(&dir, &opened, has_hook)).await;
+        let (spaces, seen_epoch) =
+            prepared.map_err(|e| NetError::Task(format!("preparing the data folder: {e}")))??;
         let (new_appliers, appliers_rx) = mpsc::unbounded_channel();
         if hook.is_some() {
             for s in spaces.values() {
                 let _ = new_appliers.send(s.clone());
             }
         }
-        // A replica never accepts a primary older than the newest epoch it saw (a deposed one): in
-        // its logs, or accepted before (kept apart, since a set-aside space takes its entries away).
-        let logs_epoch = store.spaces().iter().map(|w| w.last_epoch()).max().unwrap_or(Epoch(0));
-        let kept_epoch = fence::read(&config.data_dir);
-        let seen_epoch = logs_epoch.max(kept_epoch);
-        // Logs written before the fence was kept (an older release) carry it alone: keep it now,
-        // before a set-aside space can take it away.
-        if logs_epoch > kept_epoch {
-            let dir = config.data_dir.clone();
-            tokio::task::spawn_blocking(move || fence::raise(&dir, logs_epoch))
-                .await
-                .map_err(|e| NetError::Task(format!("keeping the epoch fence: {e}")))??;
-        }
-        // What this node kept of its replicas as a primary is wrong by the time it is one again
-        // (a failover cuts logs back): a replica keeps none.
-        let dir = config.data_dir.clone();
-        tokio::task::spawn_blocking(move || crate::net::primary::known::forget_all(&dir))
-            .await
-            .map_err(|e| NetError::Task(format!("removing the known replicas of a former primary: {e}")))??;
         let shared = Arc::new(Shared {
             node_id: NodeId::from_name(&config.name),
             // Seeded by the OS's randomness, different for every `Replica`.
@@ -291,6 +259,48 @@ impl Replica {
         drop((shared, tasks));
         super::wait_released(bound).await;
     }
+}
+
+/// The replica's spaces as the data folder `dir` holds them (a set-aside space's reset pending if
+/// a hook is there to be told), and the newest epoch it saw; removes what a former primary kept
+/// there. Blocking: file I/O.
+fn prepare(
+    dir: &Path,
+    store: &WalStore,
+    has_hook: bool,
+) -> Result<(HashMap<SpaceId, Arc<SpaceState>>, Epoch), NetError> {
+    let mut spaces = HashMap::new();
+    for wal in store.spaces() {
+        let set_aside = store.set_aside().iter().any(|s| &s.space == wal.space());
+        let state = match set_aside {
+            true if has_hook && wal.first_seq() == Seq(1) => SpaceState::set_aside(wal),
+            // No hook, no state built from the old log: nothing to reset. Or a log that no
+            // longer starts at 1, trimmed since it was fetched again: the reset was made (only
+            // its marker stayed, `reset_done` having failed), and cannot be made again anyway.
+            true => {
+                if has_hook {
+                    tracing::warn!(space = %wal.space(), first = %wal.first_seq(), "a set-aside space's reset marker outlived its log's start; taking the reset as made");
+                }
+                store.reset_done(wal.space())?;
+                SpaceState::new(wal)
+            }
+            false => SpaceState::new(wal),
+        };
+        spaces.insert(state.wal.space().clone(), Arc::new(state));
+    }
+    // A replica never accepts a primary older than the newest epoch it saw (a deposed one): in
+    // its logs, or accepted before (kept apart, since a set-aside space takes its entries away).
+    let logs_epoch = store.spaces().iter().map(|w| w.last_epoch()).max().unwrap_or(Epoch(0));
+    let kept_epoch = fence::read(dir);
+    // Logs written before the fence was kept (an older release) carry it alone: keep it now,
+    // before a set-aside space can take it away.
+    if logs_epoch > kept_epoch {
+        fence::raise(dir, logs_epoch)?;
+    }
+    // What this node kept of its replicas as a primary is wrong by the time it is one again
+    // (a failover cuts logs back): a replica keeps none.
+    crate::net::primary::known::forget_all(dir)?;
+    Ok((spaces, logs_epoch.max(kept_epoch)))
 }
 
 impl SpaceState {
