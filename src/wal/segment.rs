@@ -122,13 +122,18 @@ impl RecordHeader {
 /// The caller has checked `e.payload.len()` against `max_entry_bytes` (a `u32`).
 pub(crate) fn encode_record(out: &mut Vec<u8>, e: &Entry) {
     out.reserve(RECORD_HEADER_LEN + e.payload.len());
+    encode_record_header(out, e);
+    out.extend_from_slice(&e.payload);
+}
+
+/// Appends the fixed part of `e`'s record to `out`: what [`encode_record`] writes before the payload.
+pub(crate) fn encode_record_header(out: &mut Vec<u8>, e: &Entry) {
     out.extend_from_slice(&(e.payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&e.crc.to_le_bytes());
     out.extend_from_slice(&e.seq.0.to_le_bytes());
     out.extend_from_slice(&e.epoch.0.to_le_bytes());
     out.extend_from_slice(&e.timestamp_us.to_le_bytes());
     out.push(e.kind);
-    out.extend_from_slice(&e.payload);
 }
 
 /// Bytes a record with a payload of `payload_len` bytes takes on disk.

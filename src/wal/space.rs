@@ -22,11 +22,13 @@ use crate::types::{EntryKind, Epoch, Seq, SpaceId};
 use super::config::{SyncPolicy, WalConfig};
 use super::durability::{publish, Durability, SyncFailure, SyncTarget};
 use super::error::{IoContext, WalError};
-use super::fs::{create_segment, lock_folder, open_rw, start_writeback, sync_dir, write_all_at};
+use super::fs::{create_segment, lock_folder, open_rw, start_writeback, sync_dir, write_all_at, write_all_vectored_at};
 use super::read::{self, ReadCache};
 use super::recovery::recover;
 use super::scan::{check_record, Scan, Scanner};
-use super::segment::{encode_record, record_len, segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN};
+use super::segment::{
+    encode_record, encode_record_header, record_len, segment_file_name, Segment, SegmentHeader, SEGMENT_HEADER_LEN,
+};
 use super::syncer::{Flush, Syncer};
 use super::tail::{MemTail, Payloads, TailBudget};
 
@@ -42,6 +44,10 @@ const LOCATE_CHUNK: usize = 64 * 1024;
 /// must hold a whole replicated batch (1 MiB of entry bytes by default, plus record headers), or
 /// every batch would reallocate and fault in fresh pages.
 const SCRATCH_KEEP: usize = 4 * 1024 * 1024;
+/// Payloads of at least this many bytes are written from their own buffers (`pwritev`) rather
+/// than copied into the record buffer first; smaller ones cost less to copy than a buffer of
+/// their own in the write.
+const VECTORED_MIN_PAYLOAD: usize = 1024;
 
 thread_local! {
     /// Record encoding buffer, one per thread rather than per space: a node with 10,000 spaces
@@ -775,26 +781,49 @@ impl Inner {
 
     fn write_parts_with(&self, st: &mut State, entries: &mut [Entry], scratch: &mut Vec<u8>) -> Result<(), WalError> {
         let limit = self.config.segment_bytes;
+        // Where each payload written from its own buffer goes: (its offset in `scratch`, its entry).
+        let mut referenced: Vec<(usize, usize)> = Vec::new();
         let mut i = 0;
         while i < entries.len() {
             let start = st.active.len;
             scratch.clear();
+            referenced.clear();
+            let mut end = start;
             let mut j = i;
             while j < entries.len() {
-                let rec = record_len(entries[j].payload.len());
-                let used = start + scratch.len() as u64;
+                let e = &entries[j];
+                let rec = record_len(e.payload.len());
                 // A record larger than a whole segment still gets one, alone.
-                if used > SEGMENT_HEADER_LEN && used + rec > limit {
+                if end > SEGMENT_HEADER_LEN && end + rec > limit {
                     break;
                 }
-                encode_record(scratch, &entries[j]);
+                if e.payload.len() >= VECTORED_MIN_PAYLOAD {
+                    encode_record_header(scratch, e);
+                    referenced.push((scratch.len(), j));
+                } else {
+                    encode_record(scratch, e);
+                }
+                end += rec;
                 j += 1;
             }
             if j == i {
                 self.roll(st)?;
                 continue;
             }
-            if let Err(e) = write_all_at(&st.active_file, scratch, start) {
+            let written = if referenced.is_empty() {
+                write_all_at(&st.active_file, scratch, start)
+            } else {
+                let mut parts = Vec::with_capacity(2 * referenced.len() + 1);
+                let mut from = 0;
+                for &(at, k) in &referenced {
+                    parts.push(&scratch[from..at]);
+                    parts.push(&entries[k].payload[..]);
+                    from = at;
+                }
+                parts.push(&scratch[from..]);
+                write_all_vectored_at(&st.active_file, &parts, start)
+            };
+            if let Err(e) = written {
                 // Cut any partial write so the next record does not land after garbage.
                 if let Err(cut) = st.active_file.set_len(start) {
                     let source =
@@ -803,7 +832,6 @@ impl Inner {
                 }
                 return Err(WalError::io("write", &st.active.path, e));
             }
-            let end = start + scratch.len() as u64;
             if self.config.fsyncs() && end.saturating_sub(st.written_back) >= WRITEBACK_EVERY {
                 let from = st.written_back.min(start);
                 start_writeback(&st.active_file, from, end - from);
