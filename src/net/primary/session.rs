@@ -30,7 +30,7 @@ use crate::protocol::handshake::{resume_point, LocalLog, Refusal};
 use crate::protocol::liveness::Liveness;
 use crate::protocol::progress::ReplicaProgress;
 use crate::types::{NodeId, Seq, SpaceId};
-use crate::wal::{SpaceWal, WalStore};
+use crate::wal::{SpaceWal, WalError, WalStore};
 
 /// One connection to a replica.
 pub(super) struct Session {
@@ -630,14 +630,26 @@ fn resume_from(wal: &SpaceWal, replica: Option<&SpacePosition>) -> Result<Seq, R
     let Some(pos) = replica else {
         return resume_point(local, &empty_position(wal.space()));
     };
-    let epoch_at = match wal.read_from(pos.last_seq, 1, 0) {
-        Ok(v) => v.first().filter(|e| e.seq == pos.last_seq).map(|e| e.epoch),
-        Err(_) => None,
+    // A log that cannot be read is not compared: resuming unchecked could append this log's
+    // entries after other ones the replica holds at the same positions.
+    let cannot_compare = |e: WalError| Refusal {
+        code: ErrorCode::Internal,
+        reason: format!(
+            "the primary cannot read its log to compare it with the replica's: {e}; this space is not shipped on this \
+             connection, and is compared again when the replica reconnects (Replica::disconnect or a restart)"
+        ),
     };
-    let digest_at = wal.digest_at(pos.last_seq).unwrap_or_else(|e| {
-        tracing::warn!(space = %wal.space(), error = %e, "cannot compute the digest to compare");
-        None
-    });
+    let epoch_at = match pos.last_seq {
+        Seq::ZERO => None,
+        at => match wal.read_from(at, 1, 0) {
+            Ok(v) => v.first().filter(|e| e.seq == at).map(|e| e.epoch),
+            // Removed by retention: nothing to compare, and `resume_point` refuses it if the next
+            // entry is gone too.
+            Err(WalError::Truncated { .. }) => None,
+            Err(e) => return Err(cannot_compare(e)),
+        },
+    };
+    let digest_at = wal.digest_at(pos.last_seq).map_err(cannot_compare)?;
     resume_point(LocalLog { epoch_at_replica_last: epoch_at, digest_at_replica_last: digest_at, ..local }, pos)
 }
 
@@ -655,6 +667,51 @@ fn empty_position(space: &SpaceId) -> SpacePosition {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::Epoch;
+    use crate::wal::{SyncPolicy, WalConfig};
+
+    /// Same positions, same epoch, other entries: only the digest tells the logs apart. A log
+    /// that cannot be read to compute it refuses the space instead of resuming unchecked.
+    #[test]
+    fn a_log_that_cannot_be_read_to_compare_refuses_the_space() {
+        let root = tempfile::tempdir().unwrap();
+        let space = SpaceId::new("s").unwrap();
+        let wal = SpaceWal::open(root.path(), space.clone(), WalConfig::default().sync(SyncPolicy::Never)).unwrap();
+        for i in 1..=10u8 {
+            wal.append(Epoch(1), 0, Bytes::from(vec![i; 10])).unwrap();
+        }
+        let replica = SpacePosition {
+            last_seq: Seq(10),
+            last_epoch: Epoch(1),
+            digest: wal.digest(),
+            durable_seq: Seq(10),
+            applied_seq: Seq(10),
+            ..empty_position(&space)
+        };
+        wal.truncate_suffix(Seq(5)).unwrap();
+        for i in 6..=12u8 {
+            wal.append(Epoch(1), 0, Bytes::from(vec![i + 100; 10])).unwrap();
+        }
+        let refused = resume_from(&wal, Some(&replica)).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Diverged, "{}", refused.reason);
+
+        // The entry at 10 still comes from memory; the digest up to it needs the segment file.
+        for file in std::fs::read_dir(root.path().join("s")).unwrap() {
+            let path = file.unwrap().path();
+            if path.extension().is_some_and(|x| x == "wal") {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        assert!(wal.digest_at(Seq(10)).is_err());
+        let refused = resume_from(&wal, Some(&replica)).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Internal, "{}", refused.reason);
+        assert!(refused.reason.contains("cannot read its log"), "{}", refused.reason);
+        // Nothing to compare at 0, and the end of the log is known without reading.
+        let empty = empty_position(&space);
+        assert_eq!(resume_from(&wal, Some(&empty)).map_err(|r| r.reason), Ok(Seq(1)));
+        let at_end = SpacePosition { last_seq: Seq(12), digest: wal.digest(), ..replica.clone() };
+        assert_eq!(resume_from(&wal, Some(&at_end)).map_err(|r| r.reason), Ok(Seq(13)));
+    }
 
     #[test]
     fn a_floor_is_lowered_to_what_the_hello_holds_and_never_raised() {
