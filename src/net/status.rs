@@ -31,12 +31,13 @@ impl SpaceLog {
     }
 
     pub(crate) fn of(wal: &crate::wal::SpaceWal) -> SpaceLog {
+        let (last_seq, _, digest) = wal.end();
         SpaceLog {
             space: wal.space().clone(),
             first_seq: wal.first_seq(),
-            last_seq: wal.last_seq(),
+            last_seq,
             durable_seq: wal.durable_seq(),
-            digest: wal.digest().to_string(),
+            digest: digest.to_string(),
         }
     }
 }

@@ -583,10 +583,12 @@ impl SpaceWal {
         (st.last_seq, st.generation)
     }
 
-    /// `last_seq` and the digest up to it, read together (one lock, and a consistent pair).
-    pub(crate) fn last_seq_and_digest(&self) -> (Seq, LogDigest) {
+    /// Where the log ends: `last_seq`, the epoch of that entry and the digest up to it, read
+    /// together (one lock: an append between separate reads would pair one end's sequence with
+    /// another's digest, which a primary comparing logs takes for a divergence).
+    pub(crate) fn end(&self) -> (Seq, Epoch, LogDigest) {
         let st = self.inner.lock();
-        (st.last_seq, st.digest)
+        (st.last_seq, st.last_epoch, st.digest)
     }
 
     /// `last_seq` and the epoch of that entry, read together (one lock, and a consistent pair).

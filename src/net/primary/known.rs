@@ -108,7 +108,7 @@ impl Known {
             .spaces()
             .into_iter()
             .map(|wal| {
-                let (last, digest) = wal.last_seq_and_digest();
+                let (last, _, digest) = wal.end();
                 (wal.space().clone(), LogEnd { last_seq: last.0, digest: digest.0 })
             })
             .collect();

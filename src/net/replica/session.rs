@@ -107,12 +107,13 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
             .spaces()
             .iter()
             .map(|w| {
-                let durable = w.durable_seq().min(w.last_seq());
+                let (last_seq, last_epoch, digest) = w.end();
+                let durable = w.durable_seq().min(last_seq);
                 SpacePosition {
                     space: w.space().clone(),
-                    last_seq: w.last_seq(),
-                    last_epoch: w.last_epoch(),
-                    digest: w.digest(),
+                    last_seq,
+                    last_epoch,
+                    digest,
                     durable_seq: durable,
                     // A space without state yet counts as applied up to its log (see `ApplyHook`).
                     applied_seq: applied.get(w.space()).map_or(durable, |a| (*a).min(durable)),
