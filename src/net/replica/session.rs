@@ -292,13 +292,16 @@ async fn ack_loop(shared: Arc<Shared>, session: Session) {
                 last.insert(s.wal.space().clone(), (durable, applied));
                 spaces.push(SpaceAck { space: s.wal.space().clone(), durable, applied });
             }
-            if durable >= s.wal.last_seq() && applied == durable {
-                // Settled: nothing more to report until the next batch puts it back. A batch stores
-                // `applied` before it inserts the space, so seeing the acked values unchanged under
-                // the lock means any newer batch will insert it again after this removal.
+            let last_seq = s.wal.last_seq();
+            if durable >= last_seq && applied == durable {
+                // Settled: nothing more to report until the next batch puts it back. A batch
+                // appends before it inserts the space, so seeing the log's end (and what was acked)
+                // unchanged under the lock means any newer batch will insert it again after this
+                // removal. `applied` alone would not tell: with an apply hook it moves only once
+                // the hook took the entries, and the durable ack must not wait for that.
                 let mut unacked = lock(&shared.unacked);
-                let now = (s.wal.durable_seq(), Seq(s.applied.load(Ordering::Acquire)));
-                if now == (durable, applied) {
+                let now = (s.wal.durable_seq(), Seq(s.applied.load(Ordering::Acquire)), s.wal.last_seq());
+                if now == (durable, applied, last_seq) {
                     unacked.remove(s.wal.space());
                 }
             }
