@@ -13,6 +13,7 @@ use common::*;
 use walship::config::ReplicaConfig;
 use walship::entry::Entry;
 use walship::net::status::ConnectionState;
+use walship::net::NetError;
 use walship::wal::{SyncPolicy, WalStore};
 use walship::{ApplyHook, Primary, Replica, Seq, SpaceId};
 
@@ -550,6 +551,18 @@ async fn the_fence_is_kept_from_the_logs_of_an_older_release() {
     let r = c.replica("replica-1", "127.0.0.1:9".parse().unwrap()).await;
     assert_eq!(std::fs::read_to_string(&fence).unwrap().trim(), "2");
     r.shutdown().await;
+
+    // A damaged fence refuses the start (saying what to do) and is left as it is: read as 0, it
+    // would have been written over with the logs' epoch, maybe below the one it held.
+    std::fs::write(&fence, b"7\x00garbage").unwrap();
+    let refused =
+        Replica::start(c.replica_config("replica-1", "127.0.0.1:9".parse().unwrap()), c.ca.issue("replica-1").unwrap())
+            .await
+            .err()
+            .expect("a damaged fence refuses the start");
+    assert!(matches!(refused, NetError::EpochFence { .. }), "{refused}");
+    assert!(refused.to_string().contains("remove it"), "{refused}");
+    assert_eq!(std::fs::read(&fence).unwrap(), b"7\x00garbage");
 }
 
 /// A reset marker that outlived a log trimmed since it was fetched again (its `reset_done`

@@ -57,6 +57,10 @@ pub enum NetError {
     /// retention trim what a replica not back yet needs.
     #[error("the list of known replicas {} is damaged ({reason}): remove it to start; retention then counts each replica from when it reconnects (keep a floor of your own until then)", path.display())]
     KnownReplicas { path: std::path::PathBuf, reason: String },
+    /// The replica's epoch fence holds something else than an epoch: starting without it could
+    /// accept a deposed primary.
+    #[error("the epoch fence {} is damaged ({reason}): it holds the newest primary epoch this replica accepted; write that epoch into it (a decimal number), or remove it to start with the newest epoch of this replica's logs alone (a deposed primary between the two would then be accepted)", path.display())]
+    EpochFence { path: std::path::PathBuf, reason: String },
     /// The primary could not write its list of known replicas: a replica is not welcomed (it
     /// retries) until it can, so that a restart never forgets it.
     #[error("cannot keep the list of known replicas ({0}); replicas are not welcomed until it can be written: check the disk and permissions of the data folder")]

@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
+use crate::net::error::NetError;
 use crate::types::Epoch;
 use crate::wal::fs::write_durably;
 use crate::wal::WalError;
@@ -17,32 +18,39 @@ static WRITING: Mutex<()> = Mutex::new(());
 /// The file, in the WAL root; `+` keeps it apart from any space id (a space's folder has its id for name).
 const FILE: &str = "epoch+fence";
 
-/// The epoch kept in `dir`; 0 if none was kept (or the file is unreadable, which is logged).
-pub(super) fn read(dir: &Path) -> Epoch {
+/// Longest file [`read`] takes: a decimal `u64` and a newline, with room to spare.
+const MAX_FILE_BYTES: u64 = 64;
+
+/// The epoch kept in `dir`; 0 if none was kept. A file that cannot be read, or holds anything but
+/// an epoch, is an error: taking it for 0 would let [`raise`] write a lower epoch over it.
+pub(super) fn read(dir: &Path) -> Result<Epoch, NetError> {
     let path = dir.join(FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => match text.trim().parse() {
-            Ok(epoch) => Epoch(epoch),
-            Err(_) => {
-                tracing::warn!(file = %path.display(), "unreadable epoch fence; the logs' epochs alone fence deposed primaries");
-                Epoch(0)
-            }
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Epoch(0),
-        Err(e) => {
-            tracing::warn!(file = %path.display(), error = %e, "cannot read the epoch fence; the logs' epochs alone fence deposed primaries");
-            Epoch(0)
+    let text = match std::fs::File::open(&path) {
+        Ok(file) => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_FILE_BYTES + 1), &mut text)
+                .map_err(|e| WalError::io("read the epoch fence", &path, e))
+                .map(|_| text)?
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Epoch(0)),
+        Err(e) => return Err(WalError::io("read the epoch fence", &path, e).into()),
+    };
+    match text.trim().parse() {
+        Ok(epoch) if text.len() as u64 <= MAX_FILE_BYTES => Ok(Epoch(epoch)),
+        _ => Err(NetError::EpochFence {
+            path,
+            reason: format!("{:?} is not an epoch", text.chars().take(24).collect::<String>()),
+        }),
     }
 }
 
 /// Raises the kept epoch to `epoch` if it is below, durably; never lowers it.
-pub(super) fn raise(dir: &Path, epoch: Epoch) -> Result<(), WalError> {
+pub(super) fn raise(dir: &Path, epoch: Epoch) -> Result<(), NetError> {
     let _one = WRITING.lock().unwrap_or_else(PoisonError::into_inner);
-    if read(dir) >= epoch {
+    if read(dir)? >= epoch {
         return Ok(());
     }
-    write_durably(dir, &dir.join(FILE), format!("{}\n", epoch.0).as_bytes(), "keep the epoch fence in")
+    Ok(write_durably(dir, &dir.join(FILE), format!("{}\n", epoch.0).as_bytes(), "keep the epoch fence in")?)
 }
 
 #[cfg(test)]
@@ -50,8 +58,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kept_epochs_read_back_and_anything_else_reads_zero() {
+    fn kept_epochs_read_back_and_are_never_lowered() {
         let dir = tempfile::tempdir().unwrap();
+        let read = |dir: &Path| super::read(dir).unwrap();
         assert_eq!(read(dir.path()), Epoch(0), "none kept");
         raise(dir.path(), Epoch(7)).unwrap();
         assert_eq!(read(dir.path()), Epoch(7));
@@ -61,8 +70,23 @@ mod tests {
         assert_eq!(read(dir.path()), Epoch(9), "never lowered");
         raise(dir.path(), Epoch(11)).unwrap();
         assert_eq!(read(dir.path()), Epoch(11));
-        std::fs::write(dir.path().join(FILE), b"garbage").unwrap();
-        assert_eq!(read(dir.path()), Epoch(0));
+
+        // A damaged fence is an error, and is not written over with a lower epoch.
+        for damage in [&b"garbage"[..], b"", &[b'7'; 100][..]] {
+            std::fs::write(dir.path().join(FILE), damage).unwrap();
+            let err = super::read(dir.path()).unwrap_err();
+            assert!(matches!(err, NetError::EpochFence { .. }), "{err}");
+            assert!(err.to_string().contains("remove it"), "{err}");
+            assert!(raise(dir.path(), Epoch(3)).is_err());
+            assert_eq!(std::fs::read(dir.path().join(FILE)).unwrap(), damage);
+        }
+        // Unreadable (a folder in its place): an I/O error that says where.
+        std::fs::remove_file(dir.path().join(FILE)).unwrap();
+        std::fs::create_dir(dir.path().join(FILE)).unwrap();
+        let err = super::read(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("epoch fence"), "{err}");
+        std::fs::remove_dir(dir.path().join(FILE)).unwrap();
+
         // A folder where the file goes: an error that says where.
         std::fs::create_dir(dir.path().join(format!("{FILE}.tmp"))).unwrap();
         let err = raise(dir.path(), Epoch(12)).unwrap_err();

@@ -291,7 +291,7 @@ fn prepare(
     // A replica never accepts a primary older than the newest epoch it saw (a deposed one): in
     // its logs, or accepted before (kept apart, since a set-aside space takes its entries away).
     let logs_epoch = store.spaces().iter().map(|w| w.last_epoch()).max().unwrap_or(Epoch(0));
-    let kept_epoch = fence::read(dir);
+    let kept_epoch = fence::read(dir)?;
     // Logs written before the fence was kept (an older release) carry it alone: keep it now,
     // before a set-aside space can take it away.
     if logs_epoch > kept_epoch {

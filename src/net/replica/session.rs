@@ -162,7 +162,7 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 conn.close(close::LOCAL_FAILURE, b"cannot keep the epoch");
-                return Err(e.into());
+                return Err(e);
             }
             Err(e) => return Err(NetError::Task(format!("keeping the epoch fence: {e}"))),
         }
