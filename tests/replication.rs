@@ -902,6 +902,39 @@ async fn catch_up_of_many_spaces_stays_within_the_replica_inflight_credit() {
     catch_up_within_credit(Compression::Lz4, |i| bytes::Bytes::from(format!("entry {i} ").repeat(400))).await;
 }
 
+/// A replica announcing frames smaller than the primary's still gets full frames: entry headers,
+/// counted at the most entries a batch may hold (8,192 x 17 bytes, more than the frame), once left
+/// no room for payloads, and every frame of a catch-up carried one entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_small_frames_catches_up_in_full_frames() {
+    use walship::codec::batch::ENTRY_HEADER_LEN;
+    use walship::codec::FrameLimits;
+    let c = Cluster::new();
+    let primary = c.primary().await;
+    let space = spaces(1);
+    let wal = primary.space(&space[0]).unwrap();
+    const ENTRIES: u32 = 20_000;
+    tokio::task::spawn_blocking(move || {
+        let items: Vec<(u8, bytes::Bytes)> =
+            (0..ENTRIES).map(|i| (0, bytes::Bytes::from(format!("entry {i:>10}")))).collect();
+        wal.append_batch(walship::Epoch(1), &items).unwrap();
+    })
+    .await
+    .unwrap();
+    let mut cfg = c.replica_config("replica-1", primary.local_addr());
+    const FRAME: usize = 64 * 1024;
+    cfg.limits = FrameLimits { max_batch_bytes: FRAME };
+    cfg.wal.max_entry_bytes = 1024;
+    let replica = Replica::start(cfg, c.ca.issue("replica-1").unwrap()).await.unwrap();
+    wait_for("caught up", || identical(&primary, &replica)).await;
+    let sent = primary.status().replicas[0].totals.batches_sent;
+    // 16-byte payloads: 33 bytes an entry, at least half a frame of payloads each.
+    let full = (ENTRIES as usize * (16 + ENTRY_HEADER_LEN)).div_ceil(FRAME / 2) as u64;
+    assert!(sent <= 2 * full, "{sent} frames for {ENTRIES} entries of 16 bytes in {FRAME}-byte frames");
+    replica.shutdown().await;
+    primary.shutdown().await;
+}
+
 async fn catch_up_within_credit(compression: walship::codec::Compression, payload: fn(u32) -> bytes::Bytes) {
     use walship::codec::{Compression, FrameLimits};
     let c = Cluster::new();

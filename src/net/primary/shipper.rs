@@ -292,10 +292,18 @@ async fn ship_stream(
             }
             continue;
         }
-        let count = usize::try_from(upto.0 - next.0 + 1).unwrap_or(usize::MAX).min(cfg.max_batch_entries);
+        let frame_limit = session.frame_limits.max_batch_bytes;
+        // Entry headers may take at most half the frame: counted at the most entries a batch may
+        // hold, they would otherwise leave no room for payloads in a replica's smaller frames,
+        // and every frame would carry a single entry.
+        let count = usize::try_from(upto.0 - next.0 + 1)
+            .unwrap_or(usize::MAX)
+            .min(cfg.max_batch_entries)
+            .min(frame_limit / (2 * ENTRY_HEADER_LEN))
+            .max(1);
         // Payload bytes per batch: this primary's setting, within the session's frame limit
         // (which also holds each entry's header).
-        let frame_room = session.frame_limits.max_batch_bytes.saturating_sub(count.saturating_mul(ENTRY_HEADER_LEN));
+        let frame_room = frame_limit.saturating_sub(count.saturating_mul(ENTRY_HEADER_LEN));
         let batch_bytes = cfg.max_batch_bytes.min(frame_room);
         let mut entries = read_entries(wal, next, count, batch_bytes).await?;
         // A cut during the read may have mixed the old log's entries with the new one's.
