@@ -95,6 +95,17 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
         }
         if let Some(prev) = segments.last() {
             if header.first_seq != prev.last_seq.next() {
+                // Under `Never`, the same crash as below with the sealed segment cut at a record
+                // boundary: nothing there to cut, the later segments hold no entry, and the log
+                // ends in the sealed segment.
+                if config.sync == SyncPolicy::Never
+                    && header.first_seq > prev.last_seq.next()
+                    && hold_no_entry(&names[i..])?
+                {
+                    drop(file);
+                    delete_newest_first(dir, &names[i..])?;
+                    break;
+                }
                 return Err(WalError::corruption(
                     &path,
                     16,
@@ -178,12 +189,7 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
                 );
             }
             if !is_last {
-                // Newest first, so that a crash midway leaves a log that still chains.
-                for (_, later) in names[i + 1..].iter().rev() {
-                    tracing::warn!(file = %later.display(), "WAL: deleting a segment with no entry after a torn sealed segment");
-                    std::fs::remove_file(later).ctx("delete empty segment", later)?;
-                }
-                sync_dir(dir)?;
+                delete_newest_first(dir, &names[i + 1..])?;
                 is_last = true;
             }
             tracing::warn!(
@@ -226,6 +232,16 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
 
 /// Whether none of `segments` holds an intact entry: each is shorter than a header, or has no
 /// intact record (of the sequences its name allows) after it.
+/// Deletes `segments`, which hold no entry and follow the log's end, newest first (so that a
+/// crash midway leaves a log that still chains), then fsyncs the folder.
+fn delete_newest_first(dir: &Path, segments: &[(Seq, PathBuf)]) -> Result<(), WalError> {
+    for (_, later) in segments.iter().rev() {
+        tracing::warn!(file = %later.display(), "WAL: deleting a segment with no entry after a sealed segment cut short by a crash");
+        std::fs::remove_file(later).ctx("delete empty segment", later)?;
+    }
+    sync_dir(dir)
+}
+
 fn hold_no_entry(segments: &[(Seq, PathBuf)]) -> Result<bool, WalError> {
     for (first_seq, path) in segments {
         let file = File::open(path).ctx("open segment", path)?;
@@ -562,12 +578,15 @@ mod tests {
             std::fs::OpenOptions::new().write(true).open(&sealed).unwrap().set_len(len - cut).unwrap();
             (dir, segs, entries, next)
         };
-        for next_len in [0, SEGMENT_HEADER_LEN as usize] {
+        // Cut inside the last record (damage to cut), or at its start (a record boundary: the
+        // sealed segment reads clean, only the later one's first sequence tells).
+        let whole_record = crate::wal::segment::record_len(payload(20).len()); // the last entry's
+        for (next_len, cut) in [0, SEGMENT_HEADER_LEN as usize].into_iter().flat_map(|n| [(n, 5), (n, whole_record)]) {
             let root = tempfile::tempdir().unwrap();
-            let (dir, segs, entries, next) = setup(root.path(), next_len, 5);
+            let (dir, segs, entries, next) = setup(root.path(), next_len, cut);
             let wal = SpaceWal::open(root.path(), space(), config().segment_bytes(200)).unwrap();
             let last = entries.last().unwrap().seq;
-            assert_eq!(wal.last_seq(), Seq(last.0 - 1), "next segment of {next_len} bytes");
+            assert_eq!(wal.last_seq(), Seq(last.0 - 1), "next segment of {next_len} bytes, {cut} bytes cut");
             assert_eq!(wal.read_from(Seq(1), 100, usize::MAX).unwrap()[..], entries[..entries.len() - 1]);
             assert!(!next.exists());
             assert_eq!(segment_files(&dir), segs);
