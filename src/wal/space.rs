@@ -870,7 +870,14 @@ impl Inner {
         }
         let header = SegmentHeader { first_seq: st.last_seq.next(), base_digest: st.digest };
         let path = self.dir.join(segment_file_name(header.first_seq));
-        let file = create_segment(&self.dir, &path, &header, durable)?;
+        let file = match create_segment(&self.dir, &path, &header, durable) {
+            Ok(file) => file,
+            // Something may be in place under the new segment's name (its folder's fsync failed
+            // after the rename): writing on in the old segment, past the new one's first
+            // sequence, would leave a log that no reopen accepts. Not knowing is the same.
+            Err(e) if !matches!(path.try_exists(), Ok(false)) => return Err(self.fail(e)),
+            Err(e) => return Err(e),
+        };
         tracing::debug!(space = %self.space, segment = %path.display(), "WAL: new segment");
         let sealed = std::mem::replace(&mut st.active, Segment::new(path, header));
         st.written_back = 0;

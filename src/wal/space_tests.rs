@@ -183,6 +183,31 @@ fn large_and_small_payloads_in_one_write_read_back_from_the_files() {
     assert_eq!(all(&open(replica_root.path(), config)), written);
 }
 
+/// A roll that fails with something in place under the new segment's name (as after a rename
+/// whose folder fsync failed) poisons the log: an entry that still fits in the old segment would
+/// otherwise be written there past the new segment's first sequence, and no reopen would accept it.
+#[test]
+fn a_roll_that_may_have_left_the_new_segment_in_place_poisons_the_log() {
+    let root = tempfile::tempdir().unwrap();
+    let wal = open(
+        root.path(),
+        WalConfig::default().sync(SyncPolicy::Interval(Duration::from_secs(3600))).segment_bytes(200),
+    );
+    while !wal.append_would_roll(&[Entry::new(wal.last_seq().next(), Epoch(1), 1, 0, Bytes::from(vec![7u8; 100]))]) {
+        wal.append(Epoch(1), 0, Bytes::from(vec![1u8; 10])).unwrap();
+    }
+    let last = wal.last_seq();
+    assert!(
+        !wal.append_would_roll(&[Entry::new(last.next(), Epoch(1), 1, 0, Bytes::new())]),
+        "a small entry still fits"
+    );
+    std::fs::create_dir(root.path().join("space-1").join(segment_file_name(last.next()))).unwrap();
+    assert!(wal.append(Epoch(1), 0, Bytes::from(vec![7u8; 100])).is_err());
+    let err = wal.append(Epoch(1), 0, Bytes::new()).unwrap_err();
+    assert!(matches!(err, WalError::Poisoned { .. }), "{err}");
+    assert_eq!(wal.last_seq(), last);
+}
+
 #[test]
 fn large_record_gets_its_own_segment_and_limits_apply() {
     let root = tempfile::tempdir().unwrap();
