@@ -15,7 +15,8 @@ pub enum SyncPolicy {
     /// and advances `durable_seq`. A power loss loses at most about one interval of entries.
     /// A zero interval is treated as 1 ms.
     Interval(Duration),
-    /// No fsync at all (the OS writes back when it wants); `durable_seq` follows `last_seq`.
+    /// No fsync on the write path (the OS writes back when it wants); `durable_seq` follows
+    /// `last_seq`. Only retention fsyncs, once, before it deletes the last sealed segment.
     /// A power loss can lose any amount of recent entries, and may leave a sealed segment short:
     /// recovery cuts it as the log's tail if no later segment holds an entry, and reports
     /// corruption otherwise rather than guessing.

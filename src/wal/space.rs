@@ -454,15 +454,23 @@ impl SpaceWal {
     /// The active segment is empty right after a roll whose first record never got written (a
     /// crash, a failed write), and may lose what it holds to a power loss until it is fsynced: until
     /// the active segment holds a durable entry, the last sealed segment stays, since its records
-    /// are all that tells the log's last epoch after a restart.
+    /// are all that tells the log's last epoch after a restart. Under `SyncPolicy::Never`, a call
+    /// that would delete the last sealed segment first fsyncs the active one (and the folder, which
+    /// holds its creation): nothing else makes any entry durable there.
     pub fn truncate_prefix(&self, upto: Seq) -> Result<Seq, WalError> {
         let _retention = self.inner.retention.lock().unwrap_or_else(PoisonError::into_inner);
+        let synced_here = self.inner.sync_active_for_retention(upto)?;
         let (doomed, first) = {
             let mut st = self.inner.lock();
+            let durable = match self.inner.config.fsyncs() {
+                true => self.inner.durability.durable(),
+                // `durable_seq` only follows `last_seq` under `Never`.
+                false => synced_here,
+            };
             let mut doomed = Vec::new();
             while let Some(seg) = st.sealed.pop_front() {
                 // Written is not enough: an entry not yet fsynced in the active segment may be lost.
-                let holds_last_entry = st.sealed.is_empty() && self.inner.durability.durable() < st.active.first_seq;
+                let holds_last_entry = st.sealed.is_empty() && durable < st.active.first_seq;
                 if seg.last_seq > upto || holds_last_entry {
                     st.sealed.push_front(seg);
                     break;
@@ -744,6 +752,29 @@ impl Inner {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Under `SyncPolicy::Never`, when retention up to `upto` would reach the last sealed segment:
+    /// fsyncs the active segment's entries and the folder (outside the state lock, so appends go
+    /// on), and returns the last entry made durable; else `Seq(0)`, with no I/O.
+    fn sync_active_for_retention(&self, upto: Seq) -> Result<Seq, WalError> {
+        if self.config.fsyncs() {
+            return Ok(Seq::ZERO);
+        }
+        let (file, path, last) = {
+            let st = self.lock();
+            match st.sealed.back() {
+                Some(newest) if newest.last_seq <= upto && st.active.last_seq >= st.active.first_seq => {
+                    (st.active_file.clone(), st.active.path.clone(), st.active.last_seq)
+                }
+                _ => return Ok(Seq::ZERO),
+            }
+        };
+        if let Err(e) = file.sync_data() {
+            return Err(self.fail(WalError::io("fsync before retention", &path, e)));
+        }
+        sync_dir(&self.dir)?;
+        Ok(last)
     }
 
     /// Poisons the log after a failure that leaves the file state unknown, and passes the error on.
