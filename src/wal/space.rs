@@ -137,6 +137,10 @@ struct State {
     cuts: Vec<(u64, Seq)>,
     /// Offset of the active segment up to which writeback was started ([`super::fs::start_writeback`]).
     written_back: u64,
+    /// Under `SyncPolicy::Never`, sealed segments ending at or below this were fsynced, and the
+    /// folder after the active segment's creation, if it starts right after (by [`SpaceWal::sync`];
+    /// `None` before its first call). The syncing policies fsync each segment as they seal it.
+    sealed_synced_upto: Option<Seq>,
     /// Resume positions and open files of disk reads.
     reads: ReadCache,
 }
@@ -189,6 +193,7 @@ impl SpaceWal {
         };
         let written_back = r.active.len;
         let state = State {
+            sealed_synced_upto: None,
             sealed: r.sealed.into(),
             active: r.active,
             active_file: Arc::new(r.active_file),
@@ -549,6 +554,9 @@ impl SpaceWal {
 
         st.active.len = cut;
         st.written_back = cut; // Just fsynced.
+                               // Segments sealed from now on may end below what was synced before the cut.
+        let below_cut = Seq(st.active.first_seq.0.saturating_sub(1));
+        st.sealed_synced_upto = st.sealed_synced_upto.map(|s| s.min(below_cut));
         st.active.last_seq = after;
         st.active.index.truncate_after(after);
         st.active_file = Arc::new(file);
@@ -705,9 +713,13 @@ impl SpaceWal {
     }
 
     /// Fsyncs now (whatever the policy) and returns the durable sequence, which then covers every entry
-    /// appended before the call.
+    /// appended before the call. Under `SyncPolicy::Never` that includes the segments sealed since
+    /// the last call, and the folder that holds their creation.
     pub fn sync(&self) -> Result<Seq, WalError> {
         let target = self.inner.lock().last_seq;
+        if !self.inner.config.fsyncs() {
+            self.inner.sync_sealed()?;
+        }
         self.inner.wait_durable(target, true)
     }
 
@@ -752,6 +764,42 @@ impl Inner {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Under `SyncPolicy::Never`: fsyncs the sealed segments no call fsynced yet, then the folder
+    /// (outside the state lock, so appends go on).
+    fn sync_sealed(&self) -> Result<(), WalError> {
+        // Retention must not delete a segment between the listing and its fsync.
+        let _retention = self.retention.lock().unwrap_or_else(PoisonError::into_inner);
+        let (pending, upto, generation) = {
+            let st = self.lock();
+            let synced = st.sealed_synced_upto;
+            // Nothing sealed since, and the active segment already existed then: nothing to do.
+            if synced.is_some_and(|s| st.active.first_seq.0.saturating_sub(1) <= s.0) {
+                return Ok(());
+            }
+            let synced = synced.unwrap_or(Seq::ZERO);
+            let pending: Vec<PathBuf> =
+                st.sealed.iter().filter(|s| s.last_seq > synced).map(|s| s.path.clone()).collect();
+            // Every sealed segment ends before the active one starts.
+            (pending, Seq(st.active.first_seq.0.saturating_sub(1)), st.generation)
+        };
+        for path in &pending {
+            match File::open(path).and_then(|f| f.sync_all()) {
+                Ok(()) => {}
+                // Deleted meanwhile by a suffix truncation (which fsyncs what it keeps).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.fail(WalError::io("fsync sealed segment", path, e))),
+            }
+        }
+        sync_dir(&self.dir)?;
+        let mut st = self.lock();
+        // After a suffix truncation meanwhile, segments sealed since may end below `upto`
+        // without having been fsynced here: the next call lists them again.
+        if st.generation == generation {
+            st.sealed_synced_upto = Some(st.sealed_synced_upto.map_or(upto, |s| s.max(upto)));
+        }
+        Ok(())
     }
 
     /// Under `SyncPolicy::Never`, when retention up to `upto` would reach the last sealed segment:

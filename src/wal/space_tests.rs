@@ -208,6 +208,58 @@ fn a_roll_that_may_have_left_the_new_segment_in_place_poisons_the_log() {
     assert_eq!(wal.last_seq(), last);
 }
 
+/// Under `Never`, `sync` also fsyncs the segments sealed since the last call (each once), and
+/// lists again those sealed after a suffix truncation even where they end below what it synced
+/// before. Seen through a segment whose file cannot be opened (a symlink to itself): `sync`
+/// fails if and only if it had to fsync that segment.
+#[cfg(unix)]
+#[test]
+fn sync_under_never_fsyncs_each_sealed_segment_once() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join(space().as_str());
+    let config = never().segment_bytes(300);
+    let sealed = || {
+        let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        names.retain(|p| p.extension().is_some_and(|x| x == "wal"));
+        names.sort();
+        assert!(names.len() > 2, "{names:?}");
+        names.pop(); // the active segment
+        names
+    };
+    // Whether `sync` fails with `path` unopenable.
+    let sync_fails_without = |wal: &SpaceWal, path: &Path| {
+        let aside = path.with_extension("aside");
+        std::fs::rename(path, &aside).unwrap();
+        std::os::unix::fs::symlink(path, path).unwrap();
+        let failed = wal.sync().is_err();
+        std::fs::remove_file(path).unwrap();
+        std::fs::rename(&aside, path).unwrap();
+        failed
+    };
+    let wal = open(root.path(), config.clone());
+    fill(&wal, 60);
+    let first_sealed = sealed();
+    assert!(sync_fails_without(&wal, &first_sealed[0]), "never fsynced before");
+    drop(wal); // poisoned by the failed fsync
+
+    let wal = open(root.path(), config.clone());
+    wal.sync().unwrap();
+    assert!(!sync_fails_without(&wal, &first_sealed[0]), "fsynced by the last call");
+    fill(&wal, 120);
+    let newest = sealed().pop().unwrap();
+    assert!(!first_sealed.contains(&newest));
+    assert!(sync_fails_without(&wal, &newest), "sealed since the last call");
+    drop(wal);
+
+    let wal = open(root.path(), config.clone());
+    wal.sync().unwrap();
+    wal.truncate_suffix(Seq(30)).unwrap();
+    fill(&wal, 90);
+    let resealed = sealed().pop().unwrap();
+    assert_eq!(wal.read_from(Seq(1), usize::MAX, usize::MAX).unwrap().len(), 90);
+    assert!(sync_fails_without(&wal, &resealed), "sealed after the cut, below what was synced before it");
+}
+
 #[test]
 fn large_record_gets_its_own_segment_and_limits_apply() {
     let root = tempfile::tempdir().unwrap();
