@@ -241,6 +241,10 @@ pub(crate) fn check_seq(e: &Entry, expected: Seq) -> Result<(), String> {
     if e.seq != expected {
         return Err(format!("expected entry {expected}, found entry {}", e.seq));
     }
+    // `Seq::next` saturates there: an entry at it would be followed by a second one.
+    if e.seq == Seq(u64::MAX) {
+        return Err(format!("entry {} is past the last sequence a log may hold", e.seq));
+    }
     Ok(())
 }
 

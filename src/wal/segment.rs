@@ -88,6 +88,10 @@ impl SegmentHeader {
         if first_seq == Seq::ZERO {
             return Err("header first_seq is 0; sequences start at 1".into());
         }
+        // No log reaches it by appending; a segment starting there could hold no entry after it.
+        if first_seq == Seq(u64::MAX) {
+            return Err("header first_seq is u64::MAX, past the last sequence a log may hold".into());
+        }
         Ok(SegmentHeader { first_seq, base_digest: LogDigest(u64_at(b, 24)) })
     }
 }
@@ -236,6 +240,8 @@ mod tests {
         }
         let zero = SegmentHeader { first_seq: Seq(0), base_digest: LogDigest(0) }.encode();
         assert!(SegmentHeader::decode(&zero).is_err());
+        let max = SegmentHeader { first_seq: Seq(u64::MAX), base_digest: LogDigest(0) }.encode();
+        assert!(SegmentHeader::decode(&max).is_err());
     }
 
     #[test]
