@@ -20,7 +20,7 @@ use walship::wal::SpaceWal;
 use walship::{ApplyHook, Epoch, Primary, Replica, SpaceId};
 
 use crate::console::{watch_signals, Console, Leftovers};
-use crate::link::{start_forwarder, Link};
+use crate::link::{nap_before_partition_switch, start_forwarder, Link};
 use crate::report::{banner, report, Convergence, Outcome, Percentiles, ReplicaOutcome};
 use crate::view::{settle_view, Settled, View};
 use crate::{check_args, claim_report_file, common, Args};
@@ -192,8 +192,9 @@ async fn write_phase(
         common::writer::spawn_writer(plan, stop.clone());
     let started = Instant::now();
     let mut partitioned = false;
-    while started.elapsed() < args.duration && !interrupted.load(Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    while started.elapsed() < args.duration && !interrupted.load(Ordering::SeqCst) && !writer.is_finished() {
+        let step = Duration::from_millis(250);
+        tokio::time::sleep(nap_before_partition_switch(args, started.elapsed(), step)).await;
         if let Some(line) = c.link.follow_partition(args, started.elapsed(), &mut partitioned) {
             console.line(line);
         }
@@ -271,6 +272,19 @@ pub async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     let imp = args.impair.impairment(args.link_rate, None);
     imp.validate()?;
     let report_file = claim_report_file(&args)?;
+    let result = run_claimed(args, imp, report_file.clone()).await;
+    if result.is_err() {
+        // A failed run writes no report: the file claimed for it goes too, if this run created it.
+        Leftovers { dir: None, report: report_file }.remove();
+    }
+    result
+}
+
+async fn run_claimed(
+    args: Args,
+    imp: Impairment,
+    report_file: Option<std::path::PathBuf>,
+) -> Result<bool, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let console = Console::new(args.quiet, args.duration)?;
     let leftovers = Leftovers { dir: Some(dir.path().to_path_buf()), report: report_file };
@@ -287,11 +301,16 @@ pub async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
 
     let cpu_start = cpu_seconds();
     let w = write_phase(&args, &c, &console, &interrupted).await?;
+    // A Ctrl-C after the writes ended cut nothing short: convergence and the report go on.
+    let writes_interrupted = interrupted.load(Ordering::SeqCst);
     println!("writes stopped after {:.1}s: {} entries; waiting for convergence ...", w.time.as_secs_f64(), w.entries);
     let convergence = converge(&args, &c, w.entries).await;
     let elapsed = w.started.elapsed();
     let cpu = cpu_start.zip(cpu_seconds()).map(|(a, b)| b - a);
-    let differences = differences(&c, w.entries);
+    let mut differences = differences(&c, w.entries);
+    if convergence.after.is_none() {
+        differences.push(format!("not converged after --converge-timeout {:?}", args.converge_timeout));
+    }
     // The logs match; the primary may not have heard every replica's last ack yet.
     let settled = match convergence.after {
         Some(_) => settle_view(&c.names, Duration::from_millis(10), || primary_status(&c.primary), || false).await,
@@ -312,7 +331,7 @@ pub async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         .collect();
     let outcome = Outcome {
         mode: "in-process",
-        interrupted: interrupted.load(Ordering::SeqCst),
+        interrupted: writes_interrupted,
         differences,
         convergence,
         entries_written: w.entries,

@@ -36,6 +36,15 @@ pub enum Link {
     Udp(Vec<netsim::forwarder::ForwarderControl>),
 }
 
+/// How long a loop that polls every `step` may sleep at `elapsed` so as to wake at the next
+/// partition switch (`--partition-at`, then its end), not up to a step after it: a partition
+/// shorter than a step would otherwise be missed or stretched.
+pub fn nap_before_partition_switch(args: &Args, elapsed: Duration, step: Duration) -> Duration {
+    let Some(at) = args.partition_at else { return step };
+    let next = [at, at + args.partition_for].into_iter().find(|t| *t > elapsed);
+    next.map_or(step, |t| (t - elapsed).clamp(Duration::from_millis(1), step))
+}
+
 impl Link {
     /// Cuts or heals the link as `--partition-at/--partition-for` say at `elapsed`; returns the
     /// line to print when that changed it.

@@ -212,6 +212,28 @@ fn check_args(args: &Args) -> Result<(), String> {
             args.warmup, args.duration
         ));
     }
+    // The writer writes `rate` entries a second, whole entries only.
+    let timed = args.duration - args.warmup;
+    if args.rate > 0 && (args.rate as f64) * timed.as_secs_f64() < 1.0 {
+        return Err(format!(
+            "--rate {} for {:?} (after the warm-up) writes no entry: raise --rate or --duration",
+            args.rate, timed
+        ));
+    }
+    // Beyond this, adding durations could overflow; no run lasts that long anyway.
+    let longest = Duration::from_secs(366 * 24 * 3600);
+    let durations = [
+        ("--duration", Some(args.duration)),
+        ("--warmup", Some(args.warmup)),
+        ("--partition-at", args.partition_at),
+        ("--partition-for", Some(args.partition_for)),
+        ("--crash-replica-at", args.crash_replica_at),
+        ("--crash-for", Some(args.crash_for)),
+        ("--converge-timeout", Some(args.converge_timeout)),
+    ];
+    if let Some((flag, d)) = durations.iter().find(|(_, d)| d.is_some_and(|d| d > longest)) {
+        return Err(format!("{flag} {:?} is longer than a year", d.unwrap_or_default()));
+    }
     check_mode_flags(args)
 }
 
@@ -310,5 +332,61 @@ mod tests {
             assert!(parse(&flag).is_err(), "{flag:?} accepted");
         }
         assert!(parse(&["--converge-timeout", "5s", "--quiet"]).is_ok());
+    }
+
+    fn args(extra: &[&str]) -> Args {
+        Args::try_parse_from(["loadtest"].iter().chain(extra)).unwrap()
+    }
+
+    #[test]
+    fn runs_that_would_write_nothing_or_overflow_a_duration_are_refused() {
+        assert!(check_args(&args(&[])).is_ok());
+        let err = check_args(&args(&["--rate", "1", "--duration", "500ms"])).unwrap_err();
+        assert!(err.contains("writes no entry"), "{err}");
+        assert!(check_args(&args(&["--rate", "2", "--duration", "3s", "--warmup", "2600ms"])).is_err());
+        assert!(check_args(&args(&["--rate", "1", "--duration", "1s"])).is_ok());
+        assert!(check_args(&args(&["--rate", "max", "--duration", "1ms"])).is_ok());
+        let err = check_args(&args(&["--partition-at", "1s", "--partition-for", "1e19s"])).unwrap_err();
+        assert!(err.contains("--partition-for"), "{err}");
+        assert!(check_args(&args(&["--converge-timeout", "1e12s"])).is_err());
+    }
+
+    /// A poll loop wakes at each partition switch, however short the partition.
+    #[test]
+    fn polls_wake_at_partition_switches() {
+        let ms = Duration::from_millis;
+        let step = ms(250);
+        let nap = |a: &Args, at: u64| link::nap_before_partition_switch(a, ms(at), step);
+        assert_eq!(nap(&args(&[]), 4900), step);
+        let a = args(&["--partition-at", "5s", "--partition-for", "100ms"]);
+        assert_eq!(nap(&a, 4000), step);
+        assert_eq!(nap(&a, 4900), ms(100));
+        assert_eq!(nap(&a, 5000), ms(100));
+        assert_eq!(nap(&a, 5030), ms(70));
+        assert_eq!(nap(&a, 5100), step);
+        // Walking the loop: the link is cut at 5.0 s and healed at 5.1 s.
+        let (mut t, mut switches) = (Duration::ZERO, Vec::new());
+        while t < ms(6000) {
+            t += link::nap_before_partition_switch(&a, t, step);
+            let want = t >= ms(5000) && t < ms(5100);
+            if switches.last().map(|(_, on)| *on) != Some(want) && (want || !switches.is_empty()) {
+                switches.push((t, want));
+            }
+        }
+        assert_eq!(switches, [(ms(5000), true), (ms(5100), false)]);
+    }
+
+    /// A replica not connected at the end still reports the run's lost packets and congestion
+    /// events (counted over every connection), with no RTT or window.
+    #[test]
+    fn path_counters_survive_a_replica_disconnected_at_the_end() {
+        let status = serde_json::json!({ "replicas": [{
+            "name": "replica-1", "state": "disconnected", "path": null,
+            "totals": { "lost_packets": 17, "congestion_events": 3, "udp_tx_bytes": 10, "udp_rx_bytes": 20 },
+        }]});
+        let view = view::View::of(&status, "replica-1").expect("the replica's view");
+        let path = view.path_json();
+        assert_eq!((path["lost_packets"].as_u64(), path["congestion_events"].as_u64()), (Some(17), Some(3)));
+        assert!(path["rtt_ms"].is_null());
     }
 }

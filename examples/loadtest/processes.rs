@@ -16,7 +16,7 @@ use walship::net::tls::ClusterCa;
 use walship::netsim::Impairment;
 
 use crate::console::{watch_signals_twice, Console, Leftovers};
-use crate::link::{start_forwarder, Link};
+use crate::link::{nap_before_partition_switch, start_forwarder, Link};
 use crate::report::{banner, report, Convergence, CrashReport, Outcome, Percentiles, ReplicaOutcome};
 use crate::view::{settle_view, Settled, View};
 use crate::{check_args, claim_report_file, common, Args};
@@ -349,7 +349,7 @@ async fn sample_writes(
     // Since when the primary was told to stop writing, and what it had written at the last look.
     let mut stopping: Option<(Instant, u64)> = None;
     let writes_done = loop {
-        nap(STATUS_EVERY, interrupted).await?;
+        nap(nap_before_partition_switch(args, started.elapsed(), STATUS_EVERY), interrupted).await?;
         nodes.check_running()?;
         if stopping.is_none() && stop_writing.load(Ordering::SeqCst) {
             std::fs::write(&nodes.stop_writing_file, b"")?;
@@ -494,6 +494,8 @@ async fn run_nodes(
     let mut nodes = spawn_nodes(args, imp, bin_dir, dir)?;
     println!("{}", banner(args, &imp));
     let sampled = sample_writes(args, &mut nodes, console, stop_writing, interrupted).await?;
+    // A Ctrl-C after the writes ended cut nothing short: convergence and the report go on.
+    let writes_interrupted = stop_writing.load(Ordering::SeqCst);
     console.bar.finish_and_clear();
     println!("writes done after {:.1}s; waiting for convergence ...", sampled.write_time.as_secs_f64());
     let convergence = converge(args, &mut nodes, sampled.writes_done, interrupted).await?;
@@ -510,6 +512,9 @@ async fn run_nodes(
     let p = &settled.status;
     let plogs = logs(p);
     let mut differences = Vec::new();
+    if convergence.after.is_none() {
+        differences.push(format!("not converged after --converge-timeout {:?}", args.converge_timeout));
+    }
     let mut replicas = Vec::new();
     for (r, lag) in nodes.replicas.iter().zip(&sampled.lag_ms) {
         let rlogs = r.status().map(|(v, _)| logs(&v)).unwrap_or_default();
@@ -537,7 +542,7 @@ async fn run_nodes(
     }
     Ok(Outcome {
         mode: "processes",
-        interrupted: stop_writing.load(Ordering::SeqCst),
+        interrupted: writes_interrupted,
         differences,
         convergence,
         entries_written: plogs.iter().map(|l| l.1).sum(),

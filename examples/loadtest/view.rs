@@ -60,9 +60,13 @@ impl View {
 
     /// The current connection's path statistics (RTT, window), with the counters (lost packets,
     /// congestion events, UDP bytes) summed over every connection of the run, since a partition
-    /// or a reconnect restarts the per-connection ones.
+    /// or a reconnect restarts the per-connection ones. Without a connection at the end, RTT and
+    /// window are null and the counters are still the run's.
     pub fn path_json(&self) -> Value {
-        let mut path = self.path.clone();
+        let mut path = match &self.path {
+            Value::Object(_) => self.path.clone(),
+            _ => serde_json::json!({ "rtt_ms": null, "cwnd": null }),
+        };
         if let Some(p) = path.as_object_mut() {
             for key in ["lost_packets", "congestion_events", "udp_tx_bytes", "udp_rx_bytes"] {
                 p.insert(key.into(), self.totals[key].clone());
