@@ -81,7 +81,11 @@ impl Node {
         self.down = true;
         self.child.kill()?;
         self.child.wait()?;
-        Ok(())
+        // What the killed process last wrote must not pass for the restarted one's.
+        match std::fs::remove_file(&self.status) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => Ok(()),
+        }
     }
 
     /// Starts it again as before, over the same data folder.
