@@ -43,6 +43,11 @@ struct Args {
     /// Congestion controller: bbr, cubic or newreno.
     #[arg(long, default_value = "bbr")]
     congestion: walship::net::endpoint::CongestionControl,
+    /// Time the lag (`lag_ms` in the status: each entry's append on the primary to its apply here)
+    /// only of entries appended from this time on, in microseconds since the Unix epoch (a
+    /// warm-up; default: every entry this process applies).
+    #[arg(long, default_value_t = 0)]
+    lag_from_unix_us: u64,
     #[command(flatten)]
     report: common::report::ReportFlags,
 }
@@ -61,7 +66,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.wal.sync = args.sync;
     config.listen = args.listen;
     config.transport.congestion = args.congestion;
-    let replica = Replica::start(config, identity).await?;
+    // Times every entry applied here: the lag as this replica sees it.
+    let lag = common::lag::LagRecorder::new();
+    lag.timed_from_us.store(args.lag_from_unix_us, std::sync::atomic::Ordering::Relaxed);
+    let replica = Replica::start_with_hook(config, identity, Some(lag.clone())).await?;
+    let lag_json = || {
+        let applied = lag.entries.load(std::sync::atomic::Ordering::Relaxed);
+        vec![("lag_ms", lag.lag_ms_json()), ("applied_by_this_process", serde_json::json!(applied))]
+    };
     let reporter = args.report.start().await?;
     println!("replica {} replicating from {} (data {})", args.name, args.primary, args.data.display());
     for s in replica.store().set_aside() {
@@ -77,7 +89,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut last_total: u64 = replica.status().spaces.iter().map(|s| s.log.last_seq.0).sum();
     common::every_until_signal(args.report.status_every, |elapsed, new_second| {
         let status = replica.status();
-        reporter.publish(&status, Vec::new(), status.spaces.len(), walship::net::metrics::record_replica);
+        reporter.publish(&status, lag_json(), status.spaces.len(), walship::net::metrics::record_replica);
         if !new_second {
             return;
         }
@@ -102,7 +114,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     .await;
     let status = replica.status();
     replica.shutdown().await;
-    let last = vec![("stopped", serde_json::Value::Bool(true))];
+    let mut last = lag_json();
+    last.push(("stopped", serde_json::Value::Bool(true)));
     reporter.publish(&status, last, status.spaces.len(), walship::net::metrics::record_replica);
     println!("replica stopped");
     Ok(())

@@ -9,6 +9,7 @@ use walship::netsim::{self, GilbertElliott, Impairment};
 use walship::wal::SyncPolicy;
 use walship::SpaceId;
 
+pub mod lag;
 pub mod report;
 pub mod status_http;
 pub mod writer;

@@ -1,24 +1,23 @@
 //! The default mode: the primary and the replicas in this process, on the in-memory link
 //! simulator (or `--link udp` forwarders), with a writer thread and an apply hook timing every entry.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde_json::Value;
 use walship::config::{PrimaryConfig, ReplicaConfig};
-use walship::entry::{now_us, Entry};
+use walship::entry::now_us;
 use walship::net::endpoint::{client_config, server_config, TransportSettings};
 use walship::net::tls::ClusterCa;
 use walship::netsim::{self, Impairment, SimNetwork};
 use walship::wal::SpaceWal;
-use walship::{ApplyHook, Epoch, Primary, Replica, SpaceId};
+use walship::{Epoch, Primary, Replica};
 
+use crate::common::lag::LagRecorder;
 use crate::console::{watch_signals, Console, Leftovers};
 use crate::link::{nap_before_partition_switch, start_forwarder, Link};
 use crate::report::{banner, report, Convergence, Outcome, Percentiles, ReplicaOutcome};
@@ -35,45 +34,6 @@ fn cpu_seconds() -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (hz > 0).then(|| ticks / hz as f64)
-}
-
-/// Per-replica lag: for every entry applied (durable) on the replica, how long since its append.
-struct LagRecorder {
-    hist: Mutex<Histogram<u64>>,
-    entries: AtomicU64,
-    bytes: AtomicU64,
-    /// Entries appended before this time (µs since the epoch, `--warmup`) are counted, not timed.
-    timed_from_us: AtomicU64,
-}
-
-impl LagRecorder {
-    pub fn new() -> Arc<LagRecorder> {
-        Arc::new(LagRecorder {
-            hist: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds")),
-            entries: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            timed_from_us: AtomicU64::new(0),
-        })
-    }
-}
-
-impl ApplyHook for LagRecorder {
-    fn apply<'a>(&'a self, _space: &'a SpaceId, entries: &'a [Entry]) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
-        let now = now_us();
-        let timed_from = self.timed_from_us.load(Ordering::Relaxed);
-        let mut h = self.hist.lock().unwrap_or_else(|p| p.into_inner());
-        let mut bytes = 0;
-        for e in entries {
-            if e.timestamp_us >= timed_from {
-                h.saturating_record(now.saturating_sub(e.timestamp_us).max(1));
-            }
-            bytes += e.payload.len() as u64;
-        }
-        drop(h);
-        self.entries.fetch_add(entries.len() as u64, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        Box::pin(async {})
-    }
 }
 
 /// The nodes of an in-process run and what observes them.

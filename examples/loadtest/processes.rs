@@ -287,6 +287,8 @@ fn spawn_nodes(args: &Args, imp: Impairment, bin_dir: &Path, dir: &Path) -> Resu
         Node::spawn(name, command, status, log)
     };
     let stop_writing_file = dir.join("stop-writing");
+    // The replicas time the entries appended after the warm-up (the primary's writer starts with it).
+    let lag_from_unix_us = walship::entry::now_us() + args.warmup.as_micros() as u64;
     let mut pextra: Vec<String> = [
         ("--listen", paddr.to_string()),
         ("--spaces", args.spaces.to_string()),
@@ -315,7 +317,12 @@ fn spawn_nodes(args: &Args, imp: Impairment, bin_dir: &Path, dir: &Path) -> Resu
     let mut replicas = Vec::new();
     for name in &names {
         let addr = start_forwarder(paddr, imp, args.seed, name, &mut controls)?;
-        replicas.push(spawn(name, "replica", vec!["--primary".into(), addr.to_string()])?);
+        let lag_from = lag_from_unix_us.to_string();
+        replicas.push(spawn(
+            name,
+            "replica",
+            vec!["--primary".into(), addr.to_string(), "--lag-from-unix-us".into(), lag_from],
+        )?);
     }
     println!(
         "loadtest --processes: primary pid {} on {paddr}, {} replica processes behind lossy_link forwarders, {total} entries",
@@ -486,6 +493,30 @@ async fn converge(
     Ok(Convergence { after, resolution: STATUS_EVERY * 2, how: "from the nodes' status files, rewritten every 100 ms" })
 }
 
+/// Longest wait, once converged, for a replica's status to show every entry applied (its record
+/// of the lag then holds them all).
+const APPLIED_WAIT: Duration = Duration::from_secs(5);
+
+/// The replica's own per-entry lag record (`lag_ms` in its status), once its status shows every
+/// space applied to the end of its log; `None` if it does not within [`APPLIED_WAIT`] (or the
+/// binary keeps none).
+async fn replica_lag(r: &Node, interrupted: &AtomicBool) -> Option<Value> {
+    let deadline = Instant::now() + APPLIED_WAIT;
+    loop {
+        if let Some((status, _)) = r.status() {
+            let spaces = status["spaces"].as_array()?;
+            let applied = spaces.iter().all(|s| s["applied_seq"] == s["last_seq"]);
+            if applied && status["lag_ms"].is_object() {
+                return Some(status["lag_ms"].clone());
+            }
+        }
+        if Instant::now() >= deadline || interrupted.load(Ordering::SeqCst) {
+            return None;
+        }
+        tokio::time::sleep(STATUS_EVERY).await;
+    }
+}
+
 async fn run_nodes(
     args: &Args,
     imp: Impairment,
@@ -526,21 +557,40 @@ async fn run_nodes(
             differences.push(format!("{} {}: differs from the primary's {} {}", r.name, pl.0, pl.1, pl.2));
         }
         let held: u64 = rlogs.iter().map(|l| l.1).sum();
+        // The replica's own record of every entry, unless a crash cut it short (its process
+        // kept the entries applied before the kill): then the primary's.
+        let crashed = sampled.crash.as_ref().is_some_and(|c| c.node == r.name);
+        let own = match (crashed, convergence.after.is_some()) {
+            (false, true) => replica_lag(r, interrupted).await.as_ref().and_then(Percentiles::from_json),
+            _ => None,
+        };
+        let (lag_ms, lag_source) = match own {
+            Some(own) => (
+                Some(own),
+                "every entry, from its append on the primary to its apply on the replica (the replica's own record)"
+                    .to_string(),
+            ),
+            // The primary's own record runs on until the replica caught up after the writes;
+            // this tool's samples stop with the writes.
+            None => (
+                Percentiles::from_json(&p["writer"]["lag_ms"][&r.name]).or(Some(Percentiles::of(lag, 1.0))),
+                format!(
+                    "sampled from the primary's status every {} ms, {} (its oldest unacknowledged entry{})",
+                    STATUS_EVERY.as_millis(),
+                    match p["writer"]["lag_ms"][&r.name].is_object() {
+                        true => "until the replica caught up after the writes",
+                        false => "while the writer ran",
+                    },
+                    if crashed { "; the replica's own record restarted with its process" } else { "" }
+                ),
+            ),
+        };
         replicas.push(ReplicaOutcome {
             name: r.name.clone(),
             entries: held,
             payload_bytes: held * args.entry_bytes as u64,
-            // The primary's own record runs on until the replica caught up after the writes;
-            // this tool's samples stop with the writes.
-            lag_ms: Percentiles::from_json(&p["writer"]["lag_ms"][&r.name]).or(Some(Percentiles::of(lag, 1.0))),
-            lag_source: format!(
-                "sampled from the primary's status every {} ms, {} (its oldest unacknowledged entry)",
-                STATUS_EVERY.as_millis(),
-                match p["writer"]["lag_ms"][&r.name].is_object() {
-                    true => "until the replica caught up after the writes",
-                    false => "while the writer ran",
-                }
-            ),
+            lag_ms,
+            lag_source,
             view: View::of(p, &r.name),
         });
     }
