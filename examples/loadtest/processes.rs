@@ -83,7 +83,7 @@ impl Node {
         self.child.wait()?;
         // What the killed process last wrote must not pass for the restarted one's.
         match std::fs::remove_file(&self.status) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }
     }
