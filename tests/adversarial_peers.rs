@@ -343,6 +343,31 @@ async fn hostile_primary_same_space_on_two_streams_applies_each_entry_once() {
     replica.shutdown().await;
 }
 
+/// Under loss, the header of a stream the primary gave up (a catch-up reset it and opened
+/// another) can arrive after the newer stream's. The older one is dropped and the newer one goes
+/// on: it used to take over as the newest, stopping the live stream until the primary noticed
+/// and opened another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_header_of_an_abandoned_stream_does_not_stop_the_live_one() {
+    let c = Cluster::new();
+    let s = sid("s");
+    let Welcomed { replica, conn, ctl: _ctl, keep: _keep } = welcomed(&c, 1, std::slice::from_ref(&s)).await;
+    let all = mk_entries(1, 9, 1, "x");
+    // Opened first, written last: as if its packets were lost and resent after the newer one's.
+    let mut abandoned = conn.open_uni().await.unwrap();
+    let mut live = open_space_stream(&conn, &s, 1).await;
+    live.write_all(&mk_frame(&s, &all[..3])).await.unwrap();
+    wait_for("1..=3 over the live stream", || replica.space(&s).is_some_and(|w| w.last_seq() == Seq(3))).await;
+    let header = walship::codec::StreamHeader { space: s.clone(), start_seq: Seq(1) };
+    abandoned.write_all(&header.encode()).await.unwrap();
+    abandoned.write_all(&mk_frame(&s, &all[..2])).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    live.write_all(&mk_frame(&s, &all[3..])).await.unwrap();
+    wait_for("4..=9 over the live stream", || replica.space(&s).is_some_and(|w| w.last_seq() == Seq(9))).await;
+    assert_eq!(log_of(&replica, &s), all);
+    replica.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Hostile replica: catch-up requests whose answers it never reads.
 // ---------------------------------------------------------------------------------------------

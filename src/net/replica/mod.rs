@@ -60,6 +60,8 @@ struct Shared {
     unacked: Mutex<HashMap<SpaceId, Arc<SpaceState>>>,
     /// New spaces whose applier must start (only with a hook).
     new_appliers: mpsc::UnboundedSender<Arc<SpaceState>>,
+    /// Sessions started so far: tells their streams apart ([`SpaceState::newest_stream`]).
+    sessions: AtomicU64,
 }
 
 struct SpaceState {
@@ -68,8 +70,11 @@ struct SpaceState {
     /// The last entry handed to the hook, applied or not: above `applied` only after a call that
     /// panicked, whose entries the hook may have partly applied (a cut under them must be told).
     handed: AtomicU64,
-    /// Bumped by every new stream for the space: an older stream's task sees it and stops.
-    generation: AtomicU64,
+    /// The space's current stream, as (session, stream index): each new stream takes over, and
+    /// the task of the one it replaced sees this move and stops. On one connection the primary
+    /// opens a space's streams one at a time (a catch-up resets the current one first), so one
+    /// whose header arrives after a later-opened one's (lost and resent) was abandoned.
+    newest_stream: Mutex<(u64, u64)>,
     catch_ups: AtomicU64,
     error: Mutex<Option<String>>,
     /// The log's suffix truncations counted when `applied` was set from it: the applier rolls
@@ -169,6 +174,7 @@ impl Replica {
             ack_needed: Notify::new(),
             unacked: Mutex::new(HashMap::new()),
             new_appliers,
+            sessions: AtomicU64::new(0),
         });
         let mut tasks = JoinSet::new();
         if let Some(hook) = shared.hook.clone() {
@@ -310,7 +316,7 @@ impl SpaceState {
             wal,
             applied: AtomicU64::new(last.0),
             handed: AtomicU64::new(last.0),
-            generation: AtomicU64::new(0),
+            newest_stream: Mutex::new((0, 0)),
             catch_ups: AtomicU64::new(0),
             error: Mutex::new(None),
             truncations_seen: AtomicU64::new(truncations),

@@ -69,9 +69,21 @@ async fn receive_space_stream(shared: Arc<Shared>, session: Session, mut recv: R
             return;
         }
     };
-    let generation = state.generation.fetch_add(1, Ordering::AcqRel) + 1;
+    let stream = (session.ordinal, recv.id().index());
+    {
+        let mut newest = lock(&state.newest_stream);
+        if stream.0 == newest.0 && stream.1 < newest.1 {
+            // Its header came in after a newer stream's of the same connection (lost and
+            // resent): the primary had already given it up. The newer one goes on. (Across
+            // connections, the last one to arrive wins: which connection the primary keeps is
+            // not told by the order their welcomes arrived in.)
+            tracing::debug!(space = %header.space, "a stream older than the current one; dropping it");
+            return;
+        }
+        *newest = stream;
+    }
     *lock(&state.error) = None;
-    let end = receive_batches(&shared, &session, &state, generation, header.start_seq, &mut recv).await;
+    let end = receive_batches(&shared, &session, &state, stream, header.start_seq, &mut recv).await;
     match end {
         StreamEnd::Done => {}
         StreamEnd::CatchUp(reason) => {
@@ -97,7 +109,7 @@ async fn receive_batches(
     shared: &Shared,
     session: &Session,
     state: &Arc<SpaceState>,
-    generation: u64,
+    stream: (u64, u64),
     start: Seq,
     recv: &mut RecvStream,
 ) -> StreamEnd {
@@ -130,7 +142,7 @@ async fn receive_batches(
             }
         };
         lock(&session.liveness).on_activity(tokio::time::Instant::now().into_std());
-        if state.generation.load(Ordering::Acquire) != generation {
+        if *lock(&state.newest_stream) != stream {
             return StreamEnd::Done;
         }
         match apply_batch(shared, session, state, batch).await {

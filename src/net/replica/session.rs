@@ -28,6 +28,8 @@ use crate::wal::SpaceWal;
 /// What one connection knows of its primary.
 #[derive(Clone)]
 pub(super) struct Session {
+    /// Tells this session's streams from other sessions' (from 1).
+    pub(super) ordinal: u64,
     pub(super) conn: Connection,
     /// Data arriving counts as a sign of life too: a deep queue may delay heartbeats.
     pub(super) liveness: Arc<Mutex<Liveness>>,
@@ -192,6 +194,7 @@ async fn run_session(shared: &Arc<Shared>, conn: Connection) -> Result<(), NetEr
 
     let outbox = ControlSender::default();
     let session = Session {
+        ordinal: shared.sessions.fetch_add(1, Ordering::Relaxed) + 1,
         conn: conn.clone(),
         liveness: liveness.clone(),
         primary_id: welcome.primary_id,
