@@ -262,6 +262,10 @@ async fn replica_restarted_empty_after_trim_is_told_truncated_and_does_not_pin_r
         "{:?}",
         view.spaces
     );
+    // It will not catch up on its own: degraded, not "lagging", and its lag dated by the first
+    // entry left (retention took the older ones), not 0.
+    assert_eq!(view.state, walship::protocol::health::Health::Degraded, "{view:?}");
+    assert!(view.spaces.iter().all(|s| s.lag.entries > 0 && s.lag.ms > 0), "{:?}", view.spaces);
     r1.shutdown().await;
     r2.shutdown().await;
     primary.shutdown().await;

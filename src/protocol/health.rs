@@ -10,7 +10,8 @@ pub enum Health {
     Healthy,
     /// Connected, behind, but its oldest missing entry is younger than the lag threshold.
     Lagging,
-    /// Connected and behind by more than the lag threshold.
+    /// Connected and behind by more than the lag threshold, or with a space that is not being
+    /// shipped (refused at the handshake, or stopped by an error: its `error` says why).
     Degraded,
     /// Not connected.
     Disconnected,
@@ -29,10 +30,19 @@ impl std::fmt::Display for Health {
 }
 
 impl Health {
-    /// Classifies a replica from its largest lag over all spaces.
-    pub fn classify(connected: bool, max_lag_entries: u64, max_lag_ms: u64, threshold_ms: u64) -> Health {
+    /// Classifies a replica from its largest lag over all spaces, and whether any space is not
+    /// being shipped to it (`stopped`): that one catches up on no lag threshold (a replica refused
+    /// as `Truncated` needs a snapshot; its lag in ms may read low, dated from what is left).
+    pub fn classify(
+        connected: bool,
+        max_lag_entries: u64,
+        max_lag_ms: u64,
+        threshold_ms: u64,
+        stopped: bool,
+    ) -> Health {
         match (connected, max_lag_entries, max_lag_ms) {
             (false, _, _) => Health::Disconnected,
+            _ if stopped => Health::Degraded,
             (true, 0, _) => Health::Healthy,
             (true, _, ms) if ms <= threshold_ms => Health::Lagging,
             _ => Health::Degraded,
@@ -46,10 +56,14 @@ mod tests {
 
     #[test]
     fn classifies() {
-        assert_eq!(Health::classify(false, 0, 0, 1000), Health::Disconnected);
-        assert_eq!(Health::classify(true, 0, 0, 1000), Health::Healthy);
-        assert_eq!(Health::classify(true, 5, 999, 1000), Health::Lagging);
-        assert_eq!(Health::classify(true, 5, 1001, 1000), Health::Degraded);
+        assert_eq!(Health::classify(false, 0, 0, 1000, false), Health::Disconnected);
+        assert_eq!(Health::classify(true, 0, 0, 1000, false), Health::Healthy);
+        assert_eq!(Health::classify(true, 5, 999, 1000, false), Health::Lagging);
+        assert_eq!(Health::classify(true, 5, 1001, 1000, false), Health::Degraded);
+        // A space not being shipped: degraded whatever the lag says, unless disconnected.
+        assert_eq!(Health::classify(true, 5, 0, 1000, true), Health::Degraded);
+        assert_eq!(Health::classify(true, 0, 0, 1000, true), Health::Degraded);
+        assert_eq!(Health::classify(false, 5, 0, 1000, true), Health::Disconnected);
     }
 
     #[test]

@@ -277,6 +277,7 @@ impl Primary {
             view.max_lag.entries,
             view.max_lag.ms,
             self.shared.config.lag_threshold.as_millis() as u64,
+            view.spaces.iter().any(|s| s.error.is_some()),
         );
         view
     }
@@ -450,12 +451,13 @@ async fn keep_known_off_thread(shared: Arc<Shared>) -> Result<(), NetError> {
     Ok(kept.map_err(|e| NetError::Task(format!("keeping the known replicas: {e}")))??)
 }
 
-/// Age in ms of the first entry after `durable`, 0 if there is none.
+/// Age in ms of the first entry after `durable`, 0 if there is none. If retention removed it,
+/// the first entry left dates it (a lower bound: the entry missing is older).
 fn oldest_age_ms(wal: &SpaceWal, durable: Seq, now_us: u64) -> u64 {
     if wal.last_seq() <= durable {
         return 0;
     }
-    match wal.read_from(durable.next(), 1, 0) {
+    match wal.read_from(durable.next().max(wal.first_seq()), 1, 0) {
         Ok(v) => v.first().map(|e| now_us.saturating_sub(e.timestamp_us) / 1_000).unwrap_or(0),
         Err(_) => 0,
     }
