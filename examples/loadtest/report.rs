@@ -402,8 +402,13 @@ fn print_summary(args: &Args, o: &Outcome, report: &Value) {
     for r in &o.replicas {
         print_replica(r);
     }
-    if let Some(source) = o.replicas.first().map(|r| &r.lag_source).filter(|_| o.mode != "in-process") {
-        println!("                   (lag {source})");
+    // Said once if every replica's lag comes from the same place, else for each.
+    let sources: std::collections::BTreeSet<&str> = o.replicas.iter().map(|r| r.lag_source.as_str()).collect();
+    if o.mode != "in-process" {
+        match sources.len() {
+            1 => sources.iter().for_each(|s| println!("                   (lag {s})")),
+            _ => o.replicas.iter().for_each(|r| println!("                   ({} lag: {})", r.name, r.lag_source)),
+        }
     }
     if args.warmup.is_zero() {
         let how = if o.mode == "attached" { "start the primary with --warmup 2s" } else { "add --warmup 2s" };

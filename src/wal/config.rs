@@ -16,7 +16,8 @@ pub enum SyncPolicy {
     /// A zero interval is treated as 1 ms.
     Interval(Duration),
     /// No fsync on the write path (the OS writes back when it wants); `durable_seq` follows
-    /// `last_seq`. Only retention fsyncs, once, before it deletes the last sealed segment.
+    /// `last_seq`. Only `SpaceWal::sync` fsyncs (the active segment, the segments sealed since its
+    /// last call and the folders), and retention, once, before it deletes the last sealed segment.
     /// A power loss can lose any amount of recent entries, and may leave a sealed segment short:
     /// recovery cuts it as the log's tail if no later segment holds an entry, and reports
     /// corruption otherwise rather than guessing.

@@ -230,8 +230,6 @@ pub(crate) fn recover(dir: &Path, config: &WalConfig) -> Result<Recovered, WalEr
     Ok(Recovered { last_seq: active.last_seq, sealed: segments, active, active_file, last_epoch, digest, tail })
 }
 
-/// Whether none of `segments` holds an intact entry: each is shorter than a header, or has no
-/// intact record (of the sequences its name allows) after it.
 /// Deletes `segments`, which hold no entry and follow the log's end, newest first (so that a
 /// crash midway leaves a log that still chains), then fsyncs the folder.
 fn delete_newest_first(dir: &Path, segments: &[(Seq, PathBuf)]) -> Result<(), WalError> {
@@ -242,6 +240,8 @@ fn delete_newest_first(dir: &Path, segments: &[(Seq, PathBuf)]) -> Result<(), Wa
     sync_dir(dir)
 }
 
+/// Whether none of `segments` holds an intact entry: each is shorter than a header, or has no
+/// intact record (of the sequences its name allows) after it.
 fn hold_no_entry(segments: &[(Seq, PathBuf)]) -> Result<bool, WalError> {
     for (first_seq, path) in segments {
         let file = File::open(path).ctx("open segment", path)?;

@@ -1,7 +1,8 @@
 //! [`SpaceWal`]: the log of one space: append (primary and replica), read, retention, suffix truncation,
 //! durability.
 //!
-//! Concurrency: one mutex guards the log's state and is held for the encode + one `pwrite` of an append,
+//! Concurrency: one mutex guards the log's state and is held for the encode + one write (`pwrite`, or
+//! `pwritev` for large payloads) of an append,
 //! never for an fsync (group commit, see `durability.rs`) nor for a catch-up read from disk (reads use
 //! positional I/O on their own handle). A reader/writer guard keeps suffix truncation (which rewrites
 //! files) from running under a disk read. Lock order: disk guard, then state, then durability.
@@ -257,6 +258,7 @@ impl SpaceWal {
         let seq = {
             let mut st = self.inner.lock();
             self.check_writable()?;
+            self.check_room(st.last_seq, 1)?;
             let seq = st.last_seq.next();
             let timestamp_us = now_us();
             let crc = entry_crc(seq, epoch, timestamp_us, kind, &payload);
@@ -279,6 +281,7 @@ impl SpaceWal {
         let range = {
             let mut st = self.inner.lock();
             self.check_writable()?;
+            self.check_room(st.last_seq, items.len())?;
             let first = st.last_seq.next();
             let timestamp_us = now_us();
             let mut entries: Vec<Entry> = items
@@ -350,6 +353,9 @@ impl SpaceWal {
             let mut st = self.inner.lock();
             self.check_writable()?;
             let last = st.last_seq;
+            if let Some(beyond) = entries.iter().find(|e| e.seq == Seq(u64::MAX)) {
+                self.check_room(Seq(beyond.seq.0 - 1), 1)?;
+            }
             let mut accepted: Vec<Entry> = Vec::with_capacity(entries.len());
             let mut skipped = 0usize;
             // Entries read back from disk to compare re-sent ones with (the tail usually has them).
@@ -464,13 +470,15 @@ impl SpaceWal {
     /// holds its creation): nothing else makes any entry durable there.
     pub fn truncate_prefix(&self, upto: Seq) -> Result<Seq, WalError> {
         let _retention = self.inner.retention.lock().unwrap_or_else(PoisonError::into_inner);
-        let synced_here = self.inner.sync_active_for_retention(upto)?;
+        let (synced_here, synced_generation) = self.inner.sync_active_for_retention(upto)?;
         let (doomed, first) = {
             let mut st = self.inner.lock();
             let durable = match self.inner.config.fsyncs() {
                 true => self.inner.durability.durable(),
-                // `durable_seq` only follows `last_seq` under `Never`.
-                false => synced_here,
+                // `durable_seq` only follows `last_seq` under `Never`; a suffix truncation since
+                // the fsync may have removed what it made durable.
+                false if st.generation == synced_generation => synced_here,
+                false => Seq::ZERO,
             };
             let mut doomed = Vec::new();
             while let Some(seg) = st.sealed.pop_front() {
@@ -717,10 +725,26 @@ impl SpaceWal {
     /// the last call, and the folder that holds their creation.
     pub fn sync(&self) -> Result<Seq, WalError> {
         let target = self.inner.lock().last_seq;
+        let durable = self.inner.wait_durable(target, true)?;
+        // After the active segment's fsync: a roll meanwhile sealed the segment holding `target`,
+        // which this then lists.
         if !self.inner.config.fsyncs() {
             self.inner.sync_sealed()?;
         }
-        self.inner.wait_durable(target, true)
+        Ok(durable)
+    }
+
+    /// Refuses `n` entries after `last` that would reach `u64::MAX`: `Seq::next` saturates there,
+    /// and no log gets near it by appending (only a crafted file can start close to it).
+    fn check_room(&self, last: Seq, n: usize) -> Result<(), WalError> {
+        match last.0.checked_add(n as u64) {
+            Some(end) if end < u64::MAX => Ok(()),
+            _ => Err(WalError::OutOfRange {
+                space: self.inner.space.clone(),
+                seq: Seq(u64::MAX),
+                reason: "the log's sequence numbers are used up (u64::MAX is never assigned)",
+            }),
+        }
     }
 
     fn check_len(&self, len: usize) -> Result<(), WalError> {
@@ -771,18 +795,19 @@ impl Inner {
     fn sync_sealed(&self) -> Result<(), WalError> {
         // Retention must not delete a segment between the listing and its fsync.
         let _retention = self.retention.lock().unwrap_or_else(PoisonError::into_inner);
-        let (pending, upto, generation) = {
+        let (pending, upto, generation, first_call) = {
             let st = self.lock();
             let synced = st.sealed_synced_upto;
             // Nothing sealed since, and the active segment already existed then: nothing to do.
             if synced.is_some_and(|s| st.active.first_seq.0.saturating_sub(1) <= s.0) {
                 return Ok(());
             }
+            let first_call = synced.is_none();
             let synced = synced.unwrap_or(Seq::ZERO);
             let pending: Vec<PathBuf> =
                 st.sealed.iter().filter(|s| s.last_seq > synced).map(|s| s.path.clone()).collect();
             // Every sealed segment ends before the active one starts.
-            (pending, Seq(st.active.first_seq.0.saturating_sub(1)), st.generation)
+            (pending, Seq(st.active.first_seq.0.saturating_sub(1)), st.generation, first_call)
         };
         for path in &pending {
             match File::open(path).and_then(|f| f.sync_all()) {
@@ -793,6 +818,10 @@ impl Inner {
             }
         }
         sync_dir(&self.dir)?;
+        // The space's own folder, created in the store's under `Never` without an fsync.
+        if let Some(parent) = self.dir.parent().filter(|_| first_call) {
+            sync_dir(parent)?;
+        }
         let mut st = self.lock();
         // After a suffix truncation meanwhile, segments sealed since may end below `upto`
         // without having been fsynced here: the next call lists them again.
@@ -804,25 +833,26 @@ impl Inner {
 
     /// Under `SyncPolicy::Never`, when retention up to `upto` would reach the last sealed segment:
     /// fsyncs the active segment's entries and the folder (outside the state lock, so appends go
-    /// on), and returns the last entry made durable; else `Seq(0)`, with no I/O.
-    fn sync_active_for_retention(&self, upto: Seq) -> Result<Seq, WalError> {
+    /// on), and returns the last entry made durable, with the log's suffix-truncation generation
+    /// then; else `Seq(0)`, with no I/O.
+    fn sync_active_for_retention(&self, upto: Seq) -> Result<(Seq, u64), WalError> {
         if self.config.fsyncs() {
-            return Ok(Seq::ZERO);
+            return Ok((Seq::ZERO, 0));
         }
-        let (file, path, last) = {
+        let (file, path, last, generation) = {
             let st = self.lock();
             match st.sealed.back() {
                 Some(newest) if newest.last_seq <= upto && st.active.last_seq >= st.active.first_seq => {
-                    (st.active_file.clone(), st.active.path.clone(), st.active.last_seq)
+                    (st.active_file.clone(), st.active.path.clone(), st.active.last_seq, st.generation)
                 }
-                _ => return Ok(Seq::ZERO),
+                _ => return Ok((Seq::ZERO, st.generation)),
             }
         };
         if let Err(e) = file.sync_data() {
             return Err(self.fail(WalError::io("fsync before retention", &path, e)));
         }
         sync_dir(&self.dir)?;
-        Ok(last)
+        Ok((last, generation))
     }
 
     /// Poisons the log after a failure that leaves the file state unknown, and passes the error on.
@@ -833,7 +863,8 @@ impl Inner {
     }
 
     /// Writes `entries` (consecutive, starting at `last_seq + 1`, lengths checked) and updates the state:
-    /// one `pwrite` per segment touched, rolling over to a new segment when the active one is full.
+    /// one write per segment touched (`pwritev` when payloads go from their own buffers), rolling
+    /// over to a new segment when the active one is full.
     /// Entries' payloads are moved into the memory tail. Subscribers learn the new `last_seq` even if a
     /// later part of the run failed.
     fn write_run(&self, st: &mut State, entries: &mut [Entry], payloads: Payloads) -> Result<(), WalError> {

@@ -260,6 +260,31 @@ fn sync_under_never_fsyncs_each_sealed_segment_once() {
     assert!(sync_fails_without(&wal, &resealed), "sealed after the cut, below what was synced before it");
 }
 
+/// A log that starts next to `u64::MAX` (only a crafted file can) never assigns it: `Seq::next`
+/// saturates there, so a second entry would repeat it. Recovery refuses a record at it too.
+#[test]
+fn the_last_sequence_number_is_never_assigned() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join(space().as_str());
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = Seq(u64::MAX - 2);
+    let header = SegmentHeader { first_seq: first, base_digest: LogDigest::EMPTY };
+    create_segment(&dir, &dir.join(segment_file_name(first)), &header, false).unwrap();
+    let wal = open(root.path(), never());
+    let three = [(0, Bytes::from_static(b"a")), (0, Bytes::from_static(b"b")), (0, Bytes::from_static(b"c"))];
+    assert!(matches!(wal.append_batch(Epoch(1), &three), Err(WalError::OutOfRange { .. })));
+    assert_eq!(wal.append(Epoch(1), 0, Bytes::from_static(b"a")).unwrap(), first);
+    assert_eq!(wal.append(Epoch(1), 0, Bytes::from_static(b"b")).unwrap(), Seq(u64::MAX - 1));
+    let err = wal.append(Epoch(1), 0, Bytes::from_static(b"c")).unwrap_err();
+    assert!(matches!(err, WalError::OutOfRange { .. }), "{err}");
+    let at_max = Entry::new(Seq(u64::MAX), Epoch(1), 1, 0, Bytes::from_static(b"c"));
+    assert!(matches!(wal.append_replicated(std::slice::from_ref(&at_max)), Err(WalError::OutOfRange { .. })));
+    assert_eq!(wal.last_seq(), Seq(u64::MAX - 1));
+    assert!(crate::wal::scan::check_seq(&at_max, Seq(u64::MAX)).is_err(), "a record at u64::MAX is damage");
+    drop(wal);
+    assert_eq!(open(root.path(), never()).last_seq(), Seq(u64::MAX - 1));
+}
+
 #[test]
 fn large_record_gets_its_own_segment_and_limits_apply() {
     let root = tempfile::tempdir().unwrap();

@@ -25,22 +25,22 @@ const MAX_FILE_BYTES: u64 = 64;
 /// an epoch, is an error: taking it for 0 would let [`raise`] write a lower epoch over it.
 pub(super) fn read(dir: &Path) -> Result<Epoch, NetError> {
     let path = dir.join(FILE);
-    let text = match std::fs::File::open(&path) {
+    let bytes = match std::fs::File::open(&path) {
         Ok(file) => {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_FILE_BYTES + 1), &mut text)
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_FILE_BYTES + 1), &mut bytes)
                 .map_err(|e| WalError::io("read the epoch fence", &path, e))
-                .map(|_| text)?
+                .map(|_| bytes)?
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Epoch(0)),
         Err(e) => return Err(WalError::io("read the epoch fence", &path, e).into()),
     };
-    match text.trim().parse() {
-        Ok(epoch) if text.len() as u64 <= MAX_FILE_BYTES => Ok(Epoch(epoch)),
-        _ => Err(NetError::EpochFence {
-            path,
-            reason: format!("{:?} is not an epoch", text.chars().take(24).collect::<String>()),
-        }),
+    match std::str::from_utf8(&bytes).ok().map(|text| text.trim().parse()) {
+        Some(Ok(epoch)) if bytes.len() as u64 <= MAX_FILE_BYTES => Ok(Epoch(epoch)),
+        _ => {
+            let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(24)]).into_owned();
+            Err(NetError::EpochFence { path, reason: format!("{shown:?} is not an epoch") })
+        }
     }
 }
 
@@ -72,7 +72,7 @@ mod tests {
         assert_eq!(read(dir.path()), Epoch(11));
 
         // A damaged fence is an error, and is not written over with a lower epoch.
-        for damage in [&b"garbage"[..], b"", &[b'7'; 100][..]] {
+        for damage in [&b"garbage"[..], b"", &[b'7'; 100][..], &[0xff, b'7'][..]] {
             std::fs::write(dir.path().join(FILE), damage).unwrap();
             let err = super::read(dir.path()).unwrap_err();
             assert!(matches!(err, NetError::EpochFence { .. }), "{err}");
