@@ -106,3 +106,52 @@ async fn an_ack_past_the_primarys_head_is_ignored_and_shipping_goes_on() {
     assert_eq!(bad.load(Ordering::Relaxed), 0, "stream headers refused");
     p.shutdown().await;
 }
+
+/// Retention trims past what a connected replica holds, and its catch-up request then finds the
+/// entries gone (`Truncated` found while shipping, not at the handshake). As after a refusal at
+/// the handshake, only a snapshot can help it: it no longer holds retention back (it used to,
+/// at its last ack, for as long as it stayed connected, and in the list kept across restarts),
+/// and its state is degraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_found_to_need_a_snapshot_while_shipping_no_longer_holds_retention_back() {
+    use walship::codec::control::CatchUp;
+    use walship::codec::ErrorCode;
+    let c = Cluster::new();
+    let mut cfg = c.primary_config("127.0.0.1:0".parse().unwrap());
+    cfg.heartbeat.timeout = Duration::from_secs(120);
+    cfg.wal.segment_bytes = 4096;
+    let p = Primary::start(cfg, c.ca.issue("primary").unwrap()).await.unwrap();
+    let s = spaces(1);
+    write(&p, &s, 300).await;
+    let (_endpoint, conn, mut send, mut recv) = handshake(&c, &p).await;
+    // Streams are taken and never read: nothing becomes durable on the replica.
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok(r) = conn.accept_uni().await {
+            held.push(r);
+        }
+    });
+    wait_for("the replica counted from 0", || p.durable_everywhere(&s[0]) == Some(Seq(0))).await;
+    assert!(p.space(&s[0]).unwrap().truncate_prefix(Seq(150)).unwrap() > Seq(1), "nothing trimmed");
+    let ask = ControlMessage::CatchUp(CatchUp { space: s[0].clone(), from_seq: Seq(1), reason: String::new() });
+    send.write_all(&ask.encode().unwrap()).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let ControlMessage::Error(e) = next_control(&mut recv, &mut buf).await {
+                if e.code == ErrorCode::Truncated {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("no Truncated error");
+    wait_for("retention no longer held back", || p.durable_everywhere(&s[0]).is_none()).await;
+    let view = p.status().replicas.into_iter().next().unwrap();
+    assert_eq!(view.state, walship::protocol::health::Health::Degraded, "{view:?}");
+    p.shutdown().await;
+    let known = std::fs::read_to_string(c.path("primary").join("replicas+known")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(known.lines().next().unwrap()).unwrap();
+    assert_eq!(json["replicas"]["replica-1"][s[0].as_str()], "needs_snapshot", "{json}");
+}

@@ -27,7 +27,6 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::codec::batch::ENTRY_HEADER_LEN;
-use crate::codec::control::ErrorCode;
 use crate::config::PrimaryConfig;
 use crate::entry::now_us;
 use crate::net::error::NetError;
@@ -347,7 +346,7 @@ impl Primary {
                     // known; it may need the whole log.
                     None => lock(&link.floor).get(space).map_or(Some(Seq::ZERO), |f| f.held(wal.as_ref())),
                     // It lacks entries retention already removed: only a snapshot helps it.
-                    Some(ship) if ship.refused == Some(ErrorCode::Truncated) => None,
+                    Some(ship) if ship.needs_snapshot() => None,
                     Some(ship) => Some(ship.durable_in_log()),
                 };
                 held.map(|seq| lock(&link.cap).get(space).map_or(seq, |cap| seq.min(*cap)))

@@ -592,6 +592,7 @@ fn start_shippers(
             restart,
             error: Mutex::new(None),
             halted: std::sync::atomic::AtomicBool::new(false),
+            needs_snapshot: std::sync::atomic::AtomicBool::new(false),
             refused: start.as_ref().err().map(|r| r.code),
             truncations,
             credits: Mutex::new(VecDeque::new()),

@@ -42,6 +42,11 @@ pub(super) struct SpaceShip {
     /// retention removed), if it did: nothing is shipped, and the replica's acks are about its
     /// own entries.
     pub(super) refused: Option<ErrorCode>,
+    /// Retention removed entries the replica still needs, found while shipping (a catch-up from
+    /// before the log's start, or a trim past what was shipped): as for a refusal as `Truncated`,
+    /// only a snapshot helps it, and it holds no entry back from retention. Cleared if a
+    /// catch-up request restarts the shipping from a sequence the log holds.
+    pub(super) needs_snapshot: std::sync::atomic::AtomicBool,
     /// Suffix truncations of the space's log when the handshake compared it with the replica's.
     pub(super) truncations: u64,
     /// The session credit held by this space's large frames in flight, by last sequence: given
@@ -81,9 +86,15 @@ impl SpaceShip {
         self.wal.cut_since(self.truncations).map_or(durable, |cut| durable.min(cut))
     }
 
+    /// Whether only a snapshot can bring the replica's copy back: refused as `Truncated` at the
+    /// handshake, or found so while shipping.
+    pub(super) fn needs_snapshot(&self) -> bool {
+        self.refused == Some(ErrorCode::Truncated) || self.needs_snapshot.load(Ordering::Acquire)
+    }
+
     /// Where the replica stands, kept for when this connection is gone (and across restarts).
     pub(super) fn floor(&self) -> Floor {
-        if self.refused == Some(ErrorCode::Truncated) {
+        if self.needs_snapshot() {
             return Floor::NeedsSnapshot;
         }
         // Read first: a cut after it, even one `durable_in_log` already saw, lowers the floor.
@@ -221,12 +232,18 @@ pub(super) async fn ship_space(shared: Arc<Shared>, session: Arc<Session>, ship:
                 };
                 tracing::warn!(%space, error = %reason, retry, "shipping stopped");
                 *lock(&ship.error) = Some(reason.clone());
+                if code == ErrorCode::Truncated {
+                    ship.needs_snapshot.store(true, Ordering::Release);
+                }
                 let _ = session.control.send(error_msg(code, Some(space.clone()), &reason));
                 match pause(&ship, &mut restart, || retry).await {
                     Interrupt::Restart(seq) => from = seq,
                     Interrupt::Closed => return,
                 }
                 *lock(&ship.error) = None;
+                // Shipping again from what the replica asked for: if the log still lacks it, the
+                // next read says so again.
+                ship.needs_snapshot.store(false, Ordering::Release);
             }
         }
     }
