@@ -133,6 +133,11 @@ pub(super) async fn mux_writer(conn: Connection, mut rx: mpsc::Receiver<Vec<Byte
     .await;
     if let Err(e) = result {
         tracing::debug!(error = %e, "multiplexed stream ended");
+        // Every space goes down this stream: without it nothing is shipped, while heartbeats
+        // would keep the connection up. A new connection opens a new one.
+        if conn.close_reason().is_none() {
+            conn.close(close::PROTOCOL, b"the multiplexed stream failed");
+        }
     }
 }
 
