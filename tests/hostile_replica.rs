@@ -155,3 +155,40 @@ async fn a_replica_found_to_need_a_snapshot_while_shipping_no_longer_holds_reten
     let json: serde_json::Value = serde_json::from_str(known.lines().next().unwrap()).unwrap();
     assert_eq!(json["replicas"]["replica-1"][s[0].as_str()], "needs_snapshot", "{json}");
 }
+
+/// A replica that stops a caught-up space's stream (here with `LOCAL_FAILURE`) leaves the space
+/// "retrying" until the next write opens a stream again: a transient state, which the lag (none)
+/// describes, not a degraded replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_stream_of_a_caught_up_space_does_not_degrade_the_replica() {
+    use walship::protocol::health::Health;
+    let c = Cluster::new();
+    let p = primary(&c).await;
+    let space = SpaceId::new("a").unwrap();
+    write(&p, std::slice::from_ref(&space), 10).await;
+    let (_ep, conn, mut send, _recv) = handshake(&c, &p).await;
+    let mut recv = conn.accept_uni().await.unwrap();
+    let mut h = [0u8; STREAM_HEADER_LEN];
+    recv.read_exact(&mut h).await.unwrap();
+    let mut dec = BatchDecoder::new(FrameLimits::default());
+    let mut highest = 0;
+    while highest < 10 {
+        let mut fh = [0u8; BATCH_HEADER_LEN];
+        recv.read_exact(&mut fh).await.unwrap();
+        let header = BatchHeader::decode(&fh, dec.limits()).unwrap();
+        let mut payload = vec![0u8; header.payload_len as usize];
+        recv.read_exact(&mut payload).await.unwrap();
+        highest = dec.decode_payload(header, Bytes::from(payload)).unwrap().header.last_seq().0;
+    }
+    let ack = ControlMessage::Ack(Ack {
+        spaces: vec![SpaceAck { space: space.clone(), durable: Seq(10), applied: Seq(10) }],
+    });
+    send.write_all(&ack.encode().unwrap()).await.unwrap();
+    let state = || p.status().replicas[0].state;
+    wait_for("healthy", || state() == Health::Healthy).await;
+    recv.stop(walship::net::stream_code::LOCAL_FAILURE).unwrap();
+    wait_for("the stop seen", || p.status().replicas[0].spaces[0].error.is_some()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(state(), Health::Healthy, "{:?}", p.status().replicas[0]);
+    p.shutdown().await;
+}

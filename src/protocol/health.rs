@@ -10,8 +10,9 @@ pub enum Health {
     Healthy,
     /// Connected, behind, but its oldest missing entry is younger than the lag threshold.
     Lagging,
-    /// Connected and behind by more than the lag threshold, or with a space that is not being
-    /// shipped (refused at the handshake, or stopped by an error: its `error` says why).
+    /// Connected and behind by more than the lag threshold, or with a space that will not be
+    /// shipped until something else happens (refused at the handshake, reported diverged, in
+    /// need of a snapshot: its `error` says why).
     Degraded,
     /// Not connected.
     Disconnected,
@@ -30,9 +31,10 @@ impl std::fmt::Display for Health {
 }
 
 impl Health {
-    /// Classifies a replica from its largest lag over all spaces, and whether any space is not
-    /// being shipped to it (`stopped`): that one catches up on no lag threshold (a replica refused
-    /// as `Truncated` needs a snapshot; its lag in ms may read low, dated from what is left).
+    /// Classifies a replica from its largest lag over all spaces, and whether any space will not
+    /// be shipped to it until something else happens (`stopped`): that one catches up on no lag
+    /// threshold (a replica refused as `Truncated` needs a snapshot; its lag in ms may read low,
+    /// dated from what is left).
     pub fn classify(
         connected: bool,
         max_lag_entries: u64,

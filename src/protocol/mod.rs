@@ -10,6 +10,7 @@
 //!   never makes them pile up.
 //! - [`liveness`]: heartbeat bookkeeping: RTT and dead-peer detection.
 //! - [`backoff`]: reconnect delays, exponential with jitter and a cap.
+//! - [`stream_order`]: which of a space's data streams a replica takes as the current one.
 
 pub mod admission;
 pub mod backoff;
@@ -18,3 +19,4 @@ pub mod health;
 pub mod liveness;
 pub mod outbox;
 pub mod progress;
+pub mod stream_order;

@@ -725,9 +725,14 @@ impl SpaceWal {
     /// the last call, and the folder that holds their creation.
     pub fn sync(&self) -> Result<Seq, WalError> {
         let target = self.inner.lock().last_seq;
+        // Sealed segments before the active one, so that a power loss midway leaves no durable
+        // entries after a short segment (which recovery refuses).
+        if !self.inner.config.fsyncs() {
+            self.inner.sync_sealed()?;
+        }
         let durable = self.inner.wait_durable(target, true)?;
-        // After the active segment's fsync: a roll meanwhile sealed the segment holding `target`,
-        // which this then lists.
+        // A roll meanwhile sealed the segment holding `target`: this lists it (nothing to do
+        // otherwise).
         if !self.inner.config.fsyncs() {
             self.inner.sync_sealed()?;
         }

@@ -215,9 +215,15 @@ impl Primary {
             view.totals += now;
         }
         let now = now_us();
+        // A space that will not be shipped until something else happens (refused, reported
+        // diverged, in need of a snapshot); a retrying one shows in its lag.
+        let mut stopped = false;
         for wal in self.shared.store.spaces() {
             let head = wal.last_seq();
             let ship = session.as_ref().and_then(|s| lock(&s.spaces).get(wal.space()).cloned());
+            stopped |= ship
+                .as_ref()
+                .is_some_and(|s| s.refused.is_some() || s.halted.load(Ordering::Acquire) || s.needs_snapshot());
             let (sent, durable, applied, lag, inflight, error) = match &ship {
                 Some(ship) => {
                     let (sent, durable, applied, inflight, pending_since) = {
@@ -276,7 +282,7 @@ impl Primary {
             view.max_lag.entries,
             view.max_lag.ms,
             self.shared.config.lag_threshold.as_millis() as u64,
-            view.spaces.iter().any(|s| s.error.is_some()),
+            stopped,
         );
         view
     }

@@ -29,6 +29,7 @@ use crate::net::status::{ConnectionState, PrimaryHeartbeat, ReplicaSpace, Replic
 use crate::net::tls::NodeIdentity;
 use crate::net::{close, endpoint, lock, open_store};
 use crate::protocol::liveness::Liveness;
+use crate::protocol::stream_order::StreamOrder;
 use crate::types::{Epoch, NodeId, Seq, SpaceId};
 use crate::wal::{SpaceWal, WalStore};
 use apply::run_appliers;
@@ -60,7 +61,7 @@ struct Shared {
     unacked: Mutex<HashMap<SpaceId, Arc<SpaceState>>>,
     /// New spaces whose applier must start (only with a hook).
     new_appliers: mpsc::UnboundedSender<Arc<SpaceState>>,
-    /// Sessions started so far: tells their streams apart ([`SpaceState::newest_stream`]).
+    /// Sessions started so far: tells their streams apart ([`SpaceState::streams`]).
     sessions: AtomicU64,
 }
 
@@ -70,11 +71,9 @@ struct SpaceState {
     /// The last entry handed to the hook, applied or not: above `applied` only after a call that
     /// panicked, whose entries the hook may have partly applied (a cut under them must be told).
     handed: AtomicU64,
-    /// The space's current stream, as (session, stream index): each new stream takes over, and
-    /// the task of the one it replaced sees this move and stops. On one connection the primary
-    /// opens a space's streams one at a time (a catch-up resets the current one first), so one
-    /// whose header arrives after a later-opened one's (lost and resent) was abandoned.
-    newest_stream: Mutex<(u64, u64)>,
+    /// The space's current stream: each new stream takes over, and the task of the one it
+    /// replaced sees that and stops; one the primary had given up is dropped ([`StreamOrder`]).
+    streams: Mutex<StreamOrder>,
     catch_ups: AtomicU64,
     error: Mutex<Option<String>>,
     /// The log's suffix truncations counted when `applied` was set from it: the applier rolls
@@ -316,7 +315,7 @@ impl SpaceState {
             wal,
             applied: AtomicU64::new(last.0),
             handed: AtomicU64::new(last.0),
-            newest_stream: Mutex::new((0, 0)),
+            streams: Mutex::new(StreamOrder::default()),
             catch_ups: AtomicU64::new(0),
             error: Mutex::new(None),
             truncations_seen: AtomicU64::new(truncations),

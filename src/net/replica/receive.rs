@@ -70,17 +70,11 @@ async fn receive_space_stream(shared: Arc<Shared>, session: Session, mut recv: R
         }
     };
     let stream = (session.ordinal, recv.id().index());
-    {
-        let mut newest = lock(&state.newest_stream);
-        if stream.0 == newest.0 && stream.1 < newest.1 {
-            // Its header came in after a newer stream's of the same connection (lost and
-            // resent): the primary had already given it up. The newer one goes on. (Across
-            // connections, the last one to arrive wins: which connection the primary keeps is
-            // not told by the order their welcomes arrived in.)
-            tracing::debug!(space = %header.space, "a stream older than the current one; dropping it");
-            return;
-        }
-        *newest = stream;
+    if !lock(&state.streams).take_over(stream) {
+        // Its header came in after a later-opened stream's of the same connection (lost and
+        // resent): the primary had already given it up. The later one goes on.
+        tracing::debug!(space = %header.space, "a stream older than the current one; dropping it");
+        return;
     }
     *lock(&state.error) = None;
     let end = receive_batches(&shared, &session, &state, stream, header.start_seq, &mut recv).await;
@@ -142,7 +136,7 @@ async fn receive_batches(
             }
         };
         lock(&session.liveness).on_activity(tokio::time::Instant::now().into_std());
-        if *lock(&state.newest_stream) != stream {
+        if !lock(&state.streams).is_current(stream) {
             return StreamEnd::Done;
         }
         match apply_batch(shared, session, state, batch).await {
