@@ -18,6 +18,7 @@ use crate::net::framed::{
 };
 use crate::net::{close, lock, stream_code};
 use crate::protocol::admission::{admit, admit_stream, Expected, LogEnd};
+use crate::protocol::stream_order::StreamKey;
 use crate::types::Seq;
 use crate::wal::{SyncPolicy, WalError};
 
@@ -103,7 +104,7 @@ async fn receive_batches(
     shared: &Shared,
     session: &Session,
     state: &Arc<SpaceState>,
-    stream: (u64, u64),
+    stream: StreamKey,
     start: Seq,
     recv: &mut RecvStream,
 ) -> StreamEnd {
