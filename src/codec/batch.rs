@@ -488,8 +488,10 @@ impl BatchDecoder {
 }
 
 fn parse_entries(header: &BatchHeader, raw: &Bytes) -> Result<Vec<Entry>, DecodeError> {
-    // The count is the peer's word: reserve for a bounded number, grow past it only as entries parse.
-    let mut entries = Vec::with_capacity((header.count as usize).min(4096));
+    // The count is the peer's word, but no more entries fit in `raw` (received and decompressed
+    // already) than it has entry headers: reserving exactly that many holds the entries in one
+    // allocation, never twice their size after a doubling.
+    let mut entries = Vec::with_capacity((header.count as usize).min(raw.len() / ENTRY_HEADER_LEN));
     let mut pos = 0usize;
     for i in 0..u64::from(header.count) {
         let rest = &raw[pos..];
@@ -707,6 +709,17 @@ mod tests {
             assert_eq!(joined, enc.encode(&space(), &es).unwrap().to_vec());
             assert_eq!(BatchDecoder::new(FrameLimits::default()).decode(Bytes::from(joined)).unwrap().entries, es);
         }
+    }
+
+    /// A frame of many empty entries (17 bytes each on the wire, 64 in memory) holds them in one
+    /// allocation of exactly their number: growing by doubling could take up to twice that.
+    #[test]
+    fn entries_of_a_frame_take_one_allocation_of_their_number() {
+        let es = entries(1, &vec![Vec::new(); 10_000], 0);
+        let frame = BatchEncoder::new(NodeId(1), Compression::None).encode(&space(), &es).unwrap();
+        let decoded = BatchDecoder::new(FrameLimits::default()).decode(frame).unwrap();
+        assert_eq!(decoded.entries, es);
+        assert_eq!(decoded.entries.capacity(), es.len());
     }
 
     #[test]

@@ -196,11 +196,29 @@ impl ControlMessage {
         Ok(Some(len))
     }
 
-    /// Decodes a message body (without its prefix); trailing bytes are an error.
+    /// Decodes a message body (without its prefix); trailing bytes are an error. A reason (of a
+    /// catch-up request or an error) longer than [`MAX_REASON_BYTES`] is cut there: it is only
+    /// logged and shown in a status, where a peer's megabytes would flood both.
     pub fn decode_body(body: &[u8]) -> Result<ControlMessage, DecodeError> {
-        super::decode_postcard("control message", body)
+        let mut message: ControlMessage = super::decode_postcard("control message", body)?;
+        if let ControlMessage::CatchUp(CatchUp { reason, .. }) | ControlMessage::Error(ErrorMessage { reason, .. }) =
+            &mut message
+        {
+            if reason.len() > MAX_REASON_BYTES {
+                let mut end = MAX_REASON_BYTES;
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                reason.truncate(end);
+                reason.push_str(" [cut]");
+            }
+        }
+        Ok(message)
     }
 }
+
+/// Longest reason kept from a peer's catch-up request or error report, in bytes.
+pub const MAX_REASON_BYTES: usize = 1024;
 
 #[cfg(test)]
 #[path = "control_samples.rs"]
@@ -213,6 +231,29 @@ mod tests {
     use proptest::prelude::*;
 
     use super::control_samples::{samples, sid};
+
+    /// A peer's long reason is cut (on a character boundary), the rest of the message kept.
+    #[test]
+    fn long_reasons_are_cut() {
+        let long = "é".repeat(MAX_REASON_BYTES);
+        for m in [
+            ControlMessage::CatchUp(CatchUp { space: sid("a"), from_seq: Seq(3), reason: long.clone() }),
+            ControlMessage::Error(ErrorMessage { code: ErrorCode::Internal, space: None, reason: long.clone() }),
+        ] {
+            let mut buf = BytesMut::from(&m.encode().unwrap()[..]);
+            let back = ControlMessage::decode_from(&mut buf, DEFAULT_MAX_CONTROL_BYTES).unwrap().unwrap();
+            let (ControlMessage::CatchUp(CatchUp { reason, .. }) | ControlMessage::Error(ErrorMessage { reason, .. })) =
+                &back
+            else {
+                panic!("{back:?}")
+            };
+            assert!(reason.len() <= MAX_REASON_BYTES + 6 && reason.ends_with(" [cut]"), "{}", reason.len());
+            assert!(long.starts_with(reason.trim_end_matches(" [cut]")));
+        }
+        let short = ControlMessage::Error(ErrorMessage { code: ErrorCode::Internal, space: None, reason: "x".into() });
+        let mut buf = BytesMut::from(&short.encode().unwrap()[..]);
+        assert_eq!(ControlMessage::decode_from(&mut buf, DEFAULT_MAX_CONTROL_BYTES).unwrap(), Some(short));
+    }
 
     #[test]
     fn round_trip_in_pieces() {
