@@ -247,8 +247,16 @@ impl ReplicaConfig {
     }
 }
 
-/// The largest entry the WAL accepts must fit in one frame, or it could never be shipped.
+/// The largest entry the WAL accepts must fit in one frame, or it could never be shipped; and a
+/// frame's length must fit the header's 32-bit fields.
 fn check_entry_fits(wal: &WalConfig, limits: &FrameLimits) -> Result<(), ConfigError> {
+    if limits.max_batch_bytes > u32::MAX as usize {
+        return Err(ConfigError(format!(
+            "limits.max_batch_bytes {} is over {}: a frame's lengths are 32-bit on the wire",
+            limits.max_batch_bytes,
+            u32::MAX
+        )));
+    }
     let needed = wal.max_entry_bytes as usize + crate::codec::batch::ENTRY_HEADER_LEN;
     if needed > limits.max_batch_bytes {
         return Err(ConfigError(format!(
@@ -300,5 +308,9 @@ mod tests {
         assert!(p.validate().unwrap_err().0.contains("never shipped"));
         p.limits = FrameLimits::default();
         p.validate().unwrap();
+        // Lengths are 32-bit in a frame's header.
+        let mut r = ReplicaConfig::new("r", addr, "p", "/tmp/y");
+        r.limits.max_batch_bytes = u32::MAX as usize + 1;
+        assert!(r.validate().unwrap_err().0.contains("32-bit"));
     }
 }
