@@ -607,6 +607,15 @@ impl SpaceWal {
         (st.last_seq, st.generation)
     }
 
+    /// When the first entry after `after` was appended (µs), from the memory tail only (no disk
+    /// I/O): that entry's time if the tail holds it, else the time of the tail's first entry after
+    /// it, which is later (so an age from it is a lower bound); `None` if the tail holds none.
+    pub(crate) fn appended_after_in_memory(&self, after: Seq) -> Option<u64> {
+        let st = self.inner.lock();
+        let at = after.next().max(st.tail.first_seq()?);
+        st.tail.get(at).map(|e| e.timestamp_us)
+    }
+
     /// Where the log ends: `last_seq`, the epoch of that entry and the digest up to it, read
     /// together (one lock: an append between separate reads would pair one end's sequence with
     /// another's digest, which a primary comparing logs takes for a divergence).

@@ -285,6 +285,21 @@ fn the_last_sequence_number_is_never_assigned() {
     assert_eq!(open(root.path(), never()).last_seq(), Seq(u64::MAX - 1));
 }
 
+/// The append time of the first entry after a position, from the memory tail only: that entry's
+/// if held, else the tail's first (later, so an age from it is a lower bound), else none.
+#[test]
+fn the_append_time_after_a_position_comes_from_the_memory_tail() {
+    let root = tempfile::tempdir().unwrap();
+    let wal = open(root.path(), never().tail_max_entries(3));
+    let appended = fill(&wal, 10);
+    let at = |seq: u64| appended[seq as usize - 1].timestamp_us;
+    let first_held = (1..=10).find(|s| wal.read_from_memory(Seq(*s), 1, 0).unwrap().is_some()).unwrap();
+    assert!(first_held > 1, "the tail holds only the last entries");
+    assert_eq!(wal.appended_after_in_memory(Seq(first_held)), Some(at(first_held + 1)));
+    assert_eq!(wal.appended_after_in_memory(Seq(0)), Some(at(first_held)), "older than the tail: its first");
+    assert_eq!(wal.appended_after_in_memory(Seq(10)), None, "nothing after the end");
+}
+
 #[test]
 fn large_record_gets_its_own_segment_and_limits_apply() {
     let root = tempfile::tempdir().unwrap();

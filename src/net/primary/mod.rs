@@ -250,10 +250,11 @@ impl Primary {
                     let floor = lock(&link.floor).get(wal.space()).copied();
                     let durable = floor.and_then(|f| f.held(Some(&wal))).unwrap_or(Seq::ZERO).min(head);
                     // Its age from the memory tail only: a status must not read the disk for every
-                    // space of every replica away (0 when the entry is older than the tail).
-                    let ms = match wal.read_from_memory(durable.next(), 1, 0) {
-                        Ok(Some(v)) => v.first().map_or(0, |e| now.saturating_sub(e.timestamp_us) / 1_000),
-                        _ => 0,
+                    // space of every replica away (dated by the tail's first entry when the one
+                    // missing is older: a lower bound).
+                    let ms = match head > durable {
+                        true => wal.appended_after_in_memory(durable).map_or(0, |t| now.saturating_sub(t) / 1_000),
+                        false => 0,
                     };
                     let lag = Lag {
                         entries: head.0 - durable.0,
