@@ -174,6 +174,41 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), WalError> {
     }
 }
 
+/// What [`read_small`] found.
+pub(crate) enum SmallFile {
+    /// No file there.
+    Missing,
+    /// Not a regular file, or larger than allowed: damaged, left unread. Says which.
+    Damaged(String),
+    /// Its bytes.
+    Bytes(Vec<u8>),
+}
+
+/// Reads a small file of the node's own (kept with [`write_durably`]), reading no more than
+/// `max` bytes whatever its size says. `what` names the operation in errors ("read the epoch
+/// fence").
+pub(crate) fn read_small(path: &Path, max: u64, what: &'static str) -> Result<SmallFile, WalError> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(SmallFile::Missing),
+        Err(e) => return Err(WalError::io(what, path, e)),
+    };
+    let meta = file.metadata().ctx(what, path)?;
+    if !meta.is_file() {
+        return Ok(SmallFile::Damaged("not a regular file".into()));
+    }
+    if meta.len() > max {
+        return Ok(SmallFile::Damaged(format!("{} bytes, more than {max}", meta.len())));
+    }
+    // It may grow while read: no more than `max` is taken all the same.
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(file, max + 1), &mut bytes).ctx(what, path)?;
+    if bytes.len() as u64 > max {
+        return Ok(SmallFile::Damaged(format!("more than {max} bytes")));
+    }
+    Ok(SmallFile::Bytes(bytes))
+}
+
 /// Replaces `path` (in folder `dir`) with `bytes`, durably and at once: written to `<path>.tmp`,
 /// fsynced, renamed over `path`, folder fsynced. A crash leaves the old version or the new one.
 /// `what` names the operation in errors ("keep the epoch fence in").

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::net::error::NetError;
 use crate::types::{Seq, SpaceId};
-use crate::wal::fs::write_durably;
+use crate::wal::fs::{read_small, write_durably, SmallFile};
 use crate::wal::{SpaceWal, WalError, WalStore};
 
 /// Where a replica stood in one space, for a space its current connection has not set up (none
@@ -166,19 +166,11 @@ const MAX_FILE_BYTES: u64 = 64 << 20;
 pub(super) fn read(dir: &Path) -> Result<Known, NetError> {
     let path = dir.join(FILE);
     let damaged = |reason: String| NetError::KnownReplicas { path: path.clone(), reason };
-    let meta = match std::fs::metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Known::default()),
-        Err(e) => return Err(WalError::io("read the known replicas", &path, e).into()),
-        Ok(meta) => meta,
-    };
-    if !meta.is_file() {
-        return Err(damaged("not a regular file".into()));
+    match read_small(&path, MAX_FILE_BYTES, "read the known replicas")? {
+        SmallFile::Missing => Ok(Known::default()),
+        SmallFile::Damaged(reason) => Err(damaged(reason)),
+        SmallFile::Bytes(bytes) => decode(&bytes).map_err(damaged),
     }
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(damaged(format!("{} bytes, more than {MAX_FILE_BYTES}", meta.len())));
-    }
-    let bytes = std::fs::read(&path).map_err(|e| WalError::io("read the known replicas", &path, e))?;
-    decode(&bytes).map_err(damaged)
 }
 
 /// Replaces the kept list with `known`, durably (a crash leaves the old list or the new one).

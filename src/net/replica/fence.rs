@@ -8,8 +8,7 @@ use std::sync::{Mutex, PoisonError};
 
 use crate::net::error::NetError;
 use crate::types::Epoch;
-use crate::wal::fs::write_durably;
-use crate::wal::WalError;
+use crate::wal::fs::{read_small, write_durably, SmallFile};
 
 /// One writer at a time in this process, so that two handshakes at once (a replica that dials
 /// and listens) never leave the older epoch on disk.
@@ -25,18 +24,13 @@ const MAX_FILE_BYTES: u64 = 64;
 /// an epoch, is an error: taking it for 0 would let [`raise`] write a lower epoch over it.
 pub(super) fn read(dir: &Path) -> Result<Epoch, NetError> {
     let path = dir.join(FILE);
-    let bytes = match std::fs::File::open(&path) {
-        Ok(file) => {
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_FILE_BYTES + 1), &mut bytes)
-                .map_err(|e| WalError::io("read the epoch fence", &path, e))
-                .map(|_| bytes)?
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Epoch(0)),
-        Err(e) => return Err(WalError::io("read the epoch fence", &path, e).into()),
+    let bytes = match read_small(&path, MAX_FILE_BYTES, "read the epoch fence")? {
+        SmallFile::Missing => return Ok(Epoch(0)),
+        SmallFile::Damaged(reason) => return Err(NetError::EpochFence { path, reason }),
+        SmallFile::Bytes(bytes) => bytes,
     };
     match std::str::from_utf8(&bytes).ok().map(|text| text.trim().parse()) {
-        Some(Ok(epoch)) if bytes.len() as u64 <= MAX_FILE_BYTES => Ok(Epoch(epoch)),
+        Some(Ok(epoch)) => Ok(Epoch(epoch)),
         _ => {
             let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(24)]).into_owned();
             Err(NetError::EpochFence { path, reason: format!("{shown:?} is not an epoch") })
@@ -80,7 +74,7 @@ mod tests {
             assert!(raise(dir.path(), Epoch(3)).is_err());
             assert_eq!(std::fs::read(dir.path().join(FILE)).unwrap(), damage);
         }
-        // Unreadable (a folder in its place): an I/O error that says where.
+        // Not a file (a folder in its place): damaged, saying where.
         std::fs::remove_file(dir.path().join(FILE)).unwrap();
         std::fs::create_dir(dir.path().join(FILE)).unwrap();
         let err = super::read(dir.path()).unwrap_err();
