@@ -353,9 +353,6 @@ impl SpaceWal {
             let mut st = self.inner.lock();
             self.check_writable()?;
             let last = st.last_seq;
-            if let Some(beyond) = entries.iter().find(|e| e.seq == Seq(u64::MAX)) {
-                self.check_room(Seq(beyond.seq.0 - 1), 1)?;
-            }
             let mut accepted: Vec<Entry> = Vec::with_capacity(entries.len());
             let mut skipped = 0usize;
             // Entries read back from disk to compare re-sent ones with (the tail usually has them).
@@ -363,6 +360,8 @@ impl SpaceWal {
             for e in entries {
                 let next = Seq(last.0 + 1 + accepted.len() as u64);
                 if e.seq == next {
+                    // Never past it: `next` cannot overflow.
+                    self.check_room(last, accepted.len() + 1)?;
                     let previous = accepted.last().map_or(st.last_epoch, |a| a.epoch);
                     if e.epoch < previous {
                         return Err(WalError::EpochBackwards {

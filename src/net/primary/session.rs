@@ -57,11 +57,15 @@ pub(super) struct Session {
 }
 
 impl Session {
+    /// The spaces this connection set up, with their shippers: a snapshot, so that what is read
+    /// of them next takes their locks with the map's released.
+    fn ships(&self) -> Vec<(SpaceId, Arc<SpaceShip>)> {
+        lock(&self.spaces).iter().map(|(s, ship)| (s.clone(), ship.clone())).collect()
+    }
+
     /// Where the replica stands in each space this connection set up.
     pub(super) fn floors(&self) -> Vec<(SpaceId, Floor)> {
-        let ships: Vec<(SpaceId, Arc<SpaceShip>)> =
-            lock(&self.spaces).iter().map(|(s, ship)| (s.clone(), ship.clone())).collect();
-        ships.into_iter().map(|(s, ship)| (s, ship.floor())).collect()
+        self.ships().into_iter().map(|(s, ship)| (s, ship.floor())).collect()
     }
 
     /// What this connection has carried so far.
@@ -414,9 +418,8 @@ fn lower_to_hello(
 
 /// The replica's largest lag in entries over all spaces shipped to it, for its heartbeats.
 fn max_lag_entries(store: &WalStore, session: &Session) -> u64 {
-    let ships: Vec<(SpaceId, Arc<SpaceShip>)> =
-        lock(&session.spaces).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    ships
+    session
+        .ships()
         .iter()
         .filter_map(|(space, ship)| {
             let head = store.get(space)?.last_seq();
